@@ -1,0 +1,201 @@
+"""Checkpoint directories: save atomically, load safely (safetensors and JSON, never pickle).
+
+    config.json             {"semilla_version", "format_version", "model": {...}, "train": {...}}
+    model.safetensors       weights, Hugging Face names
+    tokenizer.json, tokenizer_config.json
+    trainer_state.json      resumable runs: step, RNG and data-sampler state, scheduler
+    optimizer.safetensors   resumable runs: AdamW moments
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from semilla import __version__
+from semilla.atomic import atomic_directory, existing_dir
+from semilla.config import ModelConfig, TrainConfig, model_config_from_dict
+from semilla.errors import CheckpointError, ConfigError
+from semilla.models import build_model
+from semilla.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1  # bump when a checkpoint written by this version cannot be read by older ones
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    train_config: TrainConfig | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically; the previous one survives any failure."""
+    cfg: ModelConfig = model.config
+    with atomic_directory(directory) as tmp:
+        config = {
+            "semilla_version": __version__,
+            "format_version": FORMAT_VERSION,
+            "model": asdict(cfg),
+            "train": asdict(train_config) if train_config else None,
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(tmp)
+        if trainer_state is not None:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
+        if optimizer is not None:
+            tensors, layout = flatten_optimizer(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"layout": json.dumps(layout)})
+    return Path(directory)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights to save: contiguous CPU copies; a tied head is left out, as Hugging Face does."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(directory: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:
+    path = Path(directory) / "optimizer.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no optimizer.safetensors; it cannot be resumed")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            layout = json.loads(f.metadata()["layout"])
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from e
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in layout["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": layout["param_groups"]})
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not match this model: {e}") from e
+
+
+def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
+    """A checkpoint directory itself, or inside a run directory `best/` (or `last/`)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if (p / "config.json").is_file():
+        return p
+    order = ("best", "last") if prefer == "best" else ("last", "best")
+    for name in order:
+        found = existing_dir(p / name)
+        if found is not None and (found / "config.json").is_file():
+            return found
+    raise CheckpointError(f"{p} is not a checkpoint: it has no config.json (nor best/ or last/)")
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    missing = [f for f in REQUIRED_FILES if not (directory / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} is missing {', '.join(missing)}")
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{directory / 'config.json'} is not valid JSON: {e}") from e
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{directory / 'config.json'} has no model section")
+    version = config.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {directory} was written by semilla {config.get('semilla_version', '?')} "
+            f"(format {version}); this semilla {__version__} reads format {FORMAT_VERSION} or older: upgrade semilla"
+        )
+    return config
+
+
+def infer_shapes(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> ModelConfig:
+    """Take every shape the weights pin down from the weights, not from config.json."""
+    changes: dict[str, Any] = {}
+    emb = tensors.get("model.embed_tokens.weight", tensors.get("embed_tokens.weight"))
+    if emb is not None:
+        changes["vocab_size"], changes["n_embd"] = emb.shape
+    if "model.embed_positions.weight" in tensors:
+        changes["block_size"] = tensors["model.embed_positions.weight"].shape[0]
+    layer_ids = {int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.")}
+    if layer_ids:
+        changes["n_layer"] = max(layer_ids) + 1
+    up = tensors.get("model.layers.0.mlp.up_proj.weight")
+    if up is not None:
+        changes["intermediate_size"] = up.shape[0]
+    k = tensors.get("model.layers.0.self_attn.k_proj.weight")
+    if k is not None and cfg.n_head and emb is not None:
+        head_dim = emb.shape[1] // cfg.n_head
+        if head_dim and k.shape[0] % head_dim == 0:
+            changes["n_kv_head"] = k.shape[0] // head_dim
+    return ModelConfig(**{**asdict(cfg), **changes})
+
+
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / "model.safetensors"
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({e}); use an earlier checkpoint") from e
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", prefer: str = "best"
+) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
+    """(model in eval mode, tokenizer, config dict) from a checkpoint or run directory."""
+    directory = resolve_checkpoint(path, prefer)
+    config = read_config(directory)
+    tensors = load_weights(directory)
+    try:
+        cfg = infer_shapes(model_config_from_dict(config["model"]), tensors)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{directory / 'config.json'}: {e}") from e
+    tokenizer = Tokenizer.load(directory)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model = model.to_empty(device=device)
+    if cfg.tie_embeddings:
+        tensors.setdefault("lm_head.weight", tensors.get("model.embed_tokens.weight"))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise CheckpointError(f"{directory / 'model.safetensors'} does not match its config: {first}") from e
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if hasattr(model, "rebuild_buffers"):
+        model.rebuild_buffers()  # RoPE tables and sinusoids are computed, not stored
+    model.eval()
+    config["model"] = asdict(cfg)
+    config["path"] = str(directory)
+    return model, tokenizer, config
+

@@ -1,0 +1,372 @@
+"""Typed configuration: model and training dataclasses, presets, file and environment overrides.
+
+Precedence, later wins: preset < config file (YAML/JSON) < CLI flags < SEMILLA_* environment
+variables. DataShark's variable names (BLOCK_SIZE, N_LAYER, ...) are accepted as aliases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from semilla.errors import ConfigError
+
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned", "sinusoidal")
+MLPS = ("swiglu", "gelu", "relu", "relu2")
+ARCHS = ("transformer", "lstm")
+SCHEDULES = ("cosine", "plateau", "constant")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a model. The transformer switches cover the llama and gpt2 families."""
+
+    arch: str = "transformer"
+    vocab_size: int = 0  # 0: taken from the tokenizer at training time
+    block_size: int = 256  # context length in tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: same as n_head; fewer gives grouped-query attention
+    n_embd: int = 128
+    intermediate_size: int | None = None  # None: 4*n_embd, or ~8/3*n_embd for swiglu
+    norm: str = "rmsnorm"
+    pos: str = "rope"
+    mlp: str = "swiglu"
+    bias: bool = False
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    lstm_hidden: int = 256  # LSTM only: hidden units per layer (n_embd is the embedding size)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_size(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        if self.mlp == "swiglu":  # llama: 2/3 of 4*n_embd keeps the parameter count of a 4x MLP
+            return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return 4 * self.n_embd
+
+    @property
+    def family(self) -> str | None:
+        """'llama' or 'gpt2' when the switches match a Hugging Face architecture, else None."""
+        if self.arch != "transformer":
+            return None
+        if (self.norm, self.pos, self.mlp) == ("rmsnorm", "rope", "swiglu") and not self.bias:
+            return "llama"
+        if (self.norm, self.pos, self.mlp) == ("layernorm", "learned", "gelu") and self.bias:
+            if self.kv_heads == self.n_head:
+                return "gpt2"
+        return None
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.arch not in ARCHS:
+            p.append(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.vocab_size < 0:
+            p.append(f"vocab_size must be >= 0, got {self.vocab_size}")
+        for name in ("block_size", "n_layer", "n_head", "n_embd", "lstm_hidden"):
+            if getattr(self, name) < 1:
+                p.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            p.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.arch == "transformer":
+            if self.norm not in NORMS:
+                p.append(f"norm must be one of {NORMS}, got {self.norm!r}")
+            if self.pos not in POSITIONS:
+                p.append(f"pos must be one of {POSITIONS}, got {self.pos!r}")
+            if self.mlp not in MLPS:
+                p.append(f"mlp must be one of {MLPS}, got {self.mlp!r}")
+            if self.n_head >= 1 and self.n_embd % self.n_head:
+                p.append(
+                    f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+                )
+            elif self.pos == "rope" and self.head_dim % 2:
+                p.append(f"rope needs an even head size, got n_embd/n_head = {self.head_dim}")
+            if self.n_kv_head is not None and (
+                self.n_kv_head < 1 or self.n_head % self.n_kv_head
+            ):
+                p.append(
+                    f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})"
+                )
+        return p
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Every field is also a `semilla train` flag (--max-iters, ...)."""
+
+    data: str = ""  # a prepared data dir, or raw text files/folders/globs (prepared on the fly)
+    out_dir: str = "runs/semilla"
+    tokenizer: str = "char"  # when data is raw text: char | bpe
+    vocab_size_bpe: int = 8192
+    max_iters: int = 2000
+    batch_size: int = 32
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_schedule: str = "cosine"  # cosine | plateau | constant
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2  # evaluations without improvement before the LR drops
+    plateau_min_lr: float = 1e-6
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    label_smoothing: float = 0.0
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    save_interval: int = 500
+    sample_interval: int = 500  # a generated text sample goes to TensorBoard every N steps
+    sample_tokens: int = 120
+    early_stopping_patience: int = 0  # evaluations without val improvement; 0 = off
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16
+    compile: bool = False
+    seed: int = 1337
+    deterministic: bool = False
+    progress: bool = True
+
+    def problems(self) -> list[str]:
+        p = []
+        for name in (
+            "max_iters",
+            "batch_size",
+            "grad_accum",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+            "save_interval",
+            "sample_interval",
+        ):
+            if getattr(self, name) < 1:
+                p.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_iters < 0:
+            p.append(f"warmup_iters must be >= 0, got {self.warmup_iters}")
+        if not self.learning_rate > 0:
+            p.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.min_lr < 0 or self.min_lr > self.learning_rate:
+            p.append(f"min_lr must be in [0, learning_rate], got {self.min_lr}")
+        if self.lr_schedule not in SCHEDULES:
+            p.append(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0 < self.plateau_factor < 1:
+            p.append(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            p.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.tokenizer not in ("char", "bpe"):
+            p.append(f"tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith(
+            "cuda:"
+        ):
+            p.append(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            p.append(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.early_stopping_patience < 0:
+            p.append("early_stopping_patience must be >= 0")
+        return p
+
+
+# --- presets ------------------------------------------------------------------------------
+
+_GPT2 = dict(norm="layernorm", pos="learned", mlp="gelu", bias=True)
+_LLAMA = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
+
+
+def _thau_age(n_embd: int, n_layer: int, **kw: Any) -> dict[str, Any]:
+    base = dict(_LLAMA, vocab_size=32000, block_size=2048, n_embd=n_embd, n_layer=n_layer)
+    return {**base, "n_head": n_embd // 64, **kw}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # tests: trains in seconds
+    "tiny": dict(_LLAMA, vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=32),
+    # the DataShark beta model: 10,052,480 parameters with a 38-char vocab and 512 context
+    "datashark-10m": dict(
+        _GPT2, vocab_size=38, block_size=512, n_layer=8, n_head=8, n_embd=320,
+        tie_embeddings=False,
+    ),  # fmt: skip
+    # robo-poet default: embedding 128, 2x LSTM 256, dropout 0.3, 10k vocab
+    "robo-poet-lstm": dict(
+        arch="lstm", vocab_size=10000, block_size=100, n_layer=2, n_embd=128,
+        lstm_hidden=256, dropout=0.3,
+    ),  # fmt: skip
+    # robo-poet transformer: 6 layers, d 128, 4 heads, d_ff 512, sinusoidal, ReLU, pre-LN
+    "robo-poet-transformer": dict(
+        norm="layernorm", pos="sinusoidal", mlp="relu", bias=True, vocab_size=10000,
+        block_size=512, n_layer=6, n_head=4, n_embd=128, intermediate_size=512, dropout=0.1,
+    ),  # fmt: skip
+    # THAU's ages (seed 004): d_model and layers from its table, llama family, 32k vocab
+    "thau-age-0": _thau_age(256, 2),
+    "thau-age-1": _thau_age(384, 3),
+    "thau-age-3": _thau_age(512, 6),
+    "thau-age-6": _thau_age(768, 12),
+    "thau-age-12": _thau_age(1024, 24),
+    # THAU-2B: 24 layers, 2560 wide, 32 heads, RoPE, 4096 context, 32k vocab (~2B parameters)
+    "thau-age-15": _thau_age(2560, 24, block_size=4096, n_head=32),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The ModelConfig of a named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return ModelConfig(**PRESETS[name])
+
+
+# --- conversion helpers -------------------------------------------------------------------
+
+ENV_PREFIX = "SEMILLA_"
+DATASHARK_ALIASES = {
+    "BLOCK_SIZE": "block_size",
+    "N_LAYER": "n_layer",
+    "N_HEAD": "n_head",
+    "N_EMBD": "n_embd",
+    "MAX_ITERS": "max_iters",
+    "LEARNING_RATE": "learning_rate",
+    "DATA_PATH": "data",
+    "MODEL_OUT": "out_dir",
+}
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def parse_value(typ: Any, raw: str) -> Any:
+    """Parse a string (from a flag or the environment) into the field's type."""
+    if typ is bool or typ == (bool | None):
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {raw!r}")
+    if raw.strip().lower() in ("none", "null", "") and type(None) in getattr(typ, "__args__", ()):
+        return None
+    base = typ
+    if hasattr(typ, "__args__"):  # X | None
+        base = next(a for a in typ.__args__ if a is not type(None))
+    if base is int:
+        return int(float(raw)) if raw.strip().lower().count("e") else int(raw)
+    if base is float:
+        return float(raw)
+    return raw
+
+
+def apply_overrides(cfg: Any, values: dict[str, Any], source: str) -> list[str]:
+    """Set fields of a dataclass from a dict; returns problems (unknown keys stay for others)."""
+    problems = []
+    types = field_types(type(cfg))
+    for key, value in values.items():
+        if key not in types:
+            continue
+        try:
+            if isinstance(value, str) and types[key] is not str:
+                value = parse_value(types[key], value)
+            setattr(cfg, key, value)
+        except ValueError as e:
+            problems.append(f"{source}: {key}: {e}")
+    return problems
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a flat dict (sections 'model'/'train' merged)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} cannot be parsed: {str(e).splitlines()[0]}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of settings")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("model", "train") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    known = set(field_types(ModelConfig)) | set(field_types(TrainConfig)) | {"preset"}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise ConfigError(f"config file {p}: unknown settings: {', '.join(unknown)}")
+    return flat
+
+
+def environment_overrides(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """SEMILLA_<FIELD> variables and DataShark's aliases, as raw strings keyed by field."""
+    environ = dict(os.environ if environ is None else environ)
+    known = set(field_types(ModelConfig)) | set(field_types(TrainConfig)) | {"preset"}
+    out: dict[str, str] = {}
+    for alias, name in DATASHARK_ALIASES.items():
+        if alias in environ:
+            out[name] = environ[alias]
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in known:
+            out[key[len(ENV_PREFIX) :].lower()] = value
+    return out
+
+
+def resolve_configs(
+    preset_name: str | None = None,
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """Build (ModelConfig, TrainConfig): preset < file < overrides (CLI) < environment."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if config_file:
+        layers.append((f"config file {config_file}", load_config_file(config_file)))
+    layers.append(("flags", {k: v for k, v in (overrides or {}).items() if v is not None}))
+    layers.append(("environment", environment_overrides(environ)))
+    for _, values in layers:  # the last layer naming a preset wins
+        if values.get("preset"):
+            preset_name = values["preset"]
+    model = preset(preset_name) if preset_name else ModelConfig()
+    train = TrainConfig()
+    problems: list[str] = []
+    for source, values in layers:
+        problems += apply_overrides(model, values, source)
+        problems += apply_overrides(train, values, source)
+    problems += model.problems() + train.problems()
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    return model, train
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"model config has unknown fields: {', '.join(sorted(unknown))}")
+    cfg = ModelConfig(**d)
+    problems = cfg.problems()
+    if problems:
+        raise ConfigError("invalid model config: " + "; ".join(problems))
+    return cfg
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,381 @@
+"""Corpus -> tokenizer + memory-mapped token shards, and batches drawn from them.
+
+A prepared dataset is a directory:
+    tokenizer.json, tokenizer_config.json   the tokenizer
+    train_000.bin, val_000.bin, ...         token ids, uint16 (or uint32 for big vocabs)
+    meta.json                               dtype, shards, token counts, corpus statistics
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from semilla.atomic import atomic_directory
+from semilla.errors import DataError
+from semilla.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+SPLITS = ("train", "val", "test")
+SHARD_TOKENS = 1 << 28  # 256M tokens (512 MB of uint16) per shard file
+ENCODE_BATCH = 64  # pieces encoded together (the tokenizers library parallelises a batch)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A document, or a chunk of a big one: a byte range of a file (a line, for JSONL)."""
+
+    path: str
+    start: int
+    end: int
+    ends_document: bool = True  # False for all but the last chunk of a big file
+
+
+# --- finding and reading the corpus -------------------------------------------------------
+
+
+def find_files(inputs: list[str]) -> list[Path]:
+    """Files, folders (searched recursively for .txt/.md/.jsonl) and glob patterns."""
+    if not inputs:
+        raise DataError("no input given: name text files, folders or glob patterns")
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if any(ch in item for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if not matches:
+                raise DataError(f"no files match {item!r}")
+            files += [m for m in matches if m.is_file()]
+        elif p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"input not found: {item}")
+    kept = [f for f in dict.fromkeys(files) if not _is_binary(f)]
+    if not kept:
+        raise DataError(f"no text files found in {', '.join(inputs)}")
+    return kept
+
+
+def _is_binary(path: Path) -> bool:
+    """True (with a warning) for files that are not UTF-8 text, judged by their first 64 KB."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut last char is fine
+    except UnicodeDecodeError:
+        log.warning("skipping %s: not UTF-8 text (binary?)", path)
+        return True
+    if b"\x00" in head:
+        log.warning("skipping %s: binary file (NUL bytes)", path)
+        return True
+    return False
+
+
+def list_pieces(files: list[Path], chunk_bytes: int | None = None) -> list[Piece]:
+    """Cut files into pieces: JSONL lines, or text chunks that end at a line break.
+
+    Chunks are about total/100 bytes (1 KB to 4 MB), so even a single file yields enough
+    pieces for all three splits, and no document needs to fit in memory.
+    """
+    total = sum(f.stat().st_size for f in files)
+    if chunk_bytes is None:
+        chunk_bytes = max(1 << 10, min(4 << 20, total // 100))
+    pieces: list[Piece] = []
+    for f in files:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            if f.suffix.lower() == ".jsonl":
+                pos = 0
+                for line in fh:
+                    if line.strip():
+                        pieces.append(Piece(str(f), pos, pos + len(line)))
+                    pos += len(line)
+                continue
+            start = 0
+            while start < size:
+                end = min(size, start + chunk_bytes)
+                if end < size:
+                    end = _cut_point(fh, end, size)
+                pieces.append(Piece(str(f), start, end, ends_document=end >= size))
+                start = end
+    return pieces
+
+
+def _cut_point(fh, target: int, size: int) -> int:
+    """The first byte after a newline at or past `target` (or a UTF-8 boundary if none near)."""
+    fh.seek(target)
+    window = fh.read(1 << 16)
+    nl = window.find(b"\n")
+    if nl >= 0:
+        return target + nl + 1
+    fh.seek(target)
+    b = fh.read(4)
+    back = 0
+    while back < len(b) and (b[back] & 0xC0) == 0x80:  # continuation bytes: move past them
+        back += 1
+    return min(size, target + back)
+
+
+def read_piece(piece: Piece) -> list[dict | str]:
+    """The documents in a piece: a string, or a chat example {'messages': [...]} for JSONL."""
+    with open(piece.path, "rb") as fh:
+        fh.seek(piece.start)
+        raw = fh.read(piece.end - piece.start)
+    text = raw.decode("utf-8", errors="replace")
+    if not piece.path.lower().endswith(".jsonl"):
+        return [text]
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{piece.path}: a line at byte {piece.start} is not valid JSON ({e.msg})") from e
+    if isinstance(row, dict) and isinstance(row.get("text"), str):
+        return [row["text"]]
+    if isinstance(row, dict) and isinstance(row.get("messages"), list):
+        return [row]
+    raise DataError(f'{piece.path}: a line at byte {piece.start} needs "text" (string) or "messages" (list)')
+
+
+def encode_document(tok: Tokenizer, doc: dict | str, ends_document: bool = True) -> list[int]:
+    """Token ids of a document (or a chunk), closed with <eos> so documents never run together."""
+    eos = [tok.eos_id] if ends_document else []
+    if isinstance(doc, str):
+        return tok.encode(doc) + eos
+    return tok.apply_chat_template(doc["messages"], add_generation_prompt=False) + eos
+
+
+def _document_text(doc: dict | str) -> str:
+    return doc if isinstance(doc, str) else "\n".join(str(m.get("content") or "") for m in doc["messages"])
+
+
+# --- split and write ----------------------------------------------------------------------
+
+
+def split_pieces(pieces: list[Piece], fractions: tuple[float, float, float], seed: int, shuffle: bool = True) -> dict[str, list[Piece]]:
+    """Assign whole pieces to train/val/test; every split with a non-zero share gets >= 1."""
+    order = list(pieces)
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    n = len(order)
+    n_val = round(n * fractions[1])
+    n_test = round(n * fractions[2])
+    if fractions[1] > 0 and n >= 3:
+        n_val = max(1, n_val)
+    if fractions[2] > 0 and n >= 3:
+        n_test = max(1, n_test)
+    n_train = n - n_val - n_test
+    return {
+        "train": order[:n_train],
+        "val": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
+
+
+class ShardWriter:
+    """Appends token ids to `{split}_NNN.bin` files, starting a new one every SHARD_TOKENS."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int = SHARD_TOKENS):
+        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self._file = None
+        self._count = 0
+
+    def write(self, ids: list[int]) -> None:
+        arr = np.asarray(ids, dtype=self.dtype)
+        while len(arr):
+            if self._file is None or self._count == self.shard_tokens:
+                self._open_next()
+            take = arr[: self.shard_tokens - self._count]
+            self._file.write(take.tobytes())
+            self._count += len(take)
+            self.shards[-1]["tokens"] = self._count
+            arr = arr[len(take) :]
+
+    def _open_next(self) -> None:
+        self.close()
+        name = f"{self.split}_{len(self.shards):03d}.bin"
+        self._file = open(self.directory / name, "wb")  # noqa: SIM115 (closed in close())
+        self._count = 0
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+
+def prepare(
+    inputs: list[str],
+    out_dir: str,
+    tokenizer: str = "char",
+    vocab_size: int = 8192,
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 42,
+    shuffle: bool = True,
+    tokenizer_from: str | None = None,
+    chunk_bytes: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Tokenize a corpus into `out_dir` (written to a temporary sibling, then renamed).
+
+    Returns the statistics also stored in meta.json.
+    """
+    if len(split) != 3 or any(f < 0 for f in split) or abs(sum(split) - 1) > 1e-6 or split[0] <= 0:
+        raise DataError(f"split must be three non-negative fractions summing to 1 with train > 0, got {split}")
+    if tokenizer not in ("char", "bpe"):
+        raise DataError(f"tokenizer must be 'char' or 'bpe', got {tokenizer!r}")
+    files = find_files(inputs)
+    pieces = list_pieces(files, chunk_bytes)
+    if not pieces:
+        raise DataError(f"the corpus is empty: {', '.join(inputs)} hold no text")
+    splits = split_pieces(pieces, split, seed, shuffle)
+
+    def all_texts() -> Iterator[str]:
+        for p in pieces:
+            for doc in read_piece(p):
+                yield _document_text(doc)
+
+    if tokenizer_from:
+        tok = Tokenizer.load(tokenizer_from)
+    elif tokenizer == "char":
+        tok = Tokenizer.train_char(all_texts())
+    else:
+        tok = Tokenizer.train_bpe(all_texts(), vocab_size)
+    if tok.vocab_size <= 8 and not tokenizer_from:
+        raise DataError(f"the corpus is empty: {', '.join(inputs)} hold no characters")
+
+    with atomic_directory(out_dir) as tmp:
+        stats = _write_splits(tok, splits, tmp, progress)
+        stats.update(tokenizer=tok.kind, vocab_size=tok.vocab_size, seed=seed, split=list(split), inputs=[str(f) for f in files])
+        tok.save(tmp)
+        (tmp / "meta.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return stats
+
+
+def _write_splits(tok: Tokenizer, splits: dict[str, list[Piece]], directory: Path, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
+    stats: dict = {"dtype": dtype.name, "splits": {}}
+    words: set[str] = set()
+    n_words = n_chars = n_tokens = n_unk = 0
+    seen = np.zeros(tok.vocab_size, dtype=bool)
+    bar = tqdm(total=sum(p.end - p.start for ps in splits.values() for p in ps), unit="B", unit_scale=True, disable=not progress, desc="tokenizing")
+    for name, pieces in splits.items():
+        writer = ShardWriter(directory, name, dtype)
+        docs_in_split = chars_in_split = 0  # documents = whole files or JSONL rows
+        for i in range(0, len(pieces), ENCODE_BATCH):
+            batch = pieces[i : i + ENCODE_BATCH]
+            docs = [(d, p.ends_document) for p in batch for d in read_piece(p)]
+            for doc, ends in docs:
+                ids = encode_document(tok, doc, ends)
+                writer.write(ids)
+                arr = np.asarray(ids)
+                seen[arr] = True
+                n_unk += int((arr == tok.unk_id).sum())
+                n_tokens += len(ids)
+                text = _document_text(doc)
+                chars_in_split += len(text)
+                tokens_of_text = text.split()
+                n_words += len(tokens_of_text)
+                words.update(tokens_of_text)
+            docs_in_split += sum(ends for _, ends in docs)
+            bar.update(sum(p.end - p.start for p in batch))
+        writer.close()
+        n_chars += chars_in_split
+        stats["splits"][name] = {
+            "documents": docs_in_split,
+            "pieces": len(pieces),  # documents and chunks of big files, the unit of the split
+            "characters": chars_in_split,
+            "tokens": sum(s["tokens"] for s in writer.shards),
+            "shards": writer.shards,
+        }
+    bar.close()
+    stats.update(
+        documents=sum(s["documents"] for s in stats["splits"].values()),
+        characters=n_chars,
+        tokens=n_tokens,
+        vocab_coverage=round(1 - n_unk / max(1, n_tokens), 6),  # share of tokens that are not <unk>
+        vocab_used=round(float(seen.mean()), 6),  # share of the vocabulary that occurs
+        type_token_ratio=round(len(words) / max(1, n_words), 6),  # distinct words / words
+        chars_per_token=round(n_chars / max(1, n_tokens), 4),
+    )
+    return stats
+
+
+# --- reading batches ----------------------------------------------------------------------
+
+
+def is_prepared(path: str | os.PathLike) -> bool:
+    return (Path(path) / "meta.json").is_file()
+
+
+class TokenDataset:
+    """One split of a prepared dataset, memory-mapped: random windows and strided windows."""
+
+    def __init__(self, directory: str | os.PathLike, split: str = "train"):
+        d = Path(directory)
+        meta_path = d / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{d} is not a prepared dataset (no meta.json); run `semilla prepare` first")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if split not in meta["splits"]:
+            raise DataError(f"{d} has no {split!r} split")
+        dtype = np.dtype(meta["dtype"])
+        self.split = split
+        self.vocab_size = int(meta["vocab_size"])
+        self.shards = []
+        for s in meta["splits"][split]["shards"]:
+            path = d / s["file"]
+            if not path.is_file() or path.stat().st_size != s["tokens"] * dtype.itemsize:
+                raise DataError(f"{path} is missing or truncated; prepare the data again")
+            if s["tokens"]:
+                self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
+        self.n_tokens = sum(len(s) for s in self.shards)
+
+    def check_block_size(self, block_size: int) -> None:
+        longest = max((len(s) for s in self.shards), default=0)
+        if longest < block_size + 1:
+            raise DataError(
+                f"block_size {block_size} is larger than the data: the {self.split} split has "
+                f"{longest} tokens, and a window needs block_size + 1; use a smaller --block-size or more text"
+            )
+
+    def random_batch(self, batch_size: int, block_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y): `batch_size` random windows of block_size + 1 tokens, y shifted by one."""
+        lengths = torch.tensor([len(s) - block_size - 1 for s in self.shards], dtype=torch.float64)
+        usable = (lengths >= 0).double() * (lengths + 1)
+        if len(self.shards) == 1:
+            shard_ids = [0] * batch_size
+        else:
+            shard_ids = torch.multinomial(usable, batch_size, replacement=True, generator=generator).tolist()
+        rows = []
+        for s in shard_ids:
+            start = int(torch.randint(int(usable[s]), (1,), generator=generator))
+            rows.append(torch.from_numpy(self.shards[s][start : start + block_size + 1].astype(np.int64)))
+        batch = torch.stack(rows)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def strided_windows(self, block_size: int, stride: int | None = None) -> Iterator[torch.Tensor]:
+        """Every window of block_size + 1 tokens, `stride` apart (robo-poet: 100/50)."""
+        stride = stride or block_size
+        for shard in self.shards:
+            for start in range(0, max(1, len(shard) - block_size), stride):
+                window = shard[start : start + block_size + 1]
+                if len(window) >= 2:
+                    yield torch.from_numpy(window.astype(np.int64))

@@ -1,0 +1,241 @@
+"""Decoder-only transformer. Config switches give the llama family (RMSNorm, RoPE, SwiGLU)
+and the gpt2 family (LayerNorm, learned positions, GELU) among others.
+
+Parameter names equal Hugging Face's `LlamaForCausalLM` (model.layers.N.self_attn.q_proj, ...),
+so a llama-family export is a save; the gpt2 family maps name by name onto `GPT2LMHeadModel`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semilla.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the rotate-half layout Hugging Face's Llama uses."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        t = torch.arange(cfg.block_size, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (T, hs/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions (T,) or (B, T) -> cos, sin broadcastable to (B, nh, T, hs)
+        cos, sin = self.cos[positions], self.sin[positions]
+        if positions.dim() == 2:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
+    """The fixed sine/cosine position encoding of 'Attention is all you need'."""
+    pos = torch.arange(n_positions, dtype=torch.float32).unsqueeze(1)
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_positions, dim)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div[: dim // 2])
+    return table
+
+
+class KVCache:
+    """Keys and values of every layer for B rows and up to `max_len` positions.
+
+    Row b writes the keys of position p into slot p, so rows of different lengths share one
+    tensor; a query at position p sees slots 0..p of its own row.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope, positions, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv_head != self.n_head
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+        else:
+            pos = positions if positions.dim() == 2 else positions.expand(B, T)  # (B, T)
+            slots = pos[:, None, :, None].expand(B, self.n_kv_head, T, self.head_dim)
+            cache.k[layer].scatter_(2, slots, k)
+            cache.v[layer].scatter_(2, slots, v)
+            S = int(pos.max()) + 1  # slots beyond the furthest position are never visible
+            keys, values = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
+            visible = torch.arange(S, device=x.device)[None, None, :] <= pos[:, :, None]  # (B, T, S)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.unsqueeze(1), enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        hidden = cfg.ffn_size
+        if cfg.mlp == "swiglu":
+            self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        elif self.kind == "gelu":
+            h = F.gelu(self.up_proj(x), approximate="tanh")  # GPT-2's gelu_new
+        elif self.kind == "relu":
+            h = F.relu(self.up_proj(x))
+        else:  # relu2
+            h = F.relu(self.up_proj(x)).square()
+        return self.down_proj(h)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, positions, cache, layer) -> torch.Tensor:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, positions, cache, layer))
+        x = x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+        return x
+
+
+class TransformerBody(nn.Module):
+    """Hugging Face's `model.*` part: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.pos == "learned":
+            self.embed_positions = nn.Embedding(cfg.block_size, cfg.n_embd)
+        elif cfg.pos == "sinusoidal":
+            self.register_buffer("sinusoidal", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+        self.rotary = RotaryEmbedding(cfg) if cfg.pos == "rope" else None
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.pos = cfg.pos
+
+
+class Transformer(nn.Module):
+    """`model(idx)` -> logits (B, T, vocab). With a KVCache, `positions` says where idx sits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.vocab_size > 0, "vocab_size must be set before building a model"
+        self.config = cfg
+        self.model = TransformerBody(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def rebuild_buffers(self) -> None:
+        """Recompute the non-persistent buffers (after building on the meta device)."""
+        body, device = self.model, self.lm_head.weight.device
+        if body.rotary is not None:
+            body.rotary = RotaryEmbedding(self.config).to(device)
+        if body.pos == "sinusoidal":
+            body.sinusoidal = sinusoidal_table(self.config.block_size, self.config.n_embd).to(device)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T = idx.shape
+        body = self.model
+        if positions is None:
+            if T > self.config.block_size:
+                raise ValueError(f"{T} tokens do not fit the context of {self.config.block_size}")
+            positions = torch.arange(T, device=idx.device)
+        elif int(positions.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(positions.max())} is past the context of {self.config.block_size} tokens")
+        x = body.embed_tokens(idx)  # (B, T, C)
+        if body.pos == "learned":
+            x = x + body.embed_positions(positions)
+        elif body.pos == "sinusoidal":
+            x = x + body.sinusoidal[positions]
+        x = body.embed_dropout(x)
+        rope = body.rotary(positions) if body.rotary is not None else None
+        for i, layer in enumerate(body.layers):
+            x = layer(x, rope, positions, cache, i)
+        return self.lm_head(body.norm(x))

@@ -1,0 +1,163 @@
+"""One tokenizer interface over Hugging Face `tokenizers`: character-level and byte-level BPE.
+
+Both kinds are saved as a standard `tokenizer.json` (plus `tokenizer_config.json` with the
+chat template), so transformers and the llama.cpp converters can read them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from semilla.errors import CheckpointError, DataError
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = [PAD, UNK, BOS, EOS, SYSTEM, USER, ASSISTANT, END]  # ids 0..7
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+# The Jinja form of `Tokenizer.apply_chat_template`, stored for transformers and llama.cpp.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    """Text <-> token ids. `kind` is 'char' or 'bpe'; special tokens have ids 0..7."""
+
+    def __init__(self, hf: HFTokenizer, kind: str, chat_template: str = CHAT_TEMPLATE):
+        self.hf = hf
+        self.kind = kind
+        self.chat_template = chat_template
+        # User text is data: '<eos>' typed by a user is five characters, not the eos token.
+        self.hf.encode_special_tokens = True
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = (self.token_to_id(t) for t in SPECIAL_TOKENS[:4])
+        self.end_id = self.token_to_id(END)
+
+    # --- training -------------------------------------------------------------------------
+
+    @classmethod
+    def train_char(cls, texts: Iterable[str]) -> Tokenizer:
+        """Vocabulary = the distinct characters of the corpus, after the special tokens."""
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        chars -= set(SPECIAL_TOKENS)
+        vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+        for ch in sorted(chars):
+            vocab[ch] = len(vocab)
+        hf = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+        # every character is its own word; the decoder glues them back without spaces
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?m)."), behavior="isolated")
+        hf.decoder = decoders.Fuse()
+        hf.add_special_tokens(SPECIAL_TOKENS)
+        return cls(hf, "char")
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
+        """Byte-level BPE (GPT-2 style, no prefix space), NFC-normalized, case preserved."""
+        if vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise DataError(f"BPE vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+        hf = HFTokenizer(models.BPE(unk_token=None, byte_fallback=False))
+        hf.normalizer = normalizers.NFC()
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf, "bpe")
+
+    # --- use ------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int:
+        i = self.hf.token_to_id(token)
+        assert i is not None, f"token {token!r} missing from the vocabulary"
+        return i
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.hf.id_to_token(i)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation: <|role|>content<|end|> per message, then <|assistant|>.
+
+        Role tokens are inserted as ids, so message text can never forge a turn boundary.
+        """
+        ids: list[int] = []
+        for m in messages:
+            role = m.get("role")
+            if role not in ROLE_TOKENS:
+                raise DataError(f"unknown chat role {role!r}; expected one of {', '.join(ROLE_TOKENS)}")
+            ids.append(self.token_to_id(ROLE_TOKENS[role]))
+            ids += self.encode(m.get("content") or "")
+            ids.append(self.end_id)
+        if add_generation_prompt:
+            ids.append(self.token_to_id(ASSISTANT))
+        return ids
+
+    # --- files ----------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write tokenizer.json and tokenizer_config.json into `directory`."""
+        d = Path(directory)
+        self.hf.encode_special_tokens = False  # stored files keep the library default
+        try:
+            self.hf.save(str(d / "tokenizer.json"))
+        finally:
+            self.hf.encode_special_tokens = True
+        config = {
+            "semilla_tokenizer_kind": self.kind,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "unk_token": UNK,
+            "pad_token": PAD,
+            "additional_special_tokens": SPECIAL_TOKENS[4:],
+            "chat_template": self.chat_template,
+            "model_max_length": 1_000_000,
+            "clean_up_tokenization_spaces": False,
+        }
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Tokenizer:
+        d = Path(directory)
+        path = d / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"{d} has no tokenizer.json")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+            config_path = d / "tokenizer_config.json"
+            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        except Exception as e:  # the tokenizers library raises plain Exception on bad JSON
+            raise CheckpointError(f"{path} cannot be read: {str(e).splitlines()[0]}") from e
+        kind = config.get("semilla_tokenizer_kind") or ("char" if isinstance(hf.model, models.WordLevel) else "bpe")
+        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+        if missing:
+            raise CheckpointError(f"{path} lacks semilla's special tokens: {', '.join(missing)}")
+        return cls(hf, kind, config.get("chat_template") or CHAT_TEMPLATE)
+
