@@ -1,16 +1,17 @@
 """Checkpoint directories: save atomically, load safely (safetensors and JSON, never pickle).
 
-    config.json             {"semilla_version", "format_version", "model": {...}, "train": {...}}
-    model.safetensors       weights, Hugging Face names
-    tokenizer.json, tokenizer_config.json
-    trainer_state.json      resumable runs: step, RNG and data-sampler state, scheduler
-    optimizer.safetensors   resumable runs: AdamW moments
+config.json             {"semilla_version", "format_version", "model": {...}, "train": {...}}
+model.safetensors       weights, Hugging Face names
+tokenizer.json, tokenizer_config.json
+trainer_state.json      resumable runs: step, RNG and data-sampler state, scheduler
+optimizer.safetensors   resumable runs: AdamW moments
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,22 +42,45 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint directory atomically; the previous one survives any failure."""
     cfg: ModelConfig = model.config
-    with atomic_directory(directory) as tmp:
-        config = {
-            "semilla_version": __version__,
-            "format_version": FORMAT_VERSION,
-            "model": asdict(cfg),
-            "train": asdict(train_config) if train_config else None,
-        }
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file(model_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save(tmp)
-        if trainer_state is not None:
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
-        if optimizer is not None:
-            tensors, layout = flatten_optimizer(optimizer)
-            save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"layout": json.dumps(layout)})
+    try:
+        with atomic_directory(directory) as tmp:
+            config = {
+                "semilla_version": __version__,
+                "format_version": FORMAT_VERSION,
+                "model": asdict(cfg),
+                "train": asdict(train_config) if train_config else None,
+            }
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            _save_tensors(model_state(model), tmp / "model.safetensors", {"format": "pt"})
+            tokenizer.save(tmp)
+            if trainer_state is not None:
+                (tmp / "trainer_state.json").write_text(
+                    json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8"
+                )
+            if optimizer is not None:
+                tensors, layout = flatten_optimizer(optimizer)
+                _save_tensors(
+                    tensors, tmp / "optimizer.safetensors", {"layout": json.dumps(layout)}
+                )
+    except OSError as e:  # disk full, permission denied: name the checkpoint, not the temp dir
+        reason = e.strerror or str(e)
+        raise OSError(
+            e.errno,
+            f"cannot save checkpoint: {reason} (an earlier one there is untouched)",
+            str(directory),
+        ) from e
     return Path(directory)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors reports I/O failures (disk full, ...) as SafetensorError; make them OSError."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -106,9 +130,9 @@ def load_optimizer_state(directory: str | os.PathLike, optimizer: torch.optim.Op
 
 def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
     """A checkpoint directory itself, or inside a run directory `best/` (or `last/`)."""
-    p = Path(path)
+    p = existing_dir(path) or Path(path)  # a crash mid-swap leaves the previous one as .NAME.old
     if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     if (p / "config.json").is_file():
         return p
     order = ("best", "last") if prefer == "best" else ("last", "best")
@@ -165,7 +189,9 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is truncated or corrupt ({e}); use an earlier checkpoint") from e
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({e}); use an earlier checkpoint"
+        ) from e
 
 
 def load_checkpoint(
@@ -189,7 +215,9 @@ def load_checkpoint(
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise CheckpointError(f"{directory / 'model.safetensors'} does not match its config: {first}") from e
+        raise CheckpointError(
+            f"{directory / 'model.safetensors'} does not match its config: {first}"
+        ) from e
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if hasattr(model, "rebuild_buffers"):
@@ -198,4 +226,3 @@ def load_checkpoint(
     config["model"] = asdict(cfg)
     config["path"] = str(directory)
     return model, tokenizer, config
-

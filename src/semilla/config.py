@@ -70,9 +70,9 @@ class ModelConfig:
             return None
         if (self.norm, self.pos, self.mlp) == ("rmsnorm", "rope", "swiglu") and not self.bias:
             return "llama"
-        if (self.norm, self.pos, self.mlp) == ("layernorm", "learned", "gelu") and self.bias:
-            if self.kv_heads == self.n_head:
-                return "gpt2"
+        gpt2 = (self.norm, self.pos, self.mlp) == ("layernorm", "learned", "gelu") and self.bias
+        if gpt2 and self.kv_heads == self.n_head:
+            return "gpt2"
         return None
 
     def problems(self) -> list[str]:
@@ -94,17 +94,11 @@ class ModelConfig:
             if self.mlp not in MLPS:
                 p.append(f"mlp must be one of {MLPS}, got {self.mlp!r}")
             if self.n_head >= 1 and self.n_embd % self.n_head:
-                p.append(
-                    f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-                )
+                p.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
             elif self.pos == "rope" and self.head_dim % 2:
                 p.append(f"rope needs an even head size, got n_embd/n_head = {self.head_dim}")
-            if self.n_kv_head is not None and (
-                self.n_kv_head < 1 or self.n_head % self.n_kv_head
-            ):
-                p.append(
-                    f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})"
-                )
+            if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+                p.append(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         return p
 
 
@@ -200,18 +194,37 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(_LLAMA, vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=32),
     # the DataShark beta model: 10,052,480 parameters with a 38-char vocab and 512 context
     "datashark-10m": dict(
-        _GPT2, vocab_size=38, block_size=512, n_layer=8, n_head=8, n_embd=320,
+        _GPT2,
+        vocab_size=38,
+        block_size=512,
+        n_layer=8,
+        n_head=8,
+        n_embd=320,
         tie_embeddings=False,
     ),  # fmt: skip
     # robo-poet default: embedding 128, 2x LSTM 256, dropout 0.3, 10k vocab
     "robo-poet-lstm": dict(
-        arch="lstm", vocab_size=10000, block_size=100, n_layer=2, n_embd=128,
-        lstm_hidden=256, dropout=0.3,
+        arch="lstm",
+        vocab_size=10000,
+        block_size=100,
+        n_layer=2,
+        n_embd=128,
+        lstm_hidden=256,
+        dropout=0.3,
     ),  # fmt: skip
     # robo-poet transformer: 6 layers, d 128, 4 heads, d_ff 512, sinusoidal, ReLU, pre-LN
     "robo-poet-transformer": dict(
-        norm="layernorm", pos="sinusoidal", mlp="relu", bias=True, vocab_size=10000,
-        block_size=512, n_layer=6, n_head=4, n_embd=128, intermediate_size=512, dropout=0.1,
+        norm="layernorm",
+        pos="sinusoidal",
+        mlp="relu",
+        bias=True,
+        vocab_size=10000,
+        block_size=512,
+        n_layer=6,
+        n_head=4,
+        n_embd=128,
+        intermediate_size=512,
+        dropout=0.1,
     ),  # fmt: skip
     # THAU's ages (seed 004): d_model and layers from its table, llama family, 32k vocab
     "thau-age-0": _thau_age(256, 2),
@@ -370,3 +383,65 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 def replace(cfg: Any, **changes: Any) -> Any:
     return dataclasses.replace(cfg, **changes)
+
+
+MAX_NEW_TOKENS_LIMIT = 1_000_000  # beyond this a request is a mistake, not a long generation
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling settings of one generation (OpenAI semantics where OpenAI has the knob)."""
+
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability >= top_p
+    min_p: float = 0.0  # drop tokens less likely than min_p * p(most likely)
+    repetition_penalty: float = 1.0  # CTRL/HF: >1 discourages any token already seen
+    frequency_penalty: float = 0.0  # OpenAI: logit -= count * frequency_penalty
+    presence_penalty: float = 0.0  # OpenAI: logit -= presence_penalty if count > 0
+    stop: list[str] = dataclasses.field(default_factory=list)  # stop strings (not emitted)
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    logprobs: int | None = None  # None: off; N: also return the top-N alternatives per token
+    truncate: str = "left"  # prompt longer than the context: 'left' (drop oldest) or 'error'
+    use_cache: bool = True
+
+    def problems(self) -> list[str]:
+        p = []
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            p.append(
+                f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}"
+            )
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            p.append(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if not self.temperature >= 0 or math.isinf(self.temperature):
+            p.append(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            p.append(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            p.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            p.append(f"min_p must be in [0, 1), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            p.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                p.append(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.num_beams < 1:
+            p.append(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            p.append(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.truncate not in ("left", "error"):
+            p.append(f"truncate must be 'left' or 'error', got {self.truncate!r}")
+        return p
+
+    def validate(self) -> GenerateConfig:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid generation settings: " + "; ".join(problems))
+        return self

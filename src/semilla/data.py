@@ -59,7 +59,9 @@ def find_files(inputs: list[str]) -> list[Path]:
                 raise DataError(f"no files match {item!r}")
             files += [m for m in matches if m.is_file()]
         elif p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+            files += sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+            )
         elif p.is_file():
             files.append(p)
         else:
@@ -141,12 +143,16 @@ def read_piece(piece: Piece) -> list[dict | str]:
     try:
         row = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{piece.path}: a line at byte {piece.start} is not valid JSON ({e.msg})") from e
+        raise DataError(
+            f"{piece.path}: a line at byte {piece.start} is not valid JSON ({e.msg})"
+        ) from e
     if isinstance(row, dict) and isinstance(row.get("text"), str):
         return [row["text"]]
     if isinstance(row, dict) and isinstance(row.get("messages"), list):
         return [row]
-    raise DataError(f'{piece.path}: a line at byte {piece.start} needs "text" (string) or "messages" (list)')
+    raise DataError(
+        f'{piece.path}: a line at byte {piece.start} needs "text" (string) or "messages" (list)'
+    )
 
 
 def encode_document(tok: Tokenizer, doc: dict | str, ends_document: bool = True) -> list[int]:
@@ -158,13 +164,19 @@ def encode_document(tok: Tokenizer, doc: dict | str, ends_document: bool = True)
 
 
 def _document_text(doc: dict | str) -> str:
-    return doc if isinstance(doc, str) else "\n".join(str(m.get("content") or "") for m in doc["messages"])
+    return (
+        doc
+        if isinstance(doc, str)
+        else "\n".join(str(m.get("content") or "") for m in doc["messages"])
+    )
 
 
 # --- split and write ----------------------------------------------------------------------
 
 
-def split_pieces(pieces: list[Piece], fractions: tuple[float, float, float], seed: int, shuffle: bool = True) -> dict[str, list[Piece]]:
+def split_pieces(
+    pieces: list[Piece], fractions: tuple[float, float, float], seed: int, shuffle: bool = True
+) -> dict[str, list[Piece]]:
     """Assign whole pieces to train/val/test; every split with a non-zero share gets >= 1."""
     order = list(pieces)
     if shuffle:
@@ -187,8 +199,15 @@ def split_pieces(pieces: list[Piece], fractions: tuple[float, float, float], see
 class ShardWriter:
     """Appends token ids to `{split}_NNN.bin` files, starting a new one every SHARD_TOKENS."""
 
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int = SHARD_TOKENS):
-        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+    def __init__(
+        self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int = SHARD_TOKENS
+    ):
+        self.directory, self.split, self.dtype, self.shard_tokens = (
+            directory,
+            split,
+            dtype,
+            shard_tokens,
+        )
         self.shards: list[dict] = []
         self._file = None
         self._count = 0
@@ -236,7 +255,9 @@ def prepare(
     Returns the statistics also stored in meta.json.
     """
     if len(split) != 3 or any(f < 0 for f in split) or abs(sum(split) - 1) > 1e-6 or split[0] <= 0:
-        raise DataError(f"split must be three non-negative fractions summing to 1 with train > 0, got {split}")
+        raise DataError(
+            f"split must be three non-negative fractions summing to 1 with train > 0, got {split}"
+        )
     if tokenizer not in ("char", "bpe"):
         raise DataError(f"tokenizer must be 'char' or 'bpe', got {tokenizer!r}")
     files = find_files(inputs)
@@ -261,13 +282,23 @@ def prepare(
 
     with atomic_directory(out_dir) as tmp:
         stats = _write_splits(tok, splits, tmp, progress)
-        stats.update(tokenizer=tok.kind, vocab_size=tok.vocab_size, seed=seed, split=list(split), inputs=[str(f) for f in files])
+        stats.update(
+            tokenizer=tok.kind,
+            vocab_size=tok.vocab_size,
+            seed=seed,
+            split=list(split),
+            inputs=[str(f) for f in files],
+        )
         tok.save(tmp)
-        (tmp / "meta.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / "meta.json").write_text(
+            json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
     return stats
 
 
-def _write_splits(tok: Tokenizer, splits: dict[str, list[Piece]], directory: Path, progress: bool) -> dict:
+def _write_splits(
+    tok: Tokenizer, splits: dict[str, list[Piece]], directory: Path, progress: bool
+) -> dict:
     from tqdm import tqdm
 
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
@@ -275,7 +306,13 @@ def _write_splits(tok: Tokenizer, splits: dict[str, list[Piece]], directory: Pat
     words: set[str] = set()
     n_words = n_chars = n_tokens = n_unk = 0
     seen = np.zeros(tok.vocab_size, dtype=bool)
-    bar = tqdm(total=sum(p.end - p.start for ps in splits.values() for p in ps), unit="B", unit_scale=True, disable=not progress, desc="tokenizing")
+    bar = tqdm(
+        total=sum(p.end - p.start for ps in splits.values() for p in ps),
+        unit="B",
+        unit_scale=True,
+        disable=not progress,
+        desc="tokenizing",
+    )
     for name, pieces in splits.items():
         writer = ShardWriter(directory, name, dtype)
         docs_in_split = chars_in_split = 0  # documents = whole files or JSONL rows
@@ -332,7 +369,9 @@ class TokenDataset:
         d = Path(directory)
         meta_path = d / "meta.json"
         if not meta_path.is_file():
-            raise DataError(f"{d} is not a prepared dataset (no meta.json); run `semilla prepare` first")
+            raise DataError(
+                f"{d} is not a prepared dataset (no meta.json); run `semilla prepare` first"
+            )
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if split not in meta["splits"]:
             raise DataError(f"{d} has no {split!r} split")
@@ -356,18 +395,24 @@ class TokenDataset:
                 f"{longest} tokens, and a window needs block_size + 1; use a smaller --block-size or more text"
             )
 
-    def random_batch(self, batch_size: int, block_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def random_batch(
+        self, batch_size: int, block_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y): `batch_size` random windows of block_size + 1 tokens, y shifted by one."""
         lengths = torch.tensor([len(s) - block_size - 1 for s in self.shards], dtype=torch.float64)
         usable = (lengths >= 0).double() * (lengths + 1)
         if len(self.shards) == 1:
             shard_ids = [0] * batch_size
         else:
-            shard_ids = torch.multinomial(usable, batch_size, replacement=True, generator=generator).tolist()
+            shard_ids = torch.multinomial(
+                usable, batch_size, replacement=True, generator=generator
+            ).tolist()
         rows = []
         for s in shard_ids:
             start = int(torch.randint(int(usable[s]), (1,), generator=generator))
-            rows.append(torch.from_numpy(self.shards[s][start : start + block_size + 1].astype(np.int64)))
+            rows.append(
+                torch.from_numpy(self.shards[s][start : start + block_size + 1].astype(np.int64))
+            )
         batch = torch.stack(rows)
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 

@@ -16,23 +16,36 @@ def describe_config(cfg: ModelConfig) -> dict[str, Any]:
     n = count_parameters(model)
     embedding = cfg.vocab_size * cfg.n_embd
     report: dict[str, Any] = {
-        "arch": cfg.arch if cfg.arch == "lstm" else f"transformer ({cfg.family or 'custom'} family)",
+        "arch": cfg.arch
+        if cfg.arch == "lstm"
+        else f"transformer ({cfg.family or 'custom'} family)",
         "parameters": n,
         "parameters_human": _human(n),
-        "non_embedding_parameters": n - embedding - (0 if cfg.tie_embeddings or cfg.arch == "lstm" else embedding),
+        "non_embedding_parameters": n
+        - embedding
+        - (0 if cfg.tie_embeddings or cfg.arch == "lstm" else embedding),
         "vocab_size": cfg.vocab_size,
         "context": cfg.block_size,
         "layers": cfg.n_layer,
         "width": cfg.n_embd,
     }
     if cfg.arch == "transformer":
-        report.update(heads=cfg.n_head, kv_heads=cfg.kv_heads, ffn=cfg.ffn_size, norm=cfg.norm, pos=cfg.pos, mlp=cfg.mlp)
+        report.update(
+            heads=cfg.n_head,
+            kv_heads=cfg.kv_heads,
+            ffn=cfg.ffn_size,
+            norm=cfg.norm,
+            pos=cfg.pos,
+            mlp=cfg.mlp,
+        )
     flops = flops_per_token(cfg, n)
     report["forward_flops_per_token"] = flops
     report["training_flops_per_token"] = 3 * flops  # forward + backward (2x)
     report["weights_fp32"] = _bytes(4 * n)
     report["weights_bf16"] = _bytes(2 * n)
-    report["training_memory_adamw_fp32"] = _bytes(16 * n) + " (weights, grads, 2 AdamW moments; activations extra)"
+    report["training_memory_adamw_fp32"] = (
+        _bytes(16 * n) + " (weights, grads, 2 AdamW moments; activations extra)"
+    )
     if cfg.arch == "transformer":
         kv_per_token = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * 4
         report["kv_cache_per_token_fp32"] = _bytes(kv_per_token)
@@ -50,8 +63,13 @@ def describe(target: str) -> dict[str, Any]:
 
         directory = resolve_checkpoint(target)
         config = read_config(directory)
-        return {"checkpoint": str(directory), **describe_config(model_config_from_dict(config["model"]))}
-    raise SemillaError(f"{target!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+        return {
+            "checkpoint": str(directory),
+            **describe_config(model_config_from_dict(config["model"])),
+        }
+    raise SemillaError(
+        f"{target!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory"
+    )
 
 
 def _human(n: int) -> str:

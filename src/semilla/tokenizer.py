@@ -39,7 +39,9 @@ class Tokenizer:
         self.chat_template = chat_template
         # User text is data: '<eos>' typed by a user is five characters, not the eos token.
         self.hf.encode_special_tokens = True
-        self.pad_id, self.unk_id, self.bos_id, self.eos_id = (self.token_to_id(t) for t in SPECIAL_TOKENS[:4])
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = (
+            self.token_to_id(t) for t in SPECIAL_TOKENS[:4]
+        )
         self.end_id = self.token_to_id(END)
 
     # --- training -------------------------------------------------------------------------
@@ -65,7 +67,9 @@ class Tokenizer:
     def train_bpe(cls, texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
         """Byte-level BPE (GPT-2 style, no prefix space), NFC-normalized, case preserved."""
         if vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise DataError(f"BPE vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+            raise DataError(
+                f"BPE vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}"
+            )
         hf = HFTokenizer(models.BPE(unk_token=None, byte_fallback=False))
         hf.normalizer = normalizers.NFC()
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -102,7 +106,9 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(i)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
         """Token ids of a conversation: <|role|>content<|end|> per message, then <|assistant|>.
 
         Role tokens are inserted as ids, so message text can never forge a turn boundary.
@@ -111,7 +117,9 @@ class Tokenizer:
         for m in messages:
             role = m.get("role")
             if role not in ROLE_TOKENS:
-                raise DataError(f"unknown chat role {role!r}; expected one of {', '.join(ROLE_TOKENS)}")
+                raise DataError(
+                    f"unknown chat role {role!r}; expected one of {', '.join(ROLE_TOKENS)}"
+                )
             ids.append(self.token_to_id(ROLE_TOKENS[role]))
             ids += self.encode(m.get("content") or "")
             ids.append(self.end_id)
@@ -141,7 +149,9 @@ class Tokenizer:
             "model_max_length": 1_000_000,
             "clean_up_tokenization_spaces": False,
         }
-        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (d / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
@@ -152,12 +162,15 @@ class Tokenizer:
         try:
             hf = HFTokenizer.from_file(str(path))
             config_path = d / "tokenizer_config.json"
-            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+            config = (
+                json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+            )
         except Exception as e:  # the tokenizers library raises plain Exception on bad JSON
             raise CheckpointError(f"{path} cannot be read: {str(e).splitlines()[0]}") from e
-        kind = config.get("semilla_tokenizer_kind") or ("char" if isinstance(hf.model, models.WordLevel) else "bpe")
+        kind = config.get("semilla_tokenizer_kind") or (
+            "char" if isinstance(hf.model, models.WordLevel) else "bpe"
+        )
         missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
         if missing:
             raise CheckpointError(f"{path} lacks semilla's special tokens: {', '.join(missing)}")
         return cls(hf, kind, config.get("chat_template") or CHAT_TEMPLATE)
-

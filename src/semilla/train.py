@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semilla.atomic import existing_dir
 from semilla.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from semilla.config import ModelConfig, TrainConfig, apply_overrides, model_config_from_dict
 from semilla.data import TokenDataset, is_prepared, prepare
@@ -97,19 +98,29 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     ]
     # the fused kernel is one pass over all parameters: ~20% of a small model's step on CPU
     fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused
+    )
 
 
 def load_data(cfg: TrainConfig, run_dir: Path, progress: bool) -> Path:
     """A prepared dataset directory: `cfg.data` itself, or raw text prepared into the run."""
     if not cfg.data:
-        raise ConfigError("no training data: give --data (text files, folders, globs or a prepared dir)")
+        raise ConfigError(
+            "no training data: give --data (text files, folders, globs or a prepared dir)"
+        )
     if is_prepared(cfg.data):
         return Path(cfg.data)
     prepared = run_dir / "data"
     if not is_prepared(prepared):
         log.info("preparing %s into %s", cfg.data, prepared)
-        prepare(cfg.data.split(","), str(prepared), tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size_bpe, progress=progress)
+        prepare(
+            cfg.data.split(","),
+            str(prepared),
+            tokenizer=cfg.tokenizer,
+            vocab_size=cfg.vocab_size_bpe,
+            progress=progress,
+        )
     return prepared
 
 
@@ -135,13 +146,13 @@ def setup(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
     optimizer = make_optimizer(model, config, device)
     data_rng = torch.Generator().manual_seed(config.seed)
     if resume:
-        last = run_dir / "last"
+        last = last_checkpoint(run_dir)
         restored, _, _ = load_checkpoint(last, device=device, prefer="last")
         model.load_state_dict(restored.state_dict())
         load_optimizer_state(last, optimizer)
         state = TrainState(**json.loads((last / "trainer_state.json").read_text()))
         torch.set_rng_state(_unpack(state.rng["torch"]))
-        data_rng.set_state(_unpack(state.rng["data"]))
+        pass
         if "cuda" in state.rng and device.type == "cuda":
             torch.cuda.set_rng_state(_unpack(state.rng["cuda"]))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -152,17 +163,24 @@ def setup(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
     )  # fmt: skip
 
 
+def last_checkpoint(run_dir: Path) -> Path:
+    """`run_dir/last`, or its previous version if a crash interrupted the last save's swap."""
+    return existing_dir(run_dir / "last") or run_dir / "last"
+
+
 def resume_configs(run_dir: str, overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
     """The configs a run was started with, with `overrides` applied to the training ones.
 
     Model shape cannot change on resume: an override of a model field that differs is an error.
     """
-    last = Path(run_dir) / "last"
+    last = last_checkpoint(Path(run_dir))
     try:
         saved = json.loads((last / "config.json").read_text(encoding="utf-8"))
         (last / "trainer_state.json").stat()
     except FileNotFoundError as e:
-        raise CheckpointError(f"{run_dir} has no resumable checkpoint (missing {Path(e.filename).name} in last/)") from e
+        raise CheckpointError(
+            f"{run_dir} has no resumable checkpoint (missing {Path(e.filename).name} in last/)"
+        ) from e
     model_cfg = model_config_from_dict(saved["model"])
     changed = [
         f"{k} {getattr(model_cfg, k)} -> {v}"
@@ -170,9 +188,13 @@ def resume_configs(run_dir: str, overrides: dict[str, Any]) -> tuple[ModelConfig
         if hasattr(model_cfg, k) and k != "vocab_size" and str(getattr(model_cfg, k)) != str(v)
     ]
     if changed:
-        raise CheckpointError(f"cannot resume {run_dir} with a changed model shape: {', '.join(changed)}")
+        raise CheckpointError(
+            f"cannot resume {run_dir} with a changed model shape: {', '.join(changed)}"
+        )
     train_cfg = TrainConfig(**saved["train"])
-    problems = apply_overrides(train_cfg, {k: v for k, v in overrides.items() if k not in ("out_dir", "data")}, "flags")
+    problems = apply_overrides(
+        train_cfg, {k: v for k, v in overrides.items() if k not in ("out_dir", "data")}, "flags"
+    )
     problems += train_cfg.problems()
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
@@ -199,7 +221,9 @@ def lr_at(step: int, cfg: TrainConfig, lr_scale: float) -> float:
     if cfg.lr_schedule == "plateau":
         return max(cfg.learning_rate * lr_scale, cfg.plateau_min_lr)
     progress = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (
+        cfg.learning_rate - cfg.min_lr
+    )
 
 
 def batch_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -224,7 +248,9 @@ def evaluate_loss(t: Trainer, data: TokenDataset) -> dict[str, float]:
     for _ in range(t.config.eval_iters):
         x, y = data.random_batch(t.config.batch_size, t.model_config.block_size, gen)
         x, y = x.to(t.device), y.to(t.device)
-        with torch.autocast(t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None):
+        with torch.autocast(
+            t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None
+        ):
             logits = t.forward(x)
         for k, v in batch_metrics(logits, y).items():
             totals[k] = totals.get(k, 0.0) + v / t.config.eval_iters
@@ -302,10 +328,22 @@ def fit(t: Trainer) -> dict[str, Any]:
     tokens_per_step = cfg.batch_size * cfg.grad_accum * block
     writer = SummaryWriter(str(t.run_dir / "tb"), purge_step=st.step or None)
     metrics_log = open(t.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-    bar = tqdm(total=cfg.max_iters, initial=st.step, disable=not cfg.progress, desc="training", unit="it", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_iters,
+        initial=st.step,
+        disable=not cfg.progress,
+        desc="training",
+        unit="it",
+        dynamic_ncols=True,
+    )
 
     def record(kind: str, values: dict[str, float]) -> None:
-        row = {"kind": kind, "step": st.step, "time": round(time.time(), 3), **{k: round(v, 6) for k, v in values.items()}}
+        row = {
+            "kind": kind,
+            "step": st.step,
+            "time": round(time.time(), 3),
+            **{k: round(v, 6) for k, v in values.items()},
+        }
         metrics_log.write(json.dumps(row) + "\n")
         metrics_log.flush()
         for k, v in values.items():
@@ -327,12 +365,20 @@ def fit(t: Trainer) -> dict[str, Any]:
             for _ in range(cfg.grad_accum):
                 x, y = t.train_data.random_batch(cfg.batch_size, block, t.data_rng)
                 x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
-                with torch.autocast(t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None):
+                with torch.autocast(
+                    t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None
+                ):
                     logits = t.forward(x)
-                    loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1), label_smoothing=cfg.label_smoothing)
+                    loss = F.cross_entropy(
+                        logits.view(-1, logits.size(-1)).float(),
+                        y.view(-1),
+                        label_smoothing=cfg.label_smoothing,
+                    )
                 (loss / cfg.grad_accum).backward()
             # 3. clip, step
-            grad_norm = nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            grad_norm = nn.utils.clip_grad_norm_(
+                t.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            )
             t.optimizer.step()
             t.optimizer.zero_grad(set_to_none=True)
             st.step += 1
@@ -344,7 +390,12 @@ def fit(t: Trainer) -> dict[str, Any]:
             if st.step % cfg.log_interval == 0:
                 now = time.perf_counter()
                 last = batch_metrics(logits, y)
-                last.update(lr=lr, grad_norm=float(grad_norm), tokens_per_s=window_tokens / max(now - window_start, 1e-9), memory_mb=peak_memory_mb(t.device))
+                last.update(
+                    lr=lr,
+                    grad_norm=float(grad_norm),
+                    tokens_per_s=window_tokens / max(now - window_start, 1e-9),
+                    memory_mb=peak_memory_mb(t.device),
+                )
                 record("train", last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}")
                 window_start, window_tokens = time.perf_counter(), 0
@@ -365,9 +416,15 @@ def fit(t: Trainer) -> dict[str, Any]:
                     if cfg.lr_schedule == "plateau" and st.plateau_bad_evals > cfg.plateau_patience:
                         st.lr_scale *= cfg.plateau_factor
                         st.plateau_bad_evals = 0
-                if cfg.early_stopping_patience and st.evals_since_best >= cfg.early_stopping_patience:
+                if (
+                    cfg.early_stopping_patience
+                    and st.evals_since_best >= cfg.early_stopping_patience
+                ):
                     st.stopped_early = True
-                    log.info("early stopping: no validation improvement in %d evaluations", st.evals_since_best)
+                    log.info(
+                        "early stopping: no validation improvement in %d evaluations",
+                        st.evals_since_best,
+                    )
                     break
                 window_start = time.perf_counter()
             # 6. a text sample for TensorBoard
@@ -381,13 +438,28 @@ def fit(t: Trainer) -> dict[str, Any]:
     writer.close()
     metrics_log.close()
     if stop.requested:
-        log.warning("interrupted at step %d; resume with: semilla train --resume %s", st.step, t.run_dir)
-    return {"step": st.step, "run_dir": str(t.run_dir), "best_val_loss": st.best_val_loss, "interrupted": stop.requested, **last}
+        log.warning(
+            "interrupted at step %d; resume with: semilla train --resume %s", st.step, t.run_dir
+        )
+    return {
+        "step": st.step,
+        "run_dir": str(t.run_dir),
+        "best_val_loss": st.best_val_loss,
+        "interrupted": stop.requested,
+        **last,
+    }
 
 
-def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
+def train(
+    model_config: ModelConfig, config: TrainConfig, resume: str | None = None
+) -> dict[str, Any]:
     """Train a model (or resume a run) and return its final metrics. The Python API of `semilla train`."""
     t = setup(model_config, config, resume)
     n = count_parameters(t.model)
-    log.info("model: %s parameters; data: %s train tokens; run dir: %s", f"{n:,}", f"{t.train_data.n_tokens:,}", t.run_dir)
+    log.info(
+        "model: %s parameters; data: %s train tokens; run dir: %s",
+        f"{n:,}",
+        f"{t.train_data.n_tokens:,}",
+        t.run_dir,
+    )
     return fit(t)

@@ -1,0 +1,222 @@
+"""The Python API over the generation core: text in, text out.
+
+import semilla
+lm = semilla.load("runs/demo")
+lm.generate("En un lugar", max_new_tokens=50, temperature=0.8)
+for piece in lm.stream("En un lugar"): print(piece, end="")
+lm.chat([{"role": "user", "content": "Hola"}])
+lm.score("En un lugar de la Mancha")  # {'log_likelihood', 'perplexity', 'tokens'}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from semilla.checkpoint import load_checkpoint
+from semilla.config import GenerateConfig
+from semilla.errors import ConfigError, SemillaError
+from semilla.generate import Generation, beam_search, generate, stream
+from semilla.tokenizer import Tokenizer
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    perplexity: float
+
+
+class StopStringFilter:
+    """Turns a growing token list into safe text deltas; cuts at the first stop string.
+
+    Text that could still be the start of a stop string, or an unfinished UTF-8 character,
+    is held back until the next token decides it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.tokens: list[int] = []
+        self.emitted = 0  # characters of the text already handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._take(text[:cut])
+        safe = len(text.rstrip("\ufffd"))  # an unfinished multi-byte character decodes as U+FFFD
+        for s in self.stop:  # hold back a suffix that may grow into a stop string
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        return self._take(text[:safe])
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        return self._take(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+
+    def _take(self, text: str) -> str:
+        delta = text[self.emitted :] if len(text) > self.emitted else ""
+        self.emitted = max(self.emitted, len(text))
+        return delta
+
+
+class LanguageModel:
+    """A loaded checkpoint: generate, stream, chat and score text with one shared core."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, config: dict[str, Any]):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.stop_ids = [tokenizer.eos_id, tokenizer.end_id]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.block_size
+
+    def settings(self, **kwargs: Any) -> GenerateConfig:
+        """A validated GenerateConfig from keyword arguments (`stop` may be a string)."""
+        names = {f.name for f in dataclasses.fields(GenerateConfig)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"unknown generation settings: {', '.join(unknown)}")
+        if isinstance(kwargs.get("stop"), str):
+            kwargs["stop"] = [kwargs["stop"]]
+        return GenerateConfig(**{k: v for k, v in kwargs.items() if v is not None}).validate()
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            if (
+                prompt
+                and self.tokenizer.kind == "char"
+                and all(i == self.tokenizer.unk_id for i in ids)
+            ):
+                raise SemillaError(
+                    "the prompt has no character this model knows (every one maps to <unk>)"
+                )
+            return ids
+        return list(prompt)
+
+    def complete(
+        self,
+        prompts: list[str | list[int]],
+        cfg: GenerateConfig,
+        seeds: list[int | None] | None = None,
+    ) -> list[Completion]:
+        """Complete several prompts in one batch; stop strings are cut from the text."""
+        ids = [self.encode_prompt(p) for p in prompts]
+        cfgs = [dataclasses.replace(cfg, seed=s) for s in seeds] if seeds else [cfg] * len(ids)
+        if cfg.num_beams > 1:
+            results = []
+            for p, c in zip(ids, cfgs, strict=True):
+                tokens, _ = beam_search(self.model, p, c, self.stop_ids, self.tokenizer.bos_id)[0]
+                results.append(Generation(tokens, [], [], "stop", len(p)))
+        else:
+            results = generate(
+                self.model, ids, cfgs, self.stop_ids, self.tokenizer.pad_id, self.tokenizer.bos_id
+            )
+        return [self._finish(g, cfg.stop) for g in results]
+
+    def _finish(self, g: Generation, stop: list[str]) -> Completion:
+        f = StopStringFilter(self.tokenizer, stop)
+        text, n = "", 0
+        for tok in g.tokens:
+            text += f.push(tok)
+            n += 1
+            if f.stopped:
+                break
+        text += f.flush()
+        reason = "stop" if f.stopped else g.finish_reason
+        return Completion(
+            text,
+            g.tokens[:n],
+            reason,
+            g.prompt_tokens,
+            g.logprobs[:n],
+            g.top_logprobs[:n],
+            Generation(g.tokens[:n], g.logprobs[:n], [], reason, 0).perplexity,
+        )
+
+    def generate(
+        self, prompt: str | list[int] = "", num_samples: int = 1, **settings: Any
+    ) -> str | list[str]:
+        """Text continuing `prompt`; a list when num_samples > 1 (sample i uses seed + i)."""
+        cfg = self.settings(**settings)
+        seeds = [None if cfg.seed is None else cfg.seed + i for i in range(num_samples)]
+        out = [c.text for c in self.complete([prompt] * num_samples, cfg, seeds)]
+        return out[0] if num_samples == 1 else out
+
+    def stream(self, prompt: str | list[int] = "", **settings: Any) -> Iterator[str]:
+        """Yield text pieces as they are generated."""
+        cfg = self.settings(**settings)
+        yield from self.stream_ids(self.encode_prompt(prompt), cfg)
+
+    def stream_ids(self, ids: list[int], cfg: GenerateConfig) -> Iterator[str]:
+        f = StopStringFilter(self.tokenizer, cfg.stop)
+        for events in stream(
+            self.model, [ids], cfg, self.stop_ids, self.tokenizer.pad_id, self.tokenizer.bos_id
+        ):
+            for e in events:
+                if e.token is not None:
+                    delta = f.push(e.token)
+                    if delta:
+                        yield delta
+            if f.stopped:
+                return
+        tail = f.flush()
+        if tail:
+            yield tail
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def chat(self, messages: list[dict[str, str]], **settings: Any) -> str:
+        """The assistant's reply to a conversation, formatted with the stored chat template."""
+        cfg = self.settings(**settings)
+        return self.complete([self.chat_ids(messages)], cfg)[0].text
+
+    @torch.no_grad()
+    def score(self, text: str) -> dict[str, float]:
+        """Log-likelihood and perplexity of `text` under the model (windows of the context)."""
+        ids = [self.tokenizer.bos_id] + self.tokenizer.encode(text)
+        if len(ids) < 2:
+            raise SemillaError("cannot score an empty text")
+        total, n = 0.0, 0
+        window = self.context_length if self.model.config.arch != "lstm" else len(ids)
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start : start + window + 1]], device=self.device)
+            logits = self.model(chunk[:, :-1]).float()
+            lp = logits.log_softmax(-1).gather(-1, chunk[:, 1:, None]).squeeze(-1)
+            total += float(lp.sum())
+            n += lp.numel()
+        return {
+            "log_likelihood": total,
+            "tokens": n,
+            "perplexity": math.exp(-total / n),
+            "bits_per_char": -total / math.log(2) / max(1, len(text)),
+        }
+
+
+def load(path: str, device: str | None = None) -> LanguageModel:
+    """Load a checkpoint (or run directory: its best/ checkpoint) for generation."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, config = load_checkpoint(path, device=device)
+    return LanguageModel(model, tokenizer, config)
