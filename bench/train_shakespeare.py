@@ -80,9 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--run", choices=sorted(RUNS), action="append", help="which runs (default: all)"
-    )
+    parser.add_argument("--run", choices=sorted(RUNS), action="append", help="which runs (default: all)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = parser.parse_args()
     if not CORPUS.is_file():
@@ -94,9 +92,7 @@ def main() -> None:
             r = run(name, Path(tmp), args.compile)
             print(json.dumps(r))
             suffix = "-compile" if args.compile else ""
-            (out / f"train_shakespeare-{name}{suffix}.json").write_text(
-                json.dumps(r, indent=2) + "\n"
-            )
+            (out / f"train_shakespeare-{name}{suffix}.json").write_text(json.dumps(r, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from semilla.checkpoint import load_checkpoint
 from semilla.config import GenerateConfig
 from semilla.errors import ConfigError, SemillaError
-from semilla.generate import Generation, beam_search, generate, stream
+from semilla.generate import Generation, beam_search, context_limit, fit_prompt, stream
 from semilla.tokenizer import Tokenizer
 
 
@@ -103,14 +103,8 @@ class LanguageModel:
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
-            if (
-                prompt
-                and self.tokenizer.kind == "char"
-                and all(i == self.tokenizer.unk_id for i in ids)
-            ):
-                raise SemillaError(
-                    "the prompt has no character this model knows (every one maps to <unk>)"
-                )
+            if prompt and self.tokenizer.kind == "char" and all(i == self.tokenizer.unk_id for i in ids):
+                raise SemillaError("the prompt has no character this model knows (every one maps to <unk>)")
             return ids
         return list(prompt)
 
@@ -121,38 +115,49 @@ class LanguageModel:
         seeds: list[int | None] | None = None,
     ) -> list[Completion]:
         """Complete several prompts in one batch; stop strings are cut from the text."""
-        ids = [self.encode_prompt(p) for p in prompts]
-        cfgs = [dataclasses.replace(cfg, seed=s) for s in seeds] if seeds else [cfg] * len(ids)
+        if not prompts:
+            raise ConfigError("nothing to generate: num_samples (or the number of prompts) must be >= 1")
+        cfgs = [dataclasses.replace(cfg, seed=s) for s in seeds] if seeds else [cfg] * len(prompts)
         if cfg.num_beams > 1:
-            results = []
-            for p, c in zip(ids, cfgs, strict=True):
-                tokens, _ = beam_search(self.model, p, c, self.stop_ids, self.tokenizer.bos_id)[0]
-                results.append(Generation(tokens, [], [], "stop", len(p)))
-        else:
-            results = generate(
-                self.model, ids, cfgs, self.stop_ids, self.tokenizer.pad_id, self.tokenizer.bos_id
+            pairs = zip(prompts, cfgs, strict=True)
+            return [self._beam_completion(self.encode_prompt(p), c) for p, c in pairs]
+        tok, limit = self.tokenizer, context_limit(self.model)
+        ids = [fit_prompt(self.encode_prompt(p), cfg, limit, tok.bos_id) for p in prompts]
+        filters = [StopStringFilter(tok, cfg.stop) for _ in ids]
+        texts = [""] * len(ids)
+        results = [Generation([], [], [], "length", 0) for _ in ids]
+        stop_rows: set[int] = set()
+        for events in stream(self.model, ids, cfgs, self.stop_ids, tok.pad_id, tok.bos_id, stop_rows):
+            for e in events:
+                g = results[e.row]
+                if e.token is not None:
+                    g.tokens.append(e.token)
+                    g.logprobs.append(e.logprob)
+                    g.top_logprobs.append(e.top_logprobs)
+                    texts[e.row] += filters[e.row].push(e.token)
+                    if filters[e.row].stopped:  # a stop string matched: end this row now
+                        stop_rows.add(e.row)
+                        g.finish_reason = "stop"
+                if e.finish_reason and e.row not in stop_rows:
+                    g.finish_reason = e.finish_reason
+        limit = context_limit(self.model)
+        return [
+            Completion(
+                text + f.flush(), g.tokens, g.finish_reason, len(p), g.logprobs, g.top_logprobs, g.perplexity
             )
-        return [self._finish(g, cfg.stop) for g in results]
+            for text, f, g, p in zip(texts, filters, results, ids, strict=True)
+        ]
 
-    def _finish(self, g: Generation, stop: list[str]) -> Completion:
-        f = StopStringFilter(self.tokenizer, stop)
-        text, n = "", 0
-        for tok in g.tokens:
-            text += f.push(tok)
-            n += 1
-            if f.stopped:
-                break
-        text += f.flush()
-        reason = "stop" if f.stopped else g.finish_reason
-        return Completion(
-            text,
-            g.tokens[:n],
-            reason,
-            g.prompt_tokens,
-            g.logprobs[:n],
-            g.top_logprobs[:n],
-            Generation(g.tokens[:n], g.logprobs[:n], [], reason, 0).perplexity,
-        )
+    def _beam_completion(self, prompt: list[int], cfg: GenerateConfig) -> Completion:
+        """The best beam; it ended on a stop token unless it used every token it could."""
+        limit = context_limit(self.model)
+        fitted = fit_prompt(prompt, cfg, limit, self.tokenizer.bos_id)
+        tokens, _ = beam_search(self.model, fitted, cfg, self.stop_ids, self.tokenizer.bos_id)[0]
+        room = cfg.max_new_tokens if limit is None else min(cfg.max_new_tokens, limit - len(fitted))
+        f = StopStringFilter(self.tokenizer, cfg.stop)
+        text = "".join(f.push(t) for t in tokens if not f.stopped) + f.flush()
+        reason = "stop" if f.stopped or len(tokens) < room else "length"
+        return Completion(text, tokens, reason, len(fitted), [], [], float("nan"))
 
     def generate(
         self, prompt: str | list[int] = "", num_samples: int = 1, **settings: Any
@@ -169,6 +174,9 @@ class LanguageModel:
         yield from self.stream_ids(self.encode_prompt(prompt), cfg)
 
     def stream_ids(self, ids: list[int], cfg: GenerateConfig) -> Iterator[str]:
+        if cfg.num_beams > 1:  # beam search knows its best sequence only at the end
+            yield self._beam_completion(ids, cfg).text
+            return
         f = StopStringFilter(self.tokenizer, cfg.stop)
         for events in stream(
             self.model, [ids], cfg, self.stop_ids, self.tokenizer.pad_id, self.tokenizer.bos_id

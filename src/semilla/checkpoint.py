@@ -59,9 +59,7 @@ def save_checkpoint(
                 )
             if optimizer is not None:
                 tensors, layout = flatten_optimizer(optimizer)
-                _save_tensors(
-                    tensors, tmp / "optimizer.safetensors", {"layout": json.dumps(layout)}
-                )
+                _save_tensors(tensors, tmp / "optimizer.safetensors", {"layout": json.dumps(layout)})
     except OSError as e:  # disk full, permission denied: name the checkpoint, not the temp dir
         reason = e.strerror or str(e)
         raise OSError(
@@ -184,14 +182,24 @@ def infer_shapes(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> ModelCon
     return ModelConfig(**{**asdict(cfg), **changes})
 
 
+def weight_shapes(directory: Path) -> dict[str, torch.Tensor]:
+    """The weights as empty meta tensors: shapes from the safetensors header, no data read."""
+    from safetensors import safe_open
+
+    path = directory / "model.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({e}); use an earlier checkpoint") from e
+
+
 def load_weights(directory: Path) -> dict[str, torch.Tensor]:
     path = directory / "model.safetensors"
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(
-            f"{path} is truncated or corrupt ({e}); use an earlier checkpoint"
-        ) from e
+        raise CheckpointError(f"{path} is truncated or corrupt ({e}); use an earlier checkpoint") from e
 
 
 def load_checkpoint(
@@ -215,9 +223,7 @@ def load_checkpoint(
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise CheckpointError(
-            f"{directory / 'model.safetensors'} does not match its config: {first}"
-        ) from e
+        raise CheckpointError(f"{directory / 'model.safetensors'} does not match its config: {first}") from e
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if hasattr(model, "rebuild_buffers"):

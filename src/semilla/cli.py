@@ -79,9 +79,7 @@ def add_dataclass_flags(
         note = comments.get(f.name, "")
         text = f"{note} (default: {default})" if note else f"(default: {default})"
         if typ is bool:
-            group.add_argument(
-                _flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text
-            )
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
             continue
 
         def convert(raw: str, _typ=typ, _name=f.name) -> Any:
@@ -90,9 +88,7 @@ def add_dataclass_flags(
             except ValueError as e:
                 raise argparse.ArgumentTypeError(f"{_flag(_name)}: {e}") from e
 
-        group.add_argument(
-            _flag(f.name), type=convert, default=None, metavar=f.name.upper(), help=text
-        )
+        group.add_argument(_flag(f.name), type=convert, default=None, metavar=f.name.upper(), help=text)
 
 
 def explicit_overrides(args: argparse.Namespace, *classes: type) -> dict[str, Any]:
@@ -140,6 +136,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = explicit_overrides(args, ModelConfig, TrainConfig)
     if args.resume:
+        if args.preset:
+            raise SemillaError(
+                "--preset cannot be combined with --resume: a run keeps the model it started with"
+            )
         from semilla.config import environment_overrides, load_config_file
 
         merged = {
@@ -160,14 +160,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         json.dumps(summary)
         if args.json
         else "done: "
-        + ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
-        )
+        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
     )
     return 130 if result["interrupted"] else 0
 
 
 def _generate_settings(args: argparse.Namespace) -> dict[str, Any]:
+    if getattr(args, "num_samples", 1) < (0 if args.func is cmd_eval else 1):
+        raise SemillaError(f"num_samples (--num-samples) must be >= 1, got {args.num_samples}")
     settings = explicit_overrides(args, GenerateConfig)
     if args.stop_string:
         settings["stop"] = args.stop_string
@@ -290,9 +290,7 @@ def cmd_eval_human(args: argparse.Namespace) -> int:
         "seed": 0,
         **_generate_settings(args),
     }
-    key = export_sheet(
-        models, prompts, args.num_samples, first.settings(**settings), args.out, args.seed
-    )
+    key = export_sheet(models, prompts, args.num_samples, first.settings(**settings), args.out, args.seed)
     print(f"wrote {args.out} for the raters and {key} (keep it from them)")
     return 0
 
@@ -307,9 +305,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k in report)
     for k, v in report.items():
         print(
-            f"{k:<{width}}  {v:,}"
-            if isinstance(v, int) and not isinstance(v, bool)
-            else f"{k:<{width}}  {v}"
+            f"{k:<{width}}  {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k:<{width}}  {v}"
         )
     return 0
 
@@ -317,10 +313,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 # --- parser and entry point ---------------------------------------------------------------
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other semilla error."""
+
+    def error(self, message: str) -> None:
+        sys.stderr.write(f"semilla: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="semilla", description="Grow your own language model from seed."
-    )
+    parser = OneLineErrorParser(prog="semilla", description="Grow your own language model from seed.")
     parser.add_argument("--version", action="version", version=f"semilla {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -338,20 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="char",
         help="char-level or byte-level BPE (default: char)",
     )
-    p.add_argument(
-        "--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: 8192)"
-    )
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: 8192)")
     p.add_argument(
         "--split",
         default="0.8,0.1,0.1",
         help="train,val,test fractions at document level (default: 0.8,0.1,0.1)",
     )
-    p.add_argument(
-        "--seed", type=int, default=42, help="seed of the document shuffle (default: 42)"
-    )
-    p.add_argument(
-        "--no-shuffle", action="store_true", help="keep document order: the split is by position"
-    )
+    p.add_argument("--seed", type=int, default=42, help="seed of the document shuffle (default: 42)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep document order: the split is by position")
     p.add_argument(
         "--tokenizer-from",
         metavar="DIR",
@@ -383,12 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a prompt with a trained model",
         description="Generate text. MODEL_PATH and PROMPT environment variables work too (DataShark).",
     )
-    p.add_argument(
-        "checkpoint", nargs="?", help="checkpoint or run directory (default: $MODEL_PATH)"
-    )
-    p.add_argument(
-        "-p", "--prompt", help="text to continue (default: $PROMPT, or empty: start from <bos>)"
-    )
+    p.add_argument("checkpoint", nargs="?", help="checkpoint or run directory (default: $MODEL_PATH)")
+    p.add_argument("-p", "--prompt", help="text to continue (default: $PROMPT, or empty: start from <bos>)")
     p.add_argument(
         "-n",
         "--num-samples",
@@ -409,9 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="talk to a model in the terminal",
         description="Interactive chat using the chat template stored with the tokenizer. /help inside lists the commands.",
     )
-    p.add_argument(
-        "checkpoint", nargs="?", help="checkpoint or run directory (default: $MODEL_PATH)"
-    )
+    p.add_argument("checkpoint", nargs="?", help="checkpoint or run directory (default: $MODEL_PATH)")
     p.add_argument("--system", help="system prompt")
     p.add_argument(
         "--stop-string", action="append", metavar="TEXT", help="stop before this text (repeatable)"
@@ -427,24 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint: held-out perplexity/accuracy/bits per char, metrics of generated samples, "
         "BLEU/chrF against the real continuations. `semilla eval human --help` for blind human evaluation.",
     )
-    p.add_argument(
-        "checkpoint", nargs="?", help="checkpoint or run directory (default: $MODEL_PATH)"
-    )
-    p.add_argument(
-        "--compare", metavar="CHECKPOINT", help="a second checkpoint, reported side by side"
-    )
-    p.add_argument(
-        "--data", help="a prepared dataset or a text file (default: the data the run trained on)"
-    )
+    p.add_argument("checkpoint", nargs="?", help="checkpoint or run directory (default: $MODEL_PATH)")
+    p.add_argument("--compare", metavar="CHECKPOINT", help="a second checkpoint, reported side by side")
+    p.add_argument("--data", help="a prepared dataset or a text file (default: the data the run trained on)")
     p.add_argument(
         "--split",
         default="test",
         choices=("train", "val", "test"),
         help="split of a prepared dataset (default: test)",
     )
-    p.add_argument(
-        "--stride", type=int, help="sliding-window stride in tokens (default: the context length)"
-    )
+    p.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: the context length)")
     p.add_argument("--max-tokens", type=int, help="score at most this many tokens")
     p.add_argument(
         "--prompts",
@@ -463,9 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="reference continuations for BLEU/chrF (0 = skip)",
     )
-    p.add_argument(
-        "--prompt-tokens", type=int, default=32, help="prompt length of a reference pair"
-    )
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length of a reference pair")
     p.add_argument("--reference-tokens", type=int, default=32, help="reference continuation length")
     p.add_argument("--stop-string", action="append", metavar="TEXT", help=argparse.SUPPRESS)
     p.add_argument("-o", "--out", metavar="FILE", help="write the JSON report here")
@@ -483,9 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoints", nargs="*", help="checkpoints to sample from")
     p.add_argument("--prompts", metavar="FILE", help="prompts, one per line")
-    p.add_argument(
-        "-n", "--num-samples", type=int, default=3, help="samples per prompt and checkpoint"
-    )
+    p.add_argument("-n", "--num-samples", type=int, default=3, help="samples per prompt and checkpoint")
     p.add_argument("-o", "--out", default="human_eval.csv", help="sheet to write (.csv or .jsonl)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--score", nargs="+", metavar="SHEET", help="score filled sheets instead")
@@ -526,9 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineWarnings())
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler], force=True
-    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler], force=True)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -537,9 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     except SemillaError as e:
         print(f"semilla: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `semilla ... | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:  # disk full, permission denied, ...: name the file, no traceback
-        where = f" {e.filename}" if e.filename else ""
-        print(f"semilla: error:{where}: {e.strerror or e}", file=sys.stderr)
+        where = f" {e.filename}:" if e.filename else ""
+        print(f"semilla: error:{where} {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("semilla: interrupted", file=sys.stderr)

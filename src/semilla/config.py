@@ -167,9 +167,7 @@ class TrainConfig:
             p.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.tokenizer not in ("char", "bpe"):
             p.append(f"tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith(
-            "cuda:"
-        ):
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             p.append(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             p.append(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
@@ -414,9 +412,7 @@ class GenerateConfig:
     def problems(self) -> list[str]:
         p = []
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            p.append(
-                f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}"
-            )
+            p.append(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             p.append(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if not self.temperature >= 0 or math.isinf(self.temperature):

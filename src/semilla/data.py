@@ -59,9 +59,7 @@ def find_files(inputs: list[str]) -> list[Path]:
                 raise DataError(f"no files match {item!r}")
             files += [m for m in matches if m.is_file()]
         elif p.is_dir():
-            files += sorted(
-                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-            )
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
         elif p.is_file():
             files.append(p)
         else:
@@ -143,16 +141,12 @@ def read_piece(piece: Piece) -> list[dict | str]:
     try:
         row = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(
-            f"{piece.path}: a line at byte {piece.start} is not valid JSON ({e.msg})"
-        ) from e
+        raise DataError(f"{piece.path}: a line at byte {piece.start} is not valid JSON ({e.msg})") from e
     if isinstance(row, dict) and isinstance(row.get("text"), str):
         return [row["text"]]
     if isinstance(row, dict) and isinstance(row.get("messages"), list):
         return [row]
-    raise DataError(
-        f'{piece.path}: a line at byte {piece.start} needs "text" (string) or "messages" (list)'
-    )
+    raise DataError(f'{piece.path}: a line at byte {piece.start} needs "text" (string) or "messages" (list)')
 
 
 def encode_document(tok: Tokenizer, doc: dict | str, ends_document: bool = True) -> list[int]:
@@ -164,11 +158,7 @@ def encode_document(tok: Tokenizer, doc: dict | str, ends_document: bool = True)
 
 
 def _document_text(doc: dict | str) -> str:
-    return (
-        doc
-        if isinstance(doc, str)
-        else "\n".join(str(m.get("content") or "") for m in doc["messages"])
-    )
+    return doc if isinstance(doc, str) else "\n".join(str(m.get("content") or "") for m in doc["messages"])
 
 
 # --- split and write ----------------------------------------------------------------------
@@ -199,9 +189,7 @@ def split_pieces(
 class ShardWriter:
     """Appends token ids to `{split}_NNN.bin` files, starting a new one every SHARD_TOKENS."""
 
-    def __init__(
-        self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int = SHARD_TOKENS
-    ):
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int = SHARD_TOKENS):
         self.directory, self.split, self.dtype, self.shard_tokens = (
             directory,
             split,
@@ -263,7 +251,7 @@ def prepare(
     files = find_files(inputs)
     pieces = list_pieces(files, chunk_bytes)
     if not pieces:
-        raise DataError(f"the corpus is empty: {', '.join(inputs)} hold no text")
+        raise DataError(f"the corpus is empty: {', '.join(inputs)} has no text")
     splits = split_pieces(pieces, split, seed, shuffle)
 
     def all_texts() -> Iterator[str]:
@@ -278,7 +266,7 @@ def prepare(
     else:
         tok = Tokenizer.train_bpe(all_texts(), vocab_size)
     if tok.vocab_size <= 8 and not tokenizer_from:
-        raise DataError(f"the corpus is empty: {', '.join(inputs)} hold no characters")
+        raise DataError(f"the corpus is empty: {', '.join(inputs)} has no characters")
 
     with atomic_directory(out_dir) as tmp:
         stats = _write_splits(tok, splits, tmp, progress)
@@ -296,9 +284,7 @@ def prepare(
     return stats
 
 
-def _write_splits(
-    tok: Tokenizer, splits: dict[str, list[Piece]], directory: Path, progress: bool
-) -> dict:
+def _write_splits(tok: Tokenizer, splits: dict[str, list[Piece]], directory: Path, progress: bool) -> dict:
     from tqdm import tqdm
 
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
@@ -369,9 +355,7 @@ class TokenDataset:
         d = Path(directory)
         meta_path = d / "meta.json"
         if not meta_path.is_file():
-            raise DataError(
-                f"{d} is not a prepared dataset (no meta.json); run `semilla prepare` first"
-            )
+            raise DataError(f"{d} is not a prepared dataset (no meta.json); run `semilla prepare` first")
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if split not in meta["splits"]:
             raise DataError(f"{d} has no {split!r} split")
@@ -404,15 +388,11 @@ class TokenDataset:
         if len(self.shards) == 1:
             shard_ids = [0] * batch_size
         else:
-            shard_ids = torch.multinomial(
-                usable, batch_size, replacement=True, generator=generator
-            ).tolist()
+            shard_ids = torch.multinomial(usable, batch_size, replacement=True, generator=generator).tolist()
         rows = []
         for s in shard_ids:
             start = int(torch.randint(int(usable[s]), (1,), generator=generator))
-            rows.append(
-                torch.from_numpy(self.shards[s][start : start + block_size + 1].astype(np.int64))
-            )
+            rows.append(torch.from_numpy(self.shards[s][start : start + block_size + 1].astype(np.int64)))
         batch = torch.stack(rows)
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 

@@ -23,9 +23,7 @@ from semilla.errors import DataError
 # --- held-out likelihood ------------------------------------------------------------------
 
 
-def token_windows(
-    ids: torch.Tensor, block_size: int, stride: int
-) -> Iterator[tuple[torch.Tensor, int]]:
+def token_windows(ids: torch.Tensor, block_size: int, stride: int) -> Iterator[tuple[torch.Tensor, int]]:
     """Sliding windows of up to block_size + 1 tokens, `stride` apart. Each yields
     (window, n_new): only its last n_new targets are new, so every token is scored once,
     with as much context as the window gives (Hugging Face's sliding-window perplexity)."""
@@ -50,9 +48,7 @@ def likelihood_metrics(
 ) -> dict[str, float]:
     """Perplexity, cross-entropy, token accuracy, top-5 accuracy and bits per character."""
     if max_tokens and len(ids) > max_tokens + 1:
-        n_chars = max(
-            1, round(n_chars * max_tokens / (len(ids) - 1))
-        )  # characters scale with tokens
+        n_chars = max(1, round(n_chars * max_tokens / (len(ids) - 1)))  # characters scale with tokens
         ids = ids[: max_tokens + 1]
     if len(ids) < 2:
         raise DataError("the evaluation text is empty: nothing to score")
@@ -79,9 +75,7 @@ def likelihood_metrics(
     }
 
 
-def load_eval_tokens(
-    lm: LanguageModel, source: str | None, split: str
-) -> tuple[torch.Tensor, int, str]:
+def load_eval_tokens(lm: LanguageModel, source: str | None, split: str) -> tuple[torch.Tensor, int, str]:
     """(token ids, characters they cover, description) from a prepared split or a text file."""
     if source is None:
         source = default_data_dir(lm)
@@ -89,9 +83,7 @@ def load_eval_tokens(
     if is_prepared(path):
         ds = TokenDataset(path, split)
         if not ds.n_tokens:
-            raise DataError(
-                f"the {split} split of {path} is empty; pick --split val or another --data"
-            )
+            raise DataError(f"the {split} split of {path} is empty; pick --split val or another --data")
         meta = json.loads((path / "meta.json").read_text())
         ids = torch.from_numpy(np.concatenate([s[:] for s in ds.shards]).astype(np.int64))
         chars = meta["splits"][split]["characters"]
@@ -150,9 +142,7 @@ def self_bleu(texts: list[str]) -> float:
 
     if len(texts) < 2:
         return 0.0
-    scores = [
-        sacrebleu.sentence_bleu(t, texts[:i] + texts[i + 1 :]).score for i, t in enumerate(texts)
-    ]
+    scores = [sacrebleu.sentence_bleu(t, texts[:i] + texts[i + 1 :]).score for i, t in enumerate(texts)]
     return sum(scores) / len(scores)
 
 
@@ -214,9 +204,7 @@ def readability(text: str) -> dict[str, Any]:
     if spanish:  # Fernández-Huerta (1959)
         return {
             "language": "es",
-            "fernandez_huerta": round(
-                206.84 - 60 * per_word - 1.02 * (100 / words_per_sentence), 2
-            ),
+            "fernandez_huerta": round(206.84 - 60 * per_word - 1.02 * (100 / words_per_sentence), 2),
         }
     return {
         "language": "en",
@@ -263,9 +251,7 @@ def reference_metrics(
 
     span = prompt_tokens + reference_tokens
     if len(ids) < span:
-        raise DataError(
-            f"the evaluation text has {len(ids)} tokens; reference scoring needs at least {span}"
-        )
+        raise DataError(f"the evaluation text has {len(ids)} tokens; reference scoring needs at least {span}")
     starts = torch.linspace(0, len(ids) - span, n).long().unique().tolist()
     prompts = [ids[s : s + prompt_tokens].tolist() for s in starts]
     references = [
@@ -303,9 +289,7 @@ def evaluate(
         report["samples"] = sample_metrics(lm, prompts or [""], num_samples, cfg)
     if references:
         greedy = GenerateConfig(**{**cfg.__dict__, "temperature": 0.0})
-        report["references"] = reference_metrics(
-            lm, ids, references, prompt_tokens, reference_tokens, greedy
-        )
+        report["references"] = reference_metrics(lm, ids, references, prompt_tokens, reference_tokens, greedy)
     return report
 
 
@@ -318,16 +302,12 @@ def format_report(reports: list[dict[str, Any]]) -> str:
             rows.append((f"{section}.{k}", [_fmt(r.get(section, {}).get(k)) for r in reports]))
         for k in ("language",):
             if k in reports[0].get(section, {}):
-                rows.append(
-                    (f"{section}.{k}", [str(r.get(section, {}).get(k, "")) for r in reports])
-                )
+                rows.append((f"{section}.{k}", [str(r.get(section, {}).get(k, "")) for r in reports]))
     names = [Path(str(r.get("checkpoint"))).as_posix()[-40:] for r in reports]
     width = max(len(r[0]) for r in rows)
     col = max(14, *(len(n) for n in names))
     lines = [f"{'metric':<{width}}  " + "  ".join(f"{n:>{col}}" for n in names)]
-    lines += [
-        f"{name:<{width}}  " + "  ".join(f"{v:>{col}}" for v in values) for name, values in rows
-    ]
+    lines += [f"{name:<{width}}  " + "  ".join(f"{v:>{col}}" for v in values) for name, values in rows]
     return "\n".join(lines)
 
 

@@ -28,9 +28,7 @@ class ContextLengthError(SemillaError):
 # --- sampling filters on (B, V) logits; per-row settings are (B, 1) tensors ---------------
 
 
-def apply_repetition_penalty(
-    logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor
-) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """CTRL's penalty: a seen token's logit is divided by `penalty` if positive, else multiplied."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
@@ -56,7 +54,9 @@ def filter_top_p(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
     before = probs.cumsum(-1) - probs  # probability mass strictly before each token
-    drop_sorted = before >= p  # the first token is always kept (before = 0 < p)
+    # the first token is always kept (before = 0 < p); rows with p = 1 keep every token even
+    # where float rounding lets the running sum reach 1 before the tail
+    drop_sorted = (before >= p) & (p < 1)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, -math.inf)
 
@@ -216,13 +216,16 @@ def stream(
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
     bos_id: int = 2,
+    stop_rows: set[int] | None = None,
 ) -> Iterator[list[TokenEvent]]:
     """Generate for a batch of prompts; yields the events of every step until all rows finish.
 
     Row b samples with its own generator seeded by cfgs[b].seed, so a row's output does not
     depend on the other rows of the batch. `stop_ids` (eos, end of turn) end a row; they
-    and cfg.stop_token_ids are never emitted.
+    and cfg.stop_token_ids are never emitted. A caller may add row numbers to `stop_rows`
+    between steps (a stop string matched, a client left): those rows end there.
     """
+    stop_rows = stop_rows if stop_rows is not None else set()
     if isinstance(cfgs, GenerateConfig):
         cfgs = [cfgs] * len(prompts)
     assert len(cfgs) == len(prompts) and prompts, "one config per prompt, at least one prompt"
@@ -235,8 +238,7 @@ def stream(
     B, V = len(prompts), model.config.vocab_size
     params = SamplingParams.from_configs(cfgs, device)
     generators = [
-        torch.Generator(device=device).manual_seed(c.seed) if c.seed is not None else None
-        for c in cfgs
+        torch.Generator(device=device).manual_seed(c.seed) if c.seed is not None else None for c in cfgs
     ]
     row_stops = [set(c.stop_token_ids) | (set() if c.ignore_eos else set(stop_ids)) for c in cfgs]
     seen = torch.zeros(B, V, dtype=torch.bool, device=device)
@@ -252,11 +254,12 @@ def stream(
     want_logprobs = max((c.logprobs or 0) for c in cfgs)
     logits = _prefill(model, prompts, pad_id, use_cache, cache).float()
     while any(running):
-        # 1. choose this step's tokens (stop tokens are masked until min_new_tokens)
+        # 1. choose this step's tokens (stop tokens are masked until min_new_tokens; the
+        #    reported log-probabilities are the model's own, before any masking)
+        logprobs = logits.log_softmax(-1)
         for b in range(B):
             if produced[b] < cfgs[b].min_new_tokens and row_stops[b]:
                 logits[b, list(row_stops[b])] = -math.inf
-        logprobs = logits.log_softmax(-1)
         tokens = choose_tokens(process_logits(logits, params, seen, counts), params, generators)
         top = logprobs.topk(want_logprobs, dim=-1) if want_logprobs else None
         # 2. emit events, update per-row state
@@ -282,15 +285,13 @@ def stream(
                 if top is not None
                 else []
             )
-            done = produced[b] >= cfgs[b].max_new_tokens or (
-                limit is not None and len(sequences[b]) >= limit
-            )
+            done = produced[b] >= cfgs[b].max_new_tokens or (limit is not None and len(sequences[b]) >= limit)
             if done:
                 running[b] = False
-            events.append(
-                TokenEvent(b, tok, float(logprobs[b, tok]), alts, "length" if done else None)
-            )
+            events.append(TokenEvent(b, tok, float(logprobs[b, tok]), alts, "length" if done else None))
         yield events
+        for b in stop_rows:
+            running[b] = False
         if not any(running):
             break
         # 3. one decode step for every row (finished rows ride along; their output is ignored)
@@ -401,21 +402,15 @@ def _expand_cache(cache, origin: torch.Tensor) -> None:
     """Reorder (or broadcast) the cache rows: row i continues from row origin[i]."""
     if hasattr(cache, "k"):
         cache.k = [
-            k.index_select(0, origin)
-            if k.size(0) > 1
-            else k.expand(len(origin), -1, -1, -1).contiguous()
+            k.index_select(0, origin) if k.size(0) > 1 else k.expand(len(origin), -1, -1, -1).contiguous()
             for k in cache.k
         ]
         cache.v = [
-            v.index_select(0, origin)
-            if v.size(0) > 1
-            else v.expand(len(origin), -1, -1, -1).contiguous()
+            v.index_select(0, origin) if v.size(0) > 1 else v.expand(len(origin), -1, -1, -1).contiguous()
             for v in cache.v
         ]
     elif cache.hc is not None:
         cache.hc = tuple(
-            s.index_select(1, origin)
-            if s.size(1) > 1
-            else s.expand(-1, len(origin), -1).contiguous()
+            s.index_select(1, origin) if s.size(1) > 1 else s.expand(-1, len(origin), -1).contiguous()
             for s in cache.hc
         )

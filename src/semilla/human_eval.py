@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import secrets
 from collections import defaultdict
@@ -40,15 +41,11 @@ def export_sheet(
             for c in lm.complete([prompt] * samples_per_prompt, cfg, seeds):
                 sample_id = secrets.token_hex(4)
                 key[sample_id] = name
-                rows.append(
-                    {"id": sample_id, "prompt": prompt, "text": c.text, **dict.fromkeys(SCALES, "")}
-                )
+                rows.append({"id": sample_id, "prompt": prompt, "text": c.text, **dict.fromkeys(SCALES, "")})
     random.Random(seed).shuffle(rows)
     path = Path(out)
     if path.suffix == ".jsonl":
-        path.write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
-        )
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     else:
         with path.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=["id", "prompt", "text", *SCALES])
@@ -77,11 +74,12 @@ def read_sheet(path: str) -> list[dict[str, Any]]:
                 row[scale] = None
                 continue
             try:
-                row[scale] = int(float(value))
+                number = float(value)
             except ValueError:
-                raise DataError(f"{p} row {i}: {scale} must be 1-5, got {value!r}") from None
-            if row[scale] not in RATINGS:
+                number = math.nan
+            if number not in RATINGS:  # 3.5 is no rating: never round it silently
                 raise DataError(f"{p} row {i}: {scale} must be 1-5, got {value!r}")
+            row[scale] = int(number)
     return rows
 
 

@@ -16,9 +16,7 @@ def describe_config(cfg: ModelConfig) -> dict[str, Any]:
     n = count_parameters(model)
     embedding = cfg.vocab_size * cfg.n_embd
     report: dict[str, Any] = {
-        "arch": cfg.arch
-        if cfg.arch == "lstm"
-        else f"transformer ({cfg.family or 'custom'} family)",
+        "arch": cfg.arch if cfg.arch == "lstm" else f"transformer ({cfg.family or 'custom'} family)",
         "parameters": n,
         "parameters_human": _human(n),
         "non_embedding_parameters": n
@@ -58,18 +56,14 @@ def describe(target: str) -> dict[str, Any]:
     if target in PRESETS:
         return {"preset": target, **describe_config(preset(target))}
     if Path(target).exists():
-        from semilla.checkpoint import read_config, resolve_checkpoint
+        from semilla.checkpoint import infer_shapes, read_config, resolve_checkpoint, weight_shapes
         from semilla.config import model_config_from_dict
 
         directory = resolve_checkpoint(target)
         config = read_config(directory)
-        return {
-            "checkpoint": str(directory),
-            **describe_config(model_config_from_dict(config["model"])),
-        }
-    raise SemillaError(
-        f"{target!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory"
-    )
+        cfg = infer_shapes(model_config_from_dict(config["model"]), weight_shapes(directory))
+        return {"checkpoint": str(directory), **describe_config(cfg)}
+    raise SemillaError(f"{target!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
 
 
 def _human(n: int) -> str:

@@ -39,9 +39,7 @@ class Tokenizer:
         self.chat_template = chat_template
         # User text is data: '<eos>' typed by a user is five characters, not the eos token.
         self.hf.encode_special_tokens = True
-        self.pad_id, self.unk_id, self.bos_id, self.eos_id = (
-            self.token_to_id(t) for t in SPECIAL_TOKENS[:4]
-        )
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = (self.token_to_id(t) for t in SPECIAL_TOKENS[:4])
         self.end_id = self.token_to_id(END)
 
     # --- training -------------------------------------------------------------------------
@@ -67,9 +65,7 @@ class Tokenizer:
     def train_bpe(cls, texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
         """Byte-level BPE (GPT-2 style, no prefix space), NFC-normalized, case preserved."""
         if vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise DataError(
-                f"BPE vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}"
-            )
+            raise DataError(f"BPE vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
         hf = HFTokenizer(models.BPE(unk_token=None, byte_fallback=False))
         hf.normalizer = normalizers.NFC()
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -117,9 +113,7 @@ class Tokenizer:
         for m in messages:
             role = m.get("role")
             if role not in ROLE_TOKENS:
-                raise DataError(
-                    f"unknown chat role {role!r}; expected one of {', '.join(ROLE_TOKENS)}"
-                )
+                raise DataError(f"unknown chat role {role!r}; expected one of {', '.join(ROLE_TOKENS)}")
             ids.append(self.token_to_id(ROLE_TOKENS[role]))
             ids += self.encode(m.get("content") or "")
             ids.append(self.end_id)
@@ -162,9 +156,7 @@ class Tokenizer:
         try:
             hf = HFTokenizer.from_file(str(path))
             config_path = d / "tokenizer_config.json"
-            config = (
-                json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-            )
+            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
         except Exception as e:  # the tokenizers library raises plain Exception on bad JSON
             raise CheckpointError(f"{path} cannot be read: {str(e).splitlines()[0]}") from e
         kind = config.get("semilla_tokenizer_kind") or (

@@ -7,9 +7,12 @@ A run directory holds `last/` (resumable checkpoint), `best/` (lowest validation
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import time
@@ -98,17 +101,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     ]
     # the fused kernel is one pass over all parameters: ~20% of a small model's step on CPU
     fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused
-    )
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def load_data(cfg: TrainConfig, run_dir: Path, progress: bool) -> Path:
     """A prepared dataset directory: `cfg.data` itself, or raw text prepared into the run."""
     if not cfg.data:
-        raise ConfigError(
-            "no training data: give --data (text files, folders, globs or a prepared dir)"
-        )
+        raise ConfigError("no training data: give --data (text files, folders, globs or a prepared dir)")
     if is_prepared(cfg.data):
         return Path(cfg.data)
     prepared = run_dir / "data"
@@ -133,6 +132,8 @@ def setup(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.seed)
     data_dir = load_data(config, run_dir, config.progress)
+    # the run's config.json keeps absolute inputs, so `--resume` works from any directory
+    config = dataclasses.replace(config, data=",".join(os.path.abspath(p) for p in config.data.split(",")))
     tokenizer = Tokenizer.load(data_dir)
     train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
     if not val_data.n_tokens:
@@ -152,7 +153,7 @@ def setup(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
         load_optimizer_state(last, optimizer)
         state = TrainState(**json.loads((last / "trainer_state.json").read_text()))
         torch.set_rng_state(_unpack(state.rng["torch"]))
-        pass
+        data_rng.set_state(_unpack(state.rng["data"]))
         if "cuda" in state.rng and device.type == "cuda":
             torch.cuda.set_rng_state(_unpack(state.rng["cuda"]))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -182,17 +183,17 @@ def resume_configs(run_dir: str, overrides: dict[str, Any]) -> tuple[ModelConfig
             f"{run_dir} has no resumable checkpoint (missing {Path(e.filename).name} in last/)"
         ) from e
     model_cfg = model_config_from_dict(saved["model"])
+    wanted = dataclasses.replace(model_cfg)
+    problems = apply_overrides(wanted, overrides, "flags")  # parses strings from the environment
     changed = [
-        f"{k} {getattr(model_cfg, k)} -> {v}"
-        for k, v in overrides.items()
-        if hasattr(model_cfg, k) and k != "vocab_size" and str(getattr(model_cfg, k)) != str(v)
+        f"{f.name} {getattr(model_cfg, f.name)} -> {getattr(wanted, f.name)}"
+        for f in dataclasses.fields(ModelConfig)
+        if f.name != "vocab_size" and getattr(wanted, f.name) != getattr(model_cfg, f.name)
     ]
     if changed:
-        raise CheckpointError(
-            f"cannot resume {run_dir} with a changed model shape: {', '.join(changed)}"
-        )
+        raise CheckpointError(f"cannot resume {run_dir} with a changed model shape: {', '.join(changed)}")
     train_cfg = TrainConfig(**saved["train"])
-    problems = apply_overrides(
+    problems += apply_overrides(
         train_cfg, {k: v for k, v in overrides.items() if k not in ("out_dir", "data")}, "flags"
     )
     problems += train_cfg.problems()
@@ -221,9 +222,7 @@ def lr_at(step: int, cfg: TrainConfig, lr_scale: float) -> float:
     if cfg.lr_schedule == "plateau":
         return max(cfg.learning_rate * lr_scale, cfg.plateau_min_lr)
     progress = min(1.0, (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (
-        cfg.learning_rate - cfg.min_lr
-    )
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
 def batch_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -248,9 +247,7 @@ def evaluate_loss(t: Trainer, data: TokenDataset) -> dict[str, float]:
     for _ in range(t.config.eval_iters):
         x, y = data.random_batch(t.config.batch_size, t.model_config.block_size, gen)
         x, y = x.to(t.device), y.to(t.device)
-        with torch.autocast(
-            t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None
-        ):
+        with torch.autocast(t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None):
             logits = t.forward(x)
         for k, v in batch_metrics(logits, y).items():
             totals[k] = totals.get(k, 0.0) + v / t.config.eval_iters
@@ -302,10 +299,8 @@ class StopFlag:
 
     def __enter__(self) -> StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay as they are
-                pass
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -416,10 +411,7 @@ def fit(t: Trainer) -> dict[str, Any]:
                     if cfg.lr_schedule == "plateau" and st.plateau_bad_evals > cfg.plateau_patience:
                         st.lr_scale *= cfg.plateau_factor
                         st.plateau_bad_evals = 0
-                if (
-                    cfg.early_stopping_patience
-                    and st.evals_since_best >= cfg.early_stopping_patience
-                ):
+                if cfg.early_stopping_patience and st.evals_since_best >= cfg.early_stopping_patience:
                     st.stopped_early = True
                     log.info(
                         "early stopping: no validation improvement in %d evaluations",
@@ -438,9 +430,7 @@ def fit(t: Trainer) -> dict[str, Any]:
     writer.close()
     metrics_log.close()
     if stop.requested:
-        log.warning(
-            "interrupted at step %d; resume with: semilla train --resume %s", st.step, t.run_dir
-        )
+        log.warning("interrupted at step %d; resume with: semilla train --resume %s", st.step, t.run_dir)
     return {
         "step": st.step,
         "run_dir": str(t.run_dir),
@@ -450,9 +440,7 @@ def fit(t: Trainer) -> dict[str, Any]:
     }
 
 
-def train(
-    model_config: ModelConfig, config: TrainConfig, resume: str | None = None
-) -> dict[str, Any]:
+def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
     """Train a model (or resume a run) and return its final metrics. The Python API of `semilla train`."""
     t = setup(model_config, config, resume)
     n = count_parameters(t.model)

@@ -26,9 +26,7 @@ def flops_per_token(cfg: ModelConfig, n_params: int) -> int:
     """Forward-pass FLOPs per token at full context: 2 per weight plus attention (PaLM's count)."""
     if cfg.arch == "lstm":
         return 2 * n_params
-    embed = cfg.vocab_size * cfg.n_embd + (
-        cfg.block_size * cfg.n_embd if cfg.pos == "learned" else 0
-    )
+    embed = cfg.vocab_size * cfg.n_embd + (cfg.block_size * cfg.n_embd if cfg.pos == "learned" else 0)
     matmul_params = n_params - embed + (cfg.vocab_size * cfg.n_embd if cfg.tie_embeddings else 0)
     attention = 2 * cfg.n_layer * cfg.block_size * cfg.n_embd  # q.k and att.v
     return 2 * matmul_params + attention

@@ -36,9 +36,7 @@ class LSTMLanguageModel(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None) -> LSTMState:
         return LSTMState()
 
-    def forward(
-        self, idx: torch.Tensor, positions=None, cache: LSTMState | None = None
-    ) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, positions=None, cache: LSTMState | None = None) -> torch.Tensor:
         x = self.embed_tokens(idx)  # (B, T, n_embd)
         hc = cache.hc if cache is not None else None
         y, hc = self.lstm(x, hc)  # (B, T, hidden)

@@ -114,24 +114,27 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        kv_width = cfg.kv_heads * cfg.head_dim
+        self.split_sizes = (cfg.n_head * cfg.head_dim, kv_width, kv_width)
         self.dropout = cfg.dropout
 
     def forward(self, x, rope, positions, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = (
-            self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        )  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        # one matmul for q, k and v (three separate weights keep Hugging Face's names)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])
+        bias = torch.cat([p.bias for p in projections]) if self.q_proj.bias is not None else None
+        q, k, v = F.linear(x, weight, bias).split(self.split_sizes, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_head != self.n_head
         dropout = self.dropout if self.training else 0.0
         if cache is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa
-            )
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
         else:
             pos = positions if positions.dim() == 2 else positions.expand(B, T)  # (B, T)
             slots = pos[:, None, :, None].expand(B, self.n_kv_head, T, self.head_dim)
@@ -139,9 +142,7 @@ class Attention(nn.Module):
             cache.v[layer].scatter_(2, slots, v)
             S = int(pos.max()) + 1  # slots beyond the furthest position are never visible
             keys, values = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
-            visible = (
-                torch.arange(S, device=x.device)[None, None, :] <= pos[:, :, None]
-            )  # (B, T, S)
+            visible = torch.arange(S, device=x.device)[None, None, :] <= pos[:, :, None]  # (B, T, S)
             y = cached_attention(q, keys, values, visible)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
@@ -179,9 +180,7 @@ class DecoderLayer(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, positions, cache, layer) -> torch.Tensor:
-        x = x + self.resid_dropout(
-            self.self_attn(self.input_layernorm(x), rope, positions, cache, layer)
-        )
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, positions, cache, layer))
         x = x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
         return x
 
@@ -195,9 +194,7 @@ class TransformerBody(nn.Module):
         if cfg.pos == "learned":
             self.embed_positions = nn.Embedding(cfg.block_size, cfg.n_embd)
         elif cfg.pos == "sinusoidal":
-            self.register_buffer(
-                "sinusoidal", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False
-            )
+            self.register_buffer("sinusoidal", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
         self.rotary = RotaryEmbedding(cfg) if cfg.pos == "rope" else None
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
@@ -236,15 +233,11 @@ class Transformer(nn.Module):
         if body.rotary is not None:
             body.rotary = RotaryEmbedding(self.config).to(device)
         if body.pos == "sinusoidal":
-            body.sinusoidal = sinusoidal_table(self.config.block_size, self.config.n_embd).to(
-                device
-            )
+            body.sinusoidal = sinusoidal_table(self.config.block_size, self.config.n_embd).to(device)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(
-            self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype
-        )
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype)
 
     def forward(
         self,

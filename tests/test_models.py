@@ -1,0 +1,158 @@
+"""Models: preset sizes, Hugging Face names, KV cache == full forward, per-row positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from semilla.config import ModelConfig, preset, replace
+from semilla.info import describe
+from semilla.models import build_model, count_parameters, model_on_meta
+
+VOCAB = 50
+
+
+def tiny(**changes) -> ModelConfig:
+    return replace(preset("tiny"), vocab_size=VOCAB, block_size=32, **changes)
+
+
+VARIANTS = {
+    "llama": tiny(),
+    "gpt2": tiny(norm="layernorm", pos="learned", mlp="gelu", bias=True),
+    "sinusoidal-relu": tiny(norm="layernorm", pos="sinusoidal", mlp="relu", bias=True),
+    "relu2": tiny(mlp="relu2"),
+    "gqa": tiny(n_head=4, n_kv_head=1),
+    "tied": tiny(tie_embeddings=True),
+}
+
+
+def make(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(cfg).eval()
+
+
+# --- sizes ------------------------------------------------------------------------------
+
+
+def test_datashark_10m_has_exactly_10_052_480_parameters() -> None:
+    cfg = preset("datashark-10m")
+    assert (cfg.family, cfg.vocab_size, cfg.block_size) == ("gpt2", 38, 512)
+    assert count_parameters(model_on_meta(cfg)) == 10_052_480
+    assert describe("datashark-10m")["parameters"] == 10_052_480
+
+
+def test_robo_poet_lstm_parameters() -> None:
+    # Keras counts 4,769,552; PyTorch's second LSTM bias vector adds 4 * 256 per layer
+    assert count_parameters(model_on_meta(preset("robo-poet-lstm"))) == 4_769_552 + 2 * 1024
+
+
+def test_thau_age_15_builds_on_meta_without_allocating() -> None:
+    model = model_on_meta(preset("thau-age-15"))
+    assert all(p.is_meta for p in model.parameters())
+    n = count_parameters(model)
+    assert 2.0e9 < n < 2.1e9 and round(n / 1e9, 2) == 2.06
+    report = describe("thau-age-15")
+    assert report["parameters"] == n and report["context"] == 4096
+    assert report["forward_flops_per_token"] > 2 * n
+
+
+@pytest.mark.parametrize("name", ["thau-age-0", "thau-age-1", "thau-age-3", "thau-age-6", "thau-age-12"])
+def test_thau_ages_report_true_counts(name: str) -> None:
+    cfg = preset(name)
+    n = count_parameters(model_on_meta(cfg))
+    per_layer = 4 * cfg.n_embd**2 + 3 * cfg.n_embd * cfg.ffn_size + 2 * cfg.n_embd
+    assert n == 2 * cfg.vocab_size * cfg.n_embd + cfg.n_layer * per_layer + cfg.n_embd
+
+
+def test_llama_family_uses_hugging_face_names() -> None:
+    names = set(make(tiny()).state_dict())
+    for expected in (
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ):
+        assert expected in names
+
+
+def test_tied_embeddings_share_one_tensor() -> None:
+    model = make(VARIANTS["tied"])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert count_parameters(model) == count_parameters(make(tiny())) - VOCAB * 32
+
+
+def test_context_overflow_is_a_clear_error() -> None:
+    model = make(tiny())
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+# --- KV cache ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_kv_cache_forward_equals_full_forward(name: str) -> None:
+    model = make(VARIANTS[name])
+    idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(2, 20)
+        prefill = model(idx[:, :7], torch.arange(7), cache)  # prompt in one call
+        steps = [model(idx[:, p : p + 1], torch.tensor([p]), cache) for p in range(7, 20)]
+    cached = torch.cat([prefill, *steps], dim=1)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
+
+
+def test_lstm_state_continues_like_a_full_forward() -> None:
+    model = make(replace(preset("robo-poet-lstm"), vocab_size=VOCAB, n_embd=16, lstm_hidden=24))
+    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(idx)
+        state = model.new_cache(2)
+        parts = [model(idx[:, :5], cache=state)] + [
+            model(idx[:, p : p + 1], cache=state) for p in range(5, 12)
+        ]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "sinusoidal-relu", "gqa"])
+def test_right_padded_rows_with_own_positions_equal_each_row_alone(name: str) -> None:
+    """Two prompts of different lengths in one batch, right-padded, then decoded per row."""
+    model = make(VARIANTS[name])
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, VOCAB, (n,), generator=gen) for n in (5, 9)]
+    new_tokens = torch.randint(4, VOCAB, (2, 4), generator=gen)  # fed one per step
+    lengths = torch.tensor([len(p) for p in prompts])
+    batch = torch.zeros(2, 9, dtype=torch.long)  # pad id 0 on the right
+    for row, p in enumerate(prompts):
+        batch[row, : len(p)] = p
+    with torch.no_grad():
+        cache = model.new_cache(2, 16)
+        prefill = model(batch, torch.arange(9).expand(2, 9), cache)
+        outputs = [prefill[torch.arange(2), lengths - 1]]  # each row's last real token
+        for step in range(4):
+            positions = (lengths + step)[:, None]  # (B, 1): every row at its own position
+            logits = model(new_tokens[:, step : step + 1], positions, cache)
+            outputs.append(logits[:, 0])
+        batched = torch.stack(outputs, dim=1)  # (B, 5, vocab)
+        for row, p in enumerate(prompts):
+            alone = model(torch.cat([p, new_tokens[row]])[None])[0, len(p) - 1 :]
+            torch.testing.assert_close(batched[row], alone, rtol=1e-4, atol=1e-5)
+            prefix = prefill[row, : len(p)]
+            torch.testing.assert_close(prefix, model(p[None])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_training_mode_with_dropout_is_stochastic_and_eval_is_not() -> None:
+    model = make(tiny(dropout=0.5)).train()
+    idx = torch.randint(0, VOCAB, (1, 8))
+    assert not torch.equal(model(idx), model(idx))
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
