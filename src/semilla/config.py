@@ -20,7 +20,7 @@ from semilla.errors import ConfigError
 
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "sinusoidal")
-MLPS = ("swiglu", "gelu", "relu", "relu2")
+MLPS = ("swiglu", "gelu", "gelu_exact", "relu", "relu2")  # gelu: GPT-2 tanh form; gelu_exact: erf
 ARCHS = ("transformer", "lstm")
 SCHEDULES = ("cosine", "plateau", "constant")
 
@@ -70,7 +70,8 @@ class ModelConfig:
             return None
         if (self.norm, self.pos, self.mlp) == ("rmsnorm", "rope", "swiglu") and not self.bias:
             return "llama"
-        gpt2 = (self.norm, self.pos, self.mlp) == ("layernorm", "learned", "gelu") and self.bias
+        gelu = self.mlp in ("gelu", "gelu_exact")
+        gpt2 = (self.norm, self.pos) == ("layernorm", "learned") and gelu and self.bias
         if gpt2 and self.kv_heads == self.n_head:
             return "gpt2"
         return None
