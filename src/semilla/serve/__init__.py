@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: `semilla serve`. FastAPI over the continuous-batching engine."""
