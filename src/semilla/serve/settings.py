@@ -31,3 +31,20 @@ class ServerSettings(BaseSettings):
     metrics_public: bool = True  # /metrics without a token
 
     # --- accounts and safety (semilla.serve.accounts) ----------------------------------
+    database_url: str = ""  # empty: SQLite at <data_dir>/semilla.db; postgresql+psycopg://... works too
+    jwt_secret: str = ""  # >= 32 bytes; empty: a random one kept in <data_dir>/jwt_secret
+    jwt_expire_minutes: int = 24 * 60
+    environment: str = "development"  # 'production': the session cookie is Secure
+    insecure_no_auth: bool = False  # model routes open even off loopback or with accounts
+    allow_registration: bool = True  # POST /auth/register open to anyone (the first account is admin)
+    rate_limit_rpm: dict[str, int] = {"anonymous": 100, "user": 100, "admin": 1000}  # requests/minute
+    rate_limit_tpm: dict[str, int] = {"anonymous": 20_000, "user": 20_000, "admin": 200_000}  # tokens/min
+    auth_attempts_per_minute: int = 10  # login and register, per client IP
+    cache_max_entries: int = 1024
+    cache_max_bytes: int = 64 * 1024 * 1024
+    cache_ttl_s: float = 3600.0
+    retention_days: int = 30  # request logs and audit rows older than this are deleted
+    scrub_pii: bool = True  # emails, phones, cards, IBANs, IPs masked in request logs and audit details
+    content_filter_file: str = ""  # one word or `re:<regex>` per line, applied to prompts and outputs
+    cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser
+    runs_dir: str = "runs"  # training run directories indexed for /training/*

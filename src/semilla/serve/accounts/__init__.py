@@ -1,0 +1,113 @@
+"""Accounts and safety: users, API keys, rate limits, response cache, feedback, audit.
+
+The server calls two functions:
+
+    check_startup_policy(settings)   # before binding: refuses unsafe set-ups with a clear error
+    install(app, settings)           # creates/migrates the store, sets app.state.hooks, routes
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from fastapi import FastAPI
+
+from semilla.serve.accounts.db import Store, default_url
+from semilla.serve.settings import ServerSettings
+
+log = logging.getLogger("semilla.accounts")
+RETENTION_EVERY_S = 24 * 3600
+
+
+class StartupPolicyError(ValueError):
+    """The server must not start with these settings (the message says why and what to do)."""
+
+
+def open_store(settings: ServerSettings) -> Store:
+    """The store at settings.database_url (default: SQLite under data_dir), migrated to the newest schema."""
+    from semilla.serve.accounts.migrate import migrate
+
+    store = Store(settings.database_url or default_url(settings.data_dir))
+    migrate(store.engine)
+    return store
+
+
+def check_startup_policy(settings: ServerSettings) -> None:
+    """Raise StartupPolicyError when the server must not start; log loudly when it runs open.
+
+    Open (no authentication on model routes) is allowed only on a loopback address while no
+    user or key exists, or anywhere with `--insecure-no-auth`.
+    """
+    from semilla.serve.accounts import security, users
+    from semilla.serve.accounts.hooks import is_loopback
+
+    try:
+        security.load_jwt_secret(settings.jwt_secret, settings.data_dir)
+    except security.InsecureSecretError as e:
+        raise StartupPolicyError(str(e)) from None
+    store = open_store(settings)
+    try:
+        accounts = users.has_accounts(store)
+    finally:
+        store.dispose()
+    if settings.insecure_no_auth:
+        log.warning("!!! --insecure-no-auth: model routes need no token or key, on %s !!!", settings.host)
+    elif not accounts and not is_loopback(settings.host):
+        raise StartupPolicyError(
+            f"refusing to serve on {settings.host} without authentication: create an account first "
+            "(semilla admin create-user NAME --admin) or pass --insecure-no-auth"
+        )
+    elif not accounts:
+        log.warning(
+            "!!! OPEN MODE: no users or API keys exist, so anyone on this machine can use the models "
+            "without a token. Register an account (the first becomes admin) to require authentication. !!!"
+        )
+
+
+def install(app: FastAPI, settings: ServerSettings) -> None:
+    """Plug the accounts layer into `app`: store, hooks, routes, CORS and the retention job."""
+    from fastapi.middleware.cors import CORSMiddleware
+
+    from semilla.serve.accounts import security
+    from semilla.serve.accounts.hooks import AccountHooks
+    from semilla.serve.accounts.routes import admin, auth, conversations, feedback, keys, training
+
+    store = open_store(settings)
+    secret = security.load_jwt_secret(settings.jwt_secret, settings.data_dir)
+    hooks = AccountHooks(settings, store, secret)
+    app.state.hooks = app.state.accounts = hooks
+    for module in (auth, keys, feedback, conversations, training, admin):
+        app.include_router(module.router)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_credentials="*" not in origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+        )
+    start_retention(store, settings.retention_days)
+
+
+def start_retention(store: Store, days: int) -> None:
+    """Delete old request logs and audit rows now and once a day (a daemon thread)."""
+    from semilla.serve.accounts.audit import apply_retention
+
+    if days <= 0:
+        return
+    stop = threading.Event()
+
+    def run() -> None:
+        while True:
+            try:
+                deleted = apply_retention(store, days)
+                if any(deleted.values()):
+                    log.info("retention (%d days): deleted %s", days, deleted)
+            except Exception:
+                log.exception("retention job failed")
+            if stop.wait(RETENTION_EVERY_S):
+                return
+
+    threading.Thread(target=run, name="semilla-retention", daemon=True).start()

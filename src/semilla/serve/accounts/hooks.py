@@ -1,0 +1,199 @@
+"""AccountHooks: the accounts layer behind the model routes' hooks (see semilla.serve.hooks).
+
+Who is calling (JWT bearer or cookie, API key as bearer or X-API-Key), whether they may
+(open mode, scopes, roles), how fast (token buckets), the response cache, the content
+filter, and the request log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from semilla.serve.accounts import security, users
+from semilla.serve.accounts.cache import ResponseCache, cache_key
+from semilla.serve.accounts.content_filter import ContentFilter
+from semilla.serve.accounts.db import Store
+from semilla.serve.accounts.ratelimit import RateLimiter
+from semilla.serve.accounts.records import CompletionWriter
+from semilla.serve.errors import APIError
+from semilla.serve.hooks import ANONYMOUS, CompletionRecord, Principal, ServerHooks
+from semilla.serve.settings import ServerSettings
+
+log = logging.getLogger("semilla.accounts")
+
+COOKIE = "semilla_session"
+PRINCIPAL_TTL_S = 10.0  # a revoked key or changed role takes effect within this (at once in-process)
+OPEN_SCOPES = ("models", "feedback", "conversations", "training")  # what anonymous may do in open mode
+ACCOUNT_SCOPE = "account"  # managing one's own keys and session: a logged-in user, never a key
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def unauthorized(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+class AccountHooks(ServerHooks):
+    def __init__(self, settings: ServerSettings, store: Store, secret: bytes):
+        self.settings, self.store, self.secret = settings, store, secret
+        self.limiter = RateLimiter()
+        self.cache = ResponseCache(settings.cache_max_entries, settings.cache_max_bytes, settings.cache_ttl_s)
+        self.writer = CompletionWriter(store, settings.scrub_pii)
+        self.content_filter = ContentFilter.load(settings.content_filter_file)
+        self._principals: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+        self._accounts_seen = False
+        self._accounts_checked = 0.0
+
+    # --- policy ---------------------------------------------------------------------------
+
+    def accounts_exist(self) -> bool:
+        """Whether any user or key exists (checked at most every 2 s until one does, then for good)."""
+        if not self._accounts_seen and time.monotonic() - self._accounts_checked > 2.0:
+            self._accounts_seen = users.has_accounts(self.store)
+            self._accounts_checked = time.monotonic()
+        return self._accounts_seen
+
+    def accounts_created(self) -> None:
+        self._accounts_seen = True
+
+    def open_for(self, scope: str) -> bool:
+        """Whether an anonymous caller may use `scope` routes right now."""
+        if scope == "models" and self.settings.insecure_no_auth:
+            return True
+        return scope in OPEN_SCOPES and not self.accounts_exist() and is_loopback(self.settings.host)
+
+    def forget(self, credential: str | None = None) -> None:
+        """Drop cached identities (one credential, or all after a role change or revocation)."""
+        with self._lock:
+            if credential is None:
+                self._principals.clear()
+            else:
+                self._principals.pop(credential, None)
+
+    # --- who is calling -------------------------------------------------------------------
+
+    @staticmethod
+    def credential(request: Request) -> str | None:
+        auth = request.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer " and auth[7:].strip():
+            return auth[7:].strip()
+        return request.headers.get("x-api-key") or request.cookies.get(COOKIE) or None
+
+    def _identify(self, credential: str) -> Principal | None:
+        if security.looks_like_api_key(credential):
+            found = users.resolve_key(self.store, credential)
+            if found is None:
+                return None
+            key, user = found
+            return Principal(kind="key", role=user.role, user_id=user.id, key_id=key.id,
+                             name=f"{user.username}/{key.name}", scopes=tuple(key.scopes.split()))  # fmt: skip
+        claims = security.decode_token(self.secret, credential)
+        if claims is None or users.token_revoked(self.store, claims.jti):
+            return None
+        user = users.get_user(self.store, claims.user_id)
+        if user is None or user.disabled:
+            return None
+        scopes = (*users.DEFAULT_SCOPES, ACCOUNT_SCOPE, *(("admin",) if user.role == "admin" else ()))
+        return Principal(kind="user", role=user.role, user_id=user.id, name=user.username, scopes=scopes)
+
+    async def identify(self, request: Request) -> Principal:
+        """The caller, ANONYMOUS when no credential is presented; 401 for a bad one."""
+        credential = self.credential(request)
+        if credential is None:
+            return ANONYMOUS
+        now = time.monotonic()
+        cached = self._principals.get(credential)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        principal = await run_in_threadpool(self._identify, credential)
+        if principal is None:
+            raise unauthorized("invalid, expired or revoked token or API key")
+        with self._lock:
+            if len(self._principals) > 10_000:
+                self._principals.clear()
+            self._principals[credential] = (now + PRINCIPAL_TTL_S, principal)
+        return principal
+
+    async def authorize(self, request: Request, scope: str = "models") -> Principal:
+        principal = await self.identify(request)
+        if principal is ANONYMOUS:
+            if not self.open_for(scope):
+                raise unauthorized("authentication required: send 'Authorization: Bearer <token or API key>'")
+        elif scope not in principal.scopes or (scope == "admin" and principal.role != "admin"):
+            if scope == "admin" and principal.role != "admin":
+                raise APIError(403, "this endpoint is for admins", code="forbidden")
+            raise APIError(403, f"this credential lacks the {scope!r} scope", code="insufficient_scope")
+        self.limit_requests(principal, request)
+        return principal
+
+    # --- limits ---------------------------------------------------------------------------
+
+    def _limit_key(self, principal: Principal, request: Request | None = None) -> str:
+        if principal.user_id is None and principal.key_id is None and request is not None:
+            return "ip:" + client_ip(request)
+        return principal.scope
+
+    def limit_requests(self, principal: Principal, request: Request) -> None:
+        key = self._limit_key(principal, request)
+        rpm = self.settings.rate_limit_rpm.get(principal.role, self.settings.rate_limit_rpm.get("user", 100))
+        tpm = self.settings.rate_limit_tpm.get(principal.role, self.settings.rate_limit_tpm.get("user", 0))
+        wait = self.limiter.check("tokens:" + principal.scope, tpm) or self.limiter.take(
+            "requests:" + key, rpm
+        )
+        if wait:
+            raise APIError(429, f"rate limit reached; retry in {wait:.0f} s", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(int(wait))})  # fmt: skip
+
+    def limit_auth_attempts(self, request: Request) -> None:
+        """Login and register: their own per-IP bucket, so brute force is slowed to a crawl."""
+        wait = self.limiter.take("auth:" + client_ip(request), self.settings.auth_attempts_per_minute)
+        if wait:
+            raise APIError(429, f"too many attempts; retry in {wait:.0f} s", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(int(wait))})  # fmt: skip
+
+    def record_tokens(self, principal: Principal, tokens: int) -> None:
+        tpm = self.settings.rate_limit_tpm.get(principal.role, self.settings.rate_limit_tpm.get("user", 0))
+        self.limiter.spend("tokens:" + principal.scope, tpm, tokens)
+
+    # --- content --------------------------------------------------------------------------
+
+    def screen_prompt(self, principal: Principal, text: str) -> None:
+        if self.content_filter.blocked(text):
+            raise APIError(400, "the prompt was refused by the content filter", code="content_filter")
+
+    def screen_output(self, text: str) -> bool:
+        return self.content_filter.blocked(text)
+
+    # --- cache and records ----------------------------------------------------------------
+
+    def cache_get(self, principal: Principal, material: dict[str, Any]) -> Any | None:
+        if not self.cache.enabled:
+            return None
+        return self.cache.get(cache_key(principal.scope, material))
+
+    def cache_put(self, principal: Principal, material: dict[str, Any], result: Any, size: int) -> None:
+        if self.cache.enabled:
+            self.cache.put(cache_key(principal.scope, material), result, size)
+
+    def record_completion(self, principal: Principal, record: CompletionRecord) -> None:
+        self.writer.submit(principal, record)

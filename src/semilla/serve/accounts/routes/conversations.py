@@ -1,0 +1,59 @@
+"""/v1/conversations: a user's chat history (list, create, get, rename, delete)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel, Field
+
+from semilla.serve.accounts import records
+from semilla.serve.accounts.deps import Accounts, ConversationsCaller
+
+router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=100_000)
+
+
+class NewConversation(BaseModel):
+    title: str = Field("", max_length=200)
+    messages: list[ChatMessage] = Field(default_factory=list, max_length=1000)
+
+
+class Rename(BaseModel):
+    title: str = Field(max_length=200)
+
+
+@router.get("")
+def list_conversations(
+    principal: ConversationsCaller, accounts: Accounts, limit: int = Query(100, ge=1, le=1000)
+) -> dict:
+    return {"object": "list", "data": records.list_conversations(accounts.store, principal.user_id, limit)}
+
+
+@router.post("", status_code=201)
+def create_conversation(body: NewConversation, principal: ConversationsCaller, accounts: Accounts) -> dict:
+    messages = [m.model_dump() for m in body.messages]
+    return records.create_conversation(accounts.store, principal.user_id, body.title, messages)
+
+
+@router.get("/{conversation_id}")
+def get_conversation(conversation_id: str, principal: ConversationsCaller, accounts: Accounts) -> dict:
+    accounts.writer.flush()  # the last turn may still be in the queue
+    return records.get_conversation(accounts.store, conversation_id, principal.user_id)
+
+
+@router.patch("/{conversation_id}")
+def rename_conversation(
+    conversation_id: str, body: Rename, principal: ConversationsCaller, accounts: Accounts
+) -> dict:
+    return records.rename_conversation(accounts.store, conversation_id, principal.user_id, body.title)
+
+
+@router.delete("/{conversation_id}", status_code=204)
+def delete_conversation(conversation_id: str, principal: ConversationsCaller, accounts: Accounts) -> Response:
+    records.delete_conversation(accounts.store, conversation_id, principal.user_id)
+    return Response(status_code=204)
