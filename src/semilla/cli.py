@@ -28,6 +28,7 @@ from semilla.config import (
     resolve_configs,
 )
 from semilla.errors import SemillaError
+from semilla.serve import cli as serve_cli
 
 log = logging.getLogger("semilla")
 
@@ -477,10 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_eval_human)
 
+    serve_cli.add_parser(sub)
+
     p = sub.add_parser("info", help="parameters, FLOPs and memory of a preset or checkpoint")
     p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint directory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    from semilla.export.cli import add_parsers as add_export_parsers
+
+    add_export_parsers(sub)  # export, import
     return parser
 
 

@@ -187,7 +187,7 @@ def fit_prompt(prompt: list[int], cfg: GenerateConfig, limit: int | None, bos_id
     return prompt[-keep:]
 
 
-def _prefill(model: nn.Module, prompts: list[list[int]], pad_id: int, use_cache: bool, cache):
+def prefill(model: nn.Module, prompts: list[list[int]], pad_id: int, use_cache: bool, cache):
     """Run the prompts; returns the logits at each row's last prompt token, (B, V)."""
     device = model.lm_head.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -252,7 +252,7 @@ def stream(
     produced = [0] * B
     running = [True] * B
     want_logprobs = max((c.logprobs or 0) for c in cfgs)
-    logits = _prefill(model, prompts, pad_id, use_cache, cache).float()
+    logits = prefill(model, prompts, pad_id, use_cache, cache).float()
     while any(running):
         # 1. choose this step's tokens (stop tokens are masked until min_new_tokens; the
         #    reported log-probabilities are the model's own, before any masking)
@@ -300,7 +300,7 @@ def stream(
             positions = torch.tensor([[len(s) - 1] for s in sequences], device=device)
             logits = model(last, positions, cache)[:, -1].float()
         else:
-            logits = _prefill(model, sequences, pad_id, False, None).float()
+            logits = prefill(model, sequences, pad_id, False, None).float()
 
 
 def generate(
@@ -348,7 +348,7 @@ def beam_search(
     prompt = fit_prompt(prompt, cfg, limit, bos_id)
     K, stops = cfg.num_beams, set(stop_ids) | set(cfg.stop_token_ids)
     cache = model.new_cache(1, min(len(prompt) + cfg.max_new_tokens, limit or 1 << 30))
-    logits = _prefill(model, [prompt], 0, True, cache)  # (1, V)
+    logits = prefill(model, [prompt], 0, True, cache)  # (1, V)
     max_new = cfg.max_new_tokens if limit is None else min(cfg.max_new_tokens, limit - len(prompt))
     _expand_cache(cache, torch.zeros(K, dtype=torch.long, device=device))
     beams: list[list[int]] = [[] for _ in range(K)]

@@ -1,6 +1,6 @@
 """Every error the server sends has OpenAI's shape; this module is the one place that says how.
 
-    {"error": {"message": "...", "type": "invalid_request_error", "param": "messages", "code": null}}
+{"error": {"message": "...", "type": "invalid_request_error", "param": "messages", "code": null}}
 """
 
 from __future__ import annotations

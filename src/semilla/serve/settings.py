@@ -7,7 +7,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class ServerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SEMILLA_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SEMILLA_", env_file=".env", extra="ignore", populate_by_name=True
+    )
 
     # --- where and what to serve -------------------------------------------------------
     host: str = "127.0.0.1"

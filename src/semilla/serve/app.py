@@ -1,0 +1,101 @@
+"""The FastAPI application: state, middleware, error handlers and routers, put together.
+
+app = create_app(ServerSettings(), load_models(model_specs(["runs/demo"])))
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Response
+
+from semilla import __version__
+from semilla.serve.engine import Engine
+from semilla.serve.errors import APIError, install_error_handlers
+from semilla.serve.hooks import ServerHooks
+from semilla.serve.middleware import BodySizeLimit, RequestMetrics
+from semilla.serve.registry import ServedModel
+from semilla.serve.routes import compat, health, openai
+from semilla.serve.serving import ClientGone
+from semilla.serve.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    """What the routes share: settings, the served models and the engine that runs them."""
+
+    settings: ServerSettings
+    engine: Engine
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def add_model(self, served: ServedModel) -> None:
+        lm = served.lm
+        self.engine.add_model(served.id, lm.model, lm.tokenizer.pad_id)
+        self.models[served.id] = served
+
+    def model(self, name: str | None) -> ServedModel:
+        """The model a request names; with no name, the first one served."""
+        if name is None or name == "":
+            if not self.models:
+                raise APIError(503, "no model is loaded yet", code="model_not_ready")
+            return next(iter(self.models.values()))
+        served = self.models.get(name)
+        if served is None:
+            known = ", ".join(self.models) or "none"
+            raise APIError(
+                404, f"model {name!r} does not exist (served: {known})", param="model", code="model_not_found"
+            )
+        return served
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.models) and self.engine.alive
+
+
+def create_app(
+    settings: ServerSettings | None = None, models: dict[str, ServedModel] | None = None
+) -> FastAPI:
+    """An app serving `models` (already loaded) with the engine settings of `settings`."""
+    settings = settings or ServerSettings()
+    engine = Engine(settings.max_slots, settings.queue_size, settings.request_timeout_s)
+    state = ServerState(settings, engine)
+    for served in (models or {}).values():
+        state.add_model(served)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        log.info(
+            "serving %s on http://%s:%s", ", ".join(state.models) or "no model", settings.host, settings.port
+        )
+        yield
+        engine.stop()
+
+    app = FastAPI(
+        title="semilla",
+        version=__version__,
+        description="OpenAI-compatible API for models grown with semilla.",
+        lifespan=lifespan,
+    )
+    app.state.semilla = state
+    app.state.settings = settings
+    app.state.hooks = ServerHooks()
+    install_error_handlers(app)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request, exc):  # nobody reads this; 499 as nginx logs it
+        return Response(status_code=499)
+
+    app.include_router(health.router)
+    app.include_router(openai.router)
+    app.include_router(compat.router)
+    # outermost last: the size limit runs before anything reads the body
+    app.add_middleware(RequestMetrics)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

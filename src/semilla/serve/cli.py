@@ -1,0 +1,60 @@
+"""`semilla serve` flags -> ServerSettings -> serve(). Flags win over SEMILLA_* variables and .env."""
+
+from __future__ import annotations
+
+import argparse
+
+FLAGS = (  # flag, settings field, type, help
+    ("--host", "host", str, "address to bind (default 127.0.0.1; $SEMILLA_HOST)"),
+    ("--port", "port", int, "port (default 8000, or $PORT / $SEMILLA_PORT)"),
+    (
+        "--models-dir",
+        "models_dir",
+        str,
+        "serve the checkpoints found here when none is named (default: models)",
+    ),
+    ("--data-dir", "data_dir", str, "where the database and logs live (default: semilla-data)"),
+    ("--device", "device", str, "cpu, cuda, mps (default: cuda when available)"),
+    ("--max-slots", "max_slots", int, "sequences decoded together per model (default 16)"),
+    ("--queue-size", "queue_size", int, "requests waiting for a slot before 503 (default 64)"),
+    ("--request-timeout", "request_timeout_s", float, "seconds before a generation is cut (default 300)"),
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body; 413 beyond (default 4 MiB)"),
+    ("--default-max-tokens", "default_max_tokens", int, "max_tokens when a request gives none (default 256)"),
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve models over an OpenAI-compatible HTTP API",
+        description="Serve checkpoints over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), "
+        "robo-poet's /v1/generate and simpleIA's /predict, with continuous batching, /health, /ready and "
+        "Prometheus /metrics. Settings: defaults < .env < SEMILLA_* variables < flags.",
+    )
+    p.add_argument(
+        "checkpoints",
+        nargs="*",
+        metavar="CHECKPOINT",
+        help="checkpoint or run directories, optionally NAME=PATH (default: $SEMILLA_MODELS, "
+        "$BETA_MODEL_PATH, or every checkpoint in --models-dir)",
+    )
+    p.add_argument(
+        "--name", action="append", help="model id for the checkpoint in the same position (repeatable)"
+    )
+    for flag, _, typ, text in FLAGS:
+        p.add_argument(flag, type=typ, help=text)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from semilla.serve.server import serve
+    from semilla.serve.settings import ServerSettings
+
+    overrides = {field: getattr(args, field_attr(flag)) for flag, field, _, _ in FLAGS}
+    settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    serve(args.checkpoints, settings, args.name)
+    return 0
+
+
+def field_attr(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")

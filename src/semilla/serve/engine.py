@@ -1,0 +1,340 @@
+"""Continuous batching: one scheduler thread owns the models and decodes every sequence together.
+
+The HTTP layer submits a `Sequence` (prompt ids + GenerateConfig) and reads its `TokenEvent`s
+from an asyncio queue. Every step, for each model, the scheduler
+
+1. drops the sequences whose client left (cancelled) and ends those past their deadline,
+2. admits waiting sequences into free slots and prefills them (one batched forward),
+3. runs one decode step for every other active slot (one batched forward with the KV cache),
+4. samples one token per slot with the generation core's filters (each sequence its own
+   settings and seed) and hands each sequence its token.
+
+Slots are the rows of one preallocated cache. Active sequences always occupy rows 0..n-1:
+when one finishes, the last row moves into its place, so a decode step is one contiguous
+batch. Sequences join and leave between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from semilla.config import GenerateConfig
+from semilla.generate import SamplingParams, TokenEvent, choose_tokens, context_limit, prefill, process_logits
+from semilla.serve import metrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """Every slot is busy and the waiting line is full."""
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation request as the engine sees it."""
+
+    prompt: list[int]
+    cfg: GenerateConfig
+    stop_ids: frozenset[int]
+    timeout_s: float
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # engine-side state
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    produced: int = 0
+    submitted_at: float = field(default_factory=time.perf_counter)
+    last_token_at: float | None = None
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Free the slot at the next step (the client left, or a stop string matched)."""
+        self.cancelled.set()
+
+    def deliver(self, event: TokenEvent | BaseException) -> None:
+        """Called from the scheduler thread: put (self, event) on the request's queue."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self, event))
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancel()
+
+
+class SlotCache:
+    """The model's cache for `max_slots` rows, with row views and row moves.
+
+    A KV cache row view shares storage with the full cache, so writes through it land in
+    place; the LSTM's (h, c) state is replaced on each call, so views of it are copied back.
+    """
+
+    def __init__(self, model: nn.Module, max_slots: int):
+        self.lstm = model.config.arch == "lstm"
+        self.full = model.new_cache(max_slots)
+        if self.lstm:
+            cfg, p = model.config, model.lm_head.weight
+            shape = (cfg.n_layer, max_slots, cfg.lstm_hidden)
+            self.full.hc = (torch.zeros(shape, device=p.device), torch.zeros(shape, device=p.device))
+
+    def view(self, start: int, end: int):
+        cache = type(self.full).__new__(type(self.full))
+        if self.lstm:
+            cache.hc = tuple(s[:, start:end] for s in self.full.hc)
+        else:
+            cache.k = [k[start:end] for k in self.full.k]
+            cache.v = [v[start:end] for v in self.full.v]
+            cache.max_len = self.full.max_len
+        return cache
+
+    def fresh_view(self, start: int, end: int):
+        """A view for rows that start a new sequence (an LSTM starts from a zero state)."""
+        cache = self.view(start, end)
+        if self.lstm:
+            cache.hc = None
+        return cache
+
+    def commit(self, cache, start: int, end: int) -> None:
+        if self.lstm:
+            for full, part in zip(self.full.hc, cache.hc, strict=True):
+                full[:, start:end] = part
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Row `src` (its first `length` positions) takes row `dst`'s place."""
+        if self.lstm:
+            for s in self.full.hc:
+                s[:, dst] = s[:, src]
+            return
+        for k, v in zip(self.full.k, self.full.v, strict=True):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+
+class ModelWorker:
+    """The slots, waiting line and per-slot sampling state of one model."""
+
+    def __init__(self, name: str, model: nn.Module, max_slots: int, queue_size: int, pad_id: int):
+        self.name, self.model, self.pad_id = name, model.eval(), pad_id
+        self.max_slots, self.queue_size = max_slots, queue_size
+        self.limit = context_limit(model)
+        self.device = model.lm_head.weight.device
+        V = model.config.vocab_size
+        self.cache = SlotCache(model, max_slots)
+        self.seen = torch.zeros(max_slots, V, dtype=torch.bool, device=self.device)
+        self.counts = torch.zeros(max_slots, V, device=self.device)
+        self.active: list[Sequence] = []  # row i of the cache
+        self.waiting: deque[Sequence] = deque()
+        self.lock = threading.Lock()  # guards `waiting` (the HTTP threads append to it)
+
+    # --- called from the HTTP side -----------------------------------------------------
+
+    def submit(self, seq: Sequence) -> None:
+        with self.lock:
+            if len(self.waiting) >= self.queue_size:
+                raise QueueFullError(f"model {self.name!r}: {self.queue_size} requests already waiting")
+            self.waiting.append(seq)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active or self.waiting)
+
+    # --- called from the scheduler thread ----------------------------------------------
+
+    def step(self) -> None:
+        """Drop, admit, decode, sample: one token for every active sequence."""
+        self._drop_cancelled_and_late()
+        n_old = len(self.active)
+        admitted = self._admit()
+        if not self.active:
+            return
+        parts = []
+        if n_old:
+            parts.append(self._decode(n_old))
+        if admitted:
+            parts.append(self._prefill(n_old, admitted))
+        self._sample(torch.cat(parts))
+        metrics.ACTIVE_SLOTS.labels(self.name).set(len(self.active))
+        metrics.QUEUE_DEPTH.labels(self.name).set(len(self.waiting))
+
+    def fail_all(self, error: BaseException) -> None:
+        """Something broke inside a forward pass: every sequence ends with the error."""
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for seq in self.active + waiting:
+            seq.deliver(error)
+        self.active = []
+
+    def _drop_cancelled_and_late(self) -> None:
+        now = time.perf_counter()
+        done = []
+        for row, seq in enumerate(self.active):
+            if seq.cancelled.is_set():
+                done.append(row)
+            elif now - seq.submitted_at > seq.timeout_s:
+                log.warning("request on %s ran past its %.0f s timeout", self.name, seq.timeout_s)
+                seq.deliver(TokenEvent(0, None, finish_reason="length"))
+                done.append(row)
+        self._remove(done)
+        with self.lock:
+            kept = deque(s for s in self.waiting if not s.cancelled.is_set())
+            self.waiting = kept
+
+    def _admit(self) -> list[Sequence]:
+        admitted = []
+        with self.lock:
+            while self.waiting and len(self.active) < self.max_slots:
+                admitted.append(self.waiting.popleft())
+        for seq in admitted:
+            row = len(self.active)
+            self.active.append(seq)
+            seq.tokens = list(seq.prompt)
+            if seq.cfg.seed is not None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(seq.cfg.seed)
+            self.seen[row] = False
+            self.seen[row, torch.tensor(seq.prompt, device=self.device)] = True
+            self.counts[row] = 0
+        return admitted
+
+    def _prefill(self, start: int, seqs: list[Sequence]) -> torch.Tensor:
+        """Run the new prompts into rows start.. of the cache; logits at their last token."""
+        end = start + len(seqs)
+        cache = self.cache.fresh_view(start, end)
+        if self.cache.lstm:  # an LSTM state must not see padding: one row at a time
+            rows = []
+            for i, seq in enumerate(seqs):
+                row_cache = self.cache.fresh_view(start + i, start + i + 1)
+                rows.append(prefill(self.model, [seq.prompt], self.pad_id, True, row_cache))
+                self.cache.commit(row_cache, start + i, start + i + 1)
+            return torch.cat(rows).float()
+        logits = prefill(self.model, [s.prompt for s in seqs], self.pad_id, True, cache)
+        return logits.float()
+
+    def _decode(self, n: int) -> torch.Tensor:
+        """One new position for rows 0..n-1: feed each its last token."""
+        seqs = self.active[:n]
+        last = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
+        positions = torch.tensor([[len(s.tokens) - 1] for s in seqs], device=self.device)
+        cache = self.cache.view(0, n)
+        logits = self.model(last, positions, cache)[:, -1]
+        self.cache.commit(cache, 0, n)
+        return logits.float()
+
+    def _sample(self, logits: torch.Tensor) -> None:
+        n = len(self.active)
+        cfgs = [s.cfg for s in self.active]
+        logprobs = logits.log_softmax(-1)
+        for row, seq in enumerate(self.active):  # no stop before min_new_tokens
+            if seq.produced < seq.cfg.min_new_tokens and seq.stop_ids:
+                logits[row, list(seq.stop_ids)] = -math.inf
+        params = SamplingParams.from_configs(cfgs, self.device)
+        filtered = process_logits(logits, params, self.seen[:n], self.counts[:n])
+        tokens = choose_tokens(filtered, params, [s.generator for s in self.active]).tolist()
+        want_top = max((c.logprobs or 0) for c in cfgs)
+        top = logprobs.topk(want_top, dim=-1) if want_top else None
+        now = time.perf_counter()
+        finished, emitted = [], 0
+        for row, (seq, tok) in enumerate(zip(self.active, tokens, strict=True)):
+            if tok in seq.stop_ids:
+                seq.deliver(TokenEvent(row, None, finish_reason="stop"))
+                finished.append(row)
+                continue
+            seq.produced += 1
+            emitted += 1
+            seq.tokens.append(tok)
+            self.seen[row, tok] = True
+            self.counts[row, tok] += 1
+            k = seq.cfg.logprobs or 0
+            alts = []
+            if top is not None and k:
+                alts = list(zip(top.indices[row, :k].tolist(), top.values[row, :k].tolist(), strict=True))
+            full = self.limit is not None and len(seq.tokens) >= self.limit
+            done = seq.produced >= seq.cfg.max_new_tokens or full
+            seq.deliver(TokenEvent(row, tok, float(logprobs[row, tok]), alts, "length" if done else None))
+            if seq.last_token_at is None:
+                metrics.TIME_TO_FIRST_TOKEN.labels(self.name).observe(now - seq.submitted_at)
+            else:
+                metrics.INTER_TOKEN_LATENCY.labels(self.name).observe(now - seq.last_token_at)
+            seq.last_token_at = now
+            if done:
+                finished.append(row)
+        metrics.GENERATED_TOKENS.labels(self.name).inc(emitted)
+        self._remove(finished)
+
+    def _remove(self, rows: list[int]) -> None:
+        """Free these rows; the last active row moves into each hole (rows stay 0..n-1)."""
+        for row in sorted(rows, reverse=True):
+            last = len(self.active) - 1
+            if row != last:
+                moved = self.active[last]
+                self.cache.move(last, row, len(moved.tokens))
+                self.seen[row] = self.seen[last]
+                self.counts[row] = self.counts[last]
+                self.active[row] = moved
+            self.active.pop()
+
+
+class Engine:
+    """The scheduler thread and the workers of every served model."""
+
+    def __init__(self, max_slots: int = 16, queue_size: int = 64, request_timeout_s: float = 300.0):
+        self.max_slots, self.queue_size, self.request_timeout_s = max_slots, queue_size, request_timeout_s
+        self.workers: dict[str, ModelWorker] = {}
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def add_model(self, name: str, model: nn.Module, pad_id: int) -> None:
+        self.workers[name] = ModelWorker(name, model, self.max_slots, self.queue_size, pad_id)
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="semilla-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        for worker in self.workers.values():
+            worker.fail_all(RuntimeError("the server is shutting down"))
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def submit(
+        self,
+        model: str,
+        prompt: list[int],
+        cfg: GenerateConfig,
+        stop_ids: frozenset[int],
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue,
+    ) -> Sequence:
+        """Queue a generation whose (sequence, event) pairs go to `queue`; raises QueueFullError
+        when the waiting line is full. Several sequences may share one queue (n > 1)."""
+        seq = Sequence(prompt, cfg, stop_ids, self.request_timeout_s, loop, queue)
+        self.workers[model].submit(seq)
+        self.wake.set()
+        return seq
+
+    @torch.inference_mode()
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            busy = [w for w in self.workers.values() if w.busy]
+            if not busy:
+                self.wake.wait(timeout=0.5)
+                self.wake.clear()
+                continue
+            for worker in busy:  # one step of each model in turn
+                try:
+                    worker.step()
+                except Exception as e:  # a bug or out of memory: fail its requests, keep serving
+                    log.exception("engine step failed on %s", worker.name)
+                    worker.fail_all(RuntimeError(f"generation failed: {e}"))

@@ -1,0 +1,35 @@
+"""Prometheus metrics (prometheus-client's default registry, served at /metrics).
+
+Latency histograms have buckets fine enough to read P50/P95/P99 with histogram_quantile().
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+REQUESTS = Counter(
+    "semilla_requests", "HTTP requests by route, method and status", ["route", "method", "status"]
+)
+REQUEST_LATENCY = Histogram(
+    "semilla_request_latency_seconds", "Time to the full HTTP response", ["route"], buckets=LATENCY_BUCKETS
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "semilla_time_to_first_token_seconds",
+    "From submission to the first generated token",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "semilla_inter_token_latency_seconds",
+    "Between two tokens of one sequence",
+    ["model"],
+    buckets=TOKEN_BUCKETS,
+)
+GENERATED_TOKENS = Counter("semilla_generated_tokens", "Tokens generated (rate() gives tokens/s)", ["model"])
+PROMPT_TOKENS = Counter("semilla_prompt_tokens", "Prompt tokens of accepted requests", ["model"])
+COMPLETION_TOKENS = Counter("semilla_completion_tokens", "Completion tokens returned", ["model"])
+QUEUE_DEPTH = Gauge("semilla_queue_depth", "Requests waiting for a slot", ["model"])
+ACTIVE_SLOTS = Gauge("semilla_active_slots", "Sequences being decoded", ["model"])

@@ -1,0 +1,132 @@
+"""Request and response schemas: OpenAI's chat and completions API, robo-poet's /v1/generate and
+simpleIA's /predict. Requests are validated here, so a route receives native, checked values.
+
+Unknown request fields are ignored (OpenAI clients send options a local model has no use
+for); a known field with a bad value is a 400 naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+MAX_N = 8
+MAX_STOP = 4
+MAX_LOGPROBS = 20
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class SamplingFields(Request):
+    """The sampling knobs chat and completions share (OpenAI's, then semilla's extensions)."""
+
+    model: StrictStr | None = None  # None: the only (or first) served model
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = None
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    # semilla extensions (llama.cpp and vLLM accept the same names)
+    top_k: Annotated[int, Field(ge=0)] = 0
+    min_p: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    conversation_id: StrictStr | None = None  # semilla: append this turn to a stored conversation
+
+
+class CompletionRequest(SamplingFields):
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=64)] | list[int] = ""
+    echo: StrictBool = False
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    suffix: StrictStr | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+
+
+class GenerateRequest(Request):
+    """robo-poet's /v1/generate."""
+
+    text: StrictStr = ""
+    model: StrictStr | None = None
+    max_length: Annotated[int, Field(ge=1)] = 200
+    temperature: Temperature = 0.8
+    top_p: TopP = 0.9
+    top_k: Annotated[int, Field(ge=0)] = 50
+    num_samples: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stop_tokens: Annotated[list[StrictStr], Field(max_length=MAX_STOP)] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class PredictRequest(Request):
+    """simpleIA's /predict."""
+
+    prompt: StrictStr
+    model: StrictStr | None = None
+    max_length: Annotated[int, Field(ge=1)] = 100
+    num_return_sequences: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    temperature: Temperature = 1.0
+    stream: StrictBool = False
+    seed: int | None = None
+
+
+# --- responses (plain dicts are built by the routes; these document the shapes) ----------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "semilla"
+    context_length: int | None = None
+    parameters: int | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,52 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from semilla import __version__
+from semilla.serve.errors import APIError
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+def health(request: Request) -> dict:
+    """Alive, and how each model is doing. Never touches the engine's lock or a model."""
+    state = request.app.state.semilla
+    models = {}
+    for name, served in state.models.items():
+        worker = state.engine.workers.get(name)
+        models[name] = {
+            "state": "ready" if state.engine.alive else "stopped",
+            "active": len(worker.active) if worker else 0,
+            "waiting": len(worker.waiting) if worker else 0,
+            "slots": state.engine.max_slots,
+            "path": served.path,
+        }
+    return {
+        "status": "ok" if state.engine.alive else "degraded",
+        "version": __version__,
+        "uptime_s": round(time.time() - state.started, 1),
+        "models": models,
+    }
+
+
+@router.get("/ready")
+def ready(request: Request) -> JSONResponse:
+    """200 once models are loaded and the engine runs; 503 before."""
+    state = request.app.state.semilla
+    if not state.ready:
+        raise APIError(503, "not ready: no model loaded yet", code="not_ready", headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ready", "models": list(state.models)})
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    if not request.app.state.settings.metrics_public:
+        await request.app.state.hooks.authorize(request, "admin")
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,403 @@
+"""OpenAI's API: /v1/models, /v1/chat/completions, /v1/completions.
+
+Each route: authorize, validate against the model (context length), consult the cache for
+deterministic requests, run a Job, render JSON or SSE, record the completion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from semilla import __version__
+from semilla.errors import SemillaError
+from semilla.serve.errors import APIError
+from semilla.serve.hooks import CompletionRecord, Principal
+from semilla.serve.protocol import ChatCompletionRequest, CompletionRequest
+from semilla.serve.serving import (
+    ChoiceDelta,
+    Job,
+    Result,
+    fit_max_tokens,
+    new_id,
+    run_to_end,
+    sampling_config,
+)
+
+router = APIRouter(tags=["openai"])
+FINGERPRINT = f"semilla-{__version__}"
+
+
+def require_json(request: Request) -> None:
+    """A body that is not declared JSON is refused before it is parsed (form posts, text)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise APIError(
+            415,
+            f"Content-Type must be application/json, got {kind or 'none'!r}",
+            code="unsupported_media_type",
+        )
+
+
+JSON_BODY = [Depends(require_json)]
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def is_deterministic(cfg) -> bool:
+    return cfg.temperature == 0 or cfg.seed is not None
+
+
+def cache_material(route: str, model: str, prompt: Any, cfg, n: int, extra: dict | None = None) -> dict:
+    return {
+        "route": route,
+        "model": model,
+        "prompt": prompt,
+        "n": n,
+        "settings": dataclasses.asdict(cfg),
+        **(extra or {}),
+    }
+
+
+# --- models ------------------------------------------------------------------------------
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    await request.app.state.hooks.authorize(request, "models")
+    return {"object": "list", "data": [m.card() for m in request.app.state.semilla.models.values()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict:
+    await request.app.state.hooks.authorize(request, "models")
+    return request.app.state.semilla.model(model_id).card()
+
+
+# --- shared flow -------------------------------------------------------------------------
+
+
+async def complete(
+    request: Request,
+    principal: Principal,
+    job: Job,
+    material: dict | None,
+    stream: bool,
+    render: Callable[[Result], dict],
+    render_stream: Callable[[Job | Result], AsyncIterator[str]],
+    record: Callable[[Result], CompletionRecord],
+):
+    """Cache lookup, run, cache store and record: the part chat and completions share."""
+    hooks = request.app.state.hooks
+    if material is not None:
+        cached = hooks.cache_get(principal, material)
+        if cached is not None:
+            if stream:
+                return StreamingResponse(render_stream(cached), media_type="text/event-stream")
+            return render(cached)
+    job.submit()
+
+    def finished(result: Result) -> None:
+        if material is not None and all(c.finish_reason != "content_filter" for c in result.choices):
+            hooks.cache_put(principal, material, result, result.size())
+        hooks.record_tokens(principal, result.completion_tokens)
+        hooks.record_completion(principal, record(result))
+
+    if stream:
+
+        async def events() -> AsyncIterator[str]:
+            async for chunk in render_stream(job):
+                yield chunk
+            finished(job.finish())
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    result = await run_to_end(request, job)
+    finished(result)
+    return render(result)
+
+
+async def replay(result: Result) -> AsyncIterator[ChoiceDelta]:
+    """A cached result as deltas: each choice's whole text in one piece."""
+    for c in result.choices:
+        yield ChoiceDelta(c.index, c.text, None, c.finish_reason)
+
+
+async def stream_guard(
+    deltas: AsyncIterator, make_chunk: Callable, tail: Callable[[], list]
+) -> AsyncIterator[str]:
+    """SSE chunks; an error mid-stream becomes an error event, and [DONE] always ends it."""
+    try:
+        async for delta in deltas:
+            chunk = make_chunk(delta)
+            if chunk is not None:
+                yield sse(chunk)
+        for chunk in tail():
+            yield sse(chunk)
+    except APIError as e:
+        yield sse(e.body())
+    except Exception as e:  # noqa: BLE001 - the stream has started: report, never a broken socket
+        yield sse(APIError(500, f"generation failed: {e}", type="server_error").body())
+    yield "data: [DONE]\n\n"
+
+
+def settings_or_400(build: Callable):
+    try:
+        return build().validate()
+    except SemillaError as e:
+        raise APIError(400, str(e), code="invalid_value") from e
+
+
+# --- chat --------------------------------------------------------------------------------
+
+
+@router.post("/v1/chat/completions", dependencies=JSON_BODY)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state, hooks = request.app.state.semilla, request.app.state.hooks
+    principal = await hooks.authorize(request, "models")
+    served = state.model(body.model)
+    if len(body.messages) > state.settings.max_messages:
+        raise APIError(
+            400,
+            f"too many messages: {len(body.messages)} (at most {state.settings.max_messages})",
+            param="messages",
+        )
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
+    ]
+    for m in messages:
+        hooks.screen_prompt(principal, m["content"])
+    prompt = served.lm.tokenizer.apply_chat_template(messages)
+    asked = body.max_completion_tokens or body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    max_new = fit_max_tokens(served, len(prompt), asked, state.settings.default_max_tokens, param)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    cfg = settings_or_400(
+        lambda: dataclasses.replace(sampling_config(body, max_new, top), stop=body.stop_list())
+    )
+    job = Job(state.engine, served, [prompt], cfg, body.n, lambda text: hooks.screen_output(text))
+    material = cache_material("chat", served.id, messages, cfg, body.n) if is_deterministic(cfg) else None
+    cid, created = new_id("chatcmpl"), int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def render(result: Result) -> dict:
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": served.id,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": {"content": [t.openai() for t in c.tokens]} if body.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in result.choices
+            ],
+            "usage": result.usage(),
+        }
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+        out = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": served.id,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+        }
+        if include_usage:
+            out["usage"] = usage
+        return out
+
+    def render_stream(source: Job | Result) -> AsyncIterator[str]:
+        is_job = isinstance(source, Job)
+        role_sent: set[int] = set()
+
+        def make_chunk(d) -> dict | None:
+            delta: dict[str, Any] = {}
+            if d.index not in role_sent:
+                role_sent.add(d.index)
+                delta["role"] = "assistant"
+            if d.text or "role" in delta:
+                delta["content"] = d.text
+            if not delta and not d.finish_reason and d.token is None:
+                return None
+            logprobs = {"content": [d.token.openai()] if d.token else []} if body.logprobs else None
+            return chunk(
+                [{"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish_reason}]
+            )
+
+        def tail() -> list:
+            if not include_usage:
+                return []
+            result = source.finish() if is_job else source
+            return [chunk([], result.usage())]
+
+        return stream_guard(source.deltas() if is_job else replay(source), make_chunk, tail)
+
+    def record(result: Result) -> CompletionRecord:
+        return CompletionRecord(
+            id=cid,
+            model=served.id,
+            route="chat",
+            prompt=messages,
+            outputs=[c.text for c in result.choices],
+            finish_reasons=[c.finish_reason or "stop" for c in result.choices],
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            latency_ms=1000 * result.elapsed_s,
+            conversation_id=body.conversation_id,
+            extra={"user": body.user} if body.user else {},
+        )
+
+    return await complete(request, principal, job, material, body.stream, render, render_stream, record)
+
+
+# --- completions -------------------------------------------------------------------------
+
+
+@router.post("/v1/completions", dependencies=JSON_BODY)
+async def completions(body: CompletionRequest, request: Request):
+    state, hooks = request.app.state.semilla, request.app.state.hooks
+    principal = await hooks.authorize(request, "models")
+    served = state.model(body.model)
+    if body.suffix:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported by semilla models", param="suffix")
+    raw = body.prompt
+    if isinstance(raw, list) and raw and isinstance(raw[0], int):
+        texts, prompts = [served.lm.tokenizer.decode(raw)], [list(raw)]
+        vocab = served.lm.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in raw):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    else:
+        texts = [raw] if isinstance(raw, str) else list(raw)
+        for t in texts:
+            hooks.screen_prompt(principal, t)
+        prompts = [served.lm.tokenizer.encode(t) or [served.lm.tokenizer.bos_id] for t in texts]
+    max_new = min(
+        fit_max_tokens(served, len(p), body.max_tokens, state.settings.default_max_tokens, "max_tokens")
+        for p in prompts
+    )
+    cfg = settings_or_400(
+        lambda: dataclasses.replace(sampling_config(body, max_new, body.logprobs), stop=body.stop_list())
+    )
+    job = Job(state.engine, served, prompts, cfg, body.n, lambda text: hooks.screen_output(text))
+    material = (
+        cache_material("completions", served.id, texts, cfg, body.n, {"echo": body.echo})
+        if is_deterministic(cfg)
+        else None
+    )
+    cid, created = new_id("cmpl"), int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def echo_prefix(index: int) -> str:
+        return texts[index // body.n] if body.echo else ""
+
+    def legacy_logprobs(c) -> dict | None:
+        if body.logprobs is None:
+            return None
+        offsets, pos = [], len(echo_prefix(c.index))
+        for t in c.tokens:
+            offsets.append(pos)
+            pos += len(t.text)
+        return {
+            "tokens": [t.text for t in c.tokens],
+            "token_logprobs": [t.logprob for t in c.tokens],
+            "top_logprobs": [dict(t.top) for t in c.tokens],
+            "text_offset": offsets,
+        }
+
+    def render(result: Result) -> dict:
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": served.id,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [
+                {
+                    "index": c.index,
+                    "text": echo_prefix(c.index) + c.text,
+                    "logprobs": legacy_logprobs(c),
+                    "finish_reason": c.finish_reason,
+                }
+                for c in result.choices
+            ],
+            "usage": result.usage(),
+        }
+
+    def render_stream(source: Job | Result) -> AsyncIterator[str]:
+        is_job = isinstance(source, Job)
+        echoed: set[int] = set()
+
+        def make_chunk(d) -> dict | None:
+            text = d.text
+            if d.index not in echoed:
+                echoed.add(d.index)
+                text = echo_prefix(d.index) + text
+            if not text and not d.finish_reason:
+                return None
+            logprobs = None
+            if body.logprobs is not None and d.token is not None:
+                logprobs = {
+                    "tokens": [d.token.text],
+                    "token_logprobs": [d.token.logprob],
+                    "top_logprobs": [dict(d.token.top)],
+                }
+            out = {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": served.id,
+                "choices": [
+                    {"index": d.index, "text": text, "logprobs": logprobs, "finish_reason": d.finish_reason}
+                ],
+            }
+            if include_usage:
+                out["usage"] = None
+            return out
+
+        def tail() -> list:
+            if not include_usage:
+                return []
+            result = source.finish() if is_job else source
+            return [
+                {
+                    "id": cid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": served.id,
+                    "choices": [],
+                    "usage": result.usage(),
+                }
+            ]
+
+        return stream_guard(source.deltas() if is_job else replay(source), make_chunk, tail)
+
+    def record(result: Result) -> CompletionRecord:
+        return CompletionRecord(
+            id=cid,
+            model=served.id,
+            route="completions",
+            prompt=texts if len(texts) > 1 else texts[0],
+            outputs=[c.text for c in result.choices],
+            finish_reasons=[c.finish_reason or "stop" for c in result.choices],
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            latency_ms=1000 * result.elapsed_s,
+            extra={"user": body.user} if body.user else {},
+        )
+
+    return await complete(request, principal, job, material, body.stream, render, render_stream, record)

@@ -1,0 +1,37 @@
+"""`serve()`: load the models, build the app, run uvicorn. The function behind `semilla serve`."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from semilla.errors import SemillaError
+from semilla.serve.app import create_app
+from semilla.serve.registry import discover, load_models, model_specs
+from semilla.serve.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_specs(settings: ServerSettings, checkpoints: list[str], names: list[str] | None = None):
+    """(id, path) of every model to serve: the checkpoints named, else $SEMILLA_MODELS /
+    $BETA_MODEL_PATH, else whatever the models directory holds."""
+    paths = list(checkpoints) or [p for p in settings.models.split(",") if p.strip()]
+    if not paths:
+        paths = discover(settings.models_dir)
+    if not paths:
+        raise SemillaError(
+            f"no model to serve: name a checkpoint (semilla serve runs/mine) or put one in {settings.models_dir}/"
+        )
+    return model_specs(paths, names)
+
+
+def serve(
+    checkpoints: list[str], settings: ServerSettings | None = None, names: list[str] | None = None
+) -> None:
+    """Serve checkpoints over the OpenAI-compatible API until interrupted."""
+    settings = settings or ServerSettings()
+    models = load_models(resolve_model_specs(settings, checkpoints, names), device=settings.device)
+    app = create_app(settings, models)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)

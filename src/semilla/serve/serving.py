@@ -1,0 +1,253 @@
+"""Between the routes and the engine: prompts and settings in, choice deltas and results out.
+
+A `Job` submits one engine sequence per choice (n choices of each prompt), merges their
+events, turns tokens into text (stop strings cut, unfinished UTF-8 held back) and yields
+`ChoiceDelta`s; `Job.result()` collects the whole answer. The routes only render these as
+OpenAI JSON or SSE chunks. A job that is abandoned (client gone, error) cancels its
+sequences, which frees their slots at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from semilla.api import StopStringFilter
+from semilla.config import GenerateConfig
+from semilla.serve import metrics
+from semilla.serve.engine import Engine, QueueFullError, Sequence
+from semilla.serve.errors import APIError
+from semilla.serve.registry import ServedModel
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class TokenInfo:
+    """One generated token as OpenAI's logprobs show it."""
+
+    text: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+    def openai(self) -> dict[str, Any]:
+        return {
+            "token": self.text,
+            "logprob": self.logprob,
+            "bytes": list(self.text.encode("utf-8")),
+            "top_logprobs": [
+                {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))} for t, lp in self.top
+            ],
+        }
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str
+    token: TokenInfo | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    tokens: list[TokenInfo] = field(default_factory=list)
+    n_tokens: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass
+class Result:
+    choices: list[Choice]
+    prompt_tokens: int  # of all prompts together (once per prompt, as OpenAI counts)
+    elapsed_s: float = 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.n_tokens for c in self.choices)
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    def size(self) -> int:
+        """Approximate bytes, for the response cache's budget."""
+        return 200 + sum(len(c.text.encode()) + 64 * len(c.tokens) for c in self.choices)
+
+
+def sampling_config(req: Any, max_new_tokens: int, logprobs: int | None = None) -> GenerateConfig:
+    """GenerateConfig from a validated request's sampling fields."""
+    return GenerateConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min(getattr(req, "min_tokens", 0), max_new_tokens),
+        temperature=req.temperature,
+        top_k=getattr(req, "top_k", 0),
+        top_p=req.top_p,
+        min_p=getattr(req, "min_p", 0.0),
+        repetition_penalty=getattr(req, "repetition_penalty", 1.0),
+        frequency_penalty=getattr(req, "frequency_penalty", 0.0),
+        presence_penalty=getattr(req, "presence_penalty", 0.0),
+        seed=req.seed,
+        logprobs=logprobs,
+        truncate="error",
+    )
+
+
+def fit_max_tokens(
+    served: ServedModel, prompt_len: int, asked: int | None, default: int, param: str = "max_tokens"
+) -> int:
+    """How many tokens to generate; a prompt or request that does not fit the context is a 400."""
+    cfg = served.lm.model.config
+    limit = None if cfg.arch == "lstm" else served.lm.context_length
+    if limit is None:
+        return asked or default
+    if prompt_len >= limit:
+        raise APIError(
+            400,
+            f"the prompt has {prompt_len} tokens; model {served.id!r} has a context of {limit} tokens",
+            param="messages" if param == "max_tokens" else "prompt",
+            code="context_length_exceeded",
+        )
+    room = limit - prompt_len
+    if asked is not None and asked > room:
+        raise APIError(
+            400,
+            f"{param}={asked} does not fit: the prompt has {prompt_len} tokens and model {served.id!r} "
+            f"has a context of {limit} tokens ({room} left)",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return asked or min(default, room)
+
+
+class Job:
+    """The n choices of one or more prompts, running in the engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        served: ServedModel,
+        prompts: list[list[int]],
+        cfg: GenerateConfig,
+        n: int = 1,
+        screen: Callable[[str], bool] | None = None,
+    ):
+        self.engine, self.served, self.cfg, self.n, self.screen = engine, served, cfg, n, screen
+        self.prompts = prompts
+        tok = served.lm.tokenizer
+        self.tokenizer = tok
+        self.stop_ids = frozenset(served.lm.stop_ids) | frozenset(cfg.stop_token_ids)
+        self.choices = [Choice(i) for i in range(len(prompts) * n)]
+        self.text_filters = [StopStringFilter(tok, cfg.stop) for _ in self.choices]
+        self.piece_filters = [StopStringFilter(tok, []) for _ in self.choices]
+        self.sequences: dict[Sequence, int] = {}
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.started = time.perf_counter()
+
+    def submit(self) -> None:
+        """Queue every choice; all or nothing (503 with Retry-After when the line is full)."""
+        loop = asyncio.get_running_loop()
+        try:
+            for p_index, prompt in enumerate(self.prompts):
+                for j in range(self.n):
+                    seed = None if self.cfg.seed is None else self.cfg.seed + j
+                    cfg = dataclasses.replace(self.cfg, seed=seed)
+                    seq = self.engine.submit(self.served.id, prompt, cfg, self.stop_ids, loop, self.queue)
+                    self.sequences[seq] = p_index * self.n + j
+        except QueueFullError as e:
+            self.cancel()
+            raise APIError(
+                503, f"the server is busy ({e}); retry shortly", headers={"Retry-After": "1"}
+            ) from e
+        metrics.PROMPT_TOKENS.labels(self.served.id).inc(sum(len(p) for p in self.prompts))
+
+    def cancel(self) -> None:
+        for seq in self.sequences:
+            seq.cancel()
+
+    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        """Text deltas of every choice as tokens arrive; each choice ends with a finish_reason."""
+        remaining = len(self.choices)
+        try:
+            while remaining:
+                seq, event = await self.queue.get()
+                if isinstance(event, BaseException):
+                    raise APIError(500, str(event), type="server_error")
+                index = self.sequences[seq]
+                choice = self.choices[index]
+                if choice.finish_reason:  # already ended by a stop string
+                    continue
+                delta = self._push(index, event.token, event.logprob, event.top_logprobs)
+                if self.text_filters[index].stopped:
+                    choice.finish_reason = "stop"
+                    seq.cancel()  # free the slot now
+                elif event.finish_reason:
+                    delta.text += self.text_filters[index].flush()
+                    choice.finish_reason = event.finish_reason
+                if delta.text and self.screen is not None and self.screen(choice.text + delta.text):
+                    delta.text, choice.finish_reason = "", "content_filter"
+                    seq.cancel()
+                delta.finish_reason = choice.finish_reason
+                choice.text += delta.text
+                if delta.finish_reason:
+                    remaining -= 1
+                yield delta
+        finally:
+            self.cancel()
+            metrics.COMPLETION_TOKENS.labels(self.served.id).inc(sum(c.n_tokens for c in self.choices))
+
+    def _push(
+        self, index: int, token: int | None, logprob: float, top: list[tuple[int, float]]
+    ) -> ChoiceDelta:
+        if token is None:
+            return ChoiceDelta(index, "")
+        choice = self.choices[index]
+        choice.n_tokens += 1
+        text = self.text_filters[index].push(token)
+        info = None
+        if self.cfg.logprobs is not None:
+            piece = self.piece_filters[index].push(token)
+            alts = [(self.tokenizer.decode([i]), lp) for i, lp in top]
+            info = TokenInfo(piece, logprob, alts)
+            choice.tokens.append(info)
+        return ChoiceDelta(index, text, info)
+
+    async def result(self) -> Result:
+        async for _ in self.deltas():
+            pass
+        return self.finish()
+
+    def finish(self) -> Result:
+        return Result(self.choices, sum(len(p) for p in self.prompts), time.perf_counter() - self.started)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def run_to_end(request, job: Job, poll_s: float = 0.25) -> Result:
+    """job.result(); if the client disconnects first, its slots are freed and ClientGone raised."""
+    task = asyncio.ensure_future(job.result())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+        job.cancel()
