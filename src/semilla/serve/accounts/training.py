@@ -69,6 +69,7 @@ def _index_run(store: Store, run_dir: Path) -> int:
         if run is None:
             run = TrainingRun(id=run_id, path=str(run_dir), indexed_bytes=0, step=0)
             s.add(run)
+            s.flush()  # the run row before its metrics (foreign key)
         elif offset == 0:
             s.query(TrainingMetric).filter(TrainingMetric.run_id == run_id).delete()
         run.path = str(run_dir)
