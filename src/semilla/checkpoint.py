@@ -26,6 +26,7 @@ from semilla.atomic import atomic_directory, existing_dir
 from semilla.config import ModelConfig, TrainConfig, model_config_from_dict
 from semilla.errors import CheckpointError, ConfigError
 from semilla.models import build_model
+from semilla.models.int8 import apply_int8, split_int8_state
 from semilla.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1  # bump when a checkpoint written by this version cannot be read by older ones
@@ -205,10 +206,16 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu", prefer: str = "best"
 ) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
-    """(model in eval mode, tokenizer, config dict) from a checkpoint or run directory."""
+    """(model in eval mode, tokenizer, config dict) from a checkpoint or run directory.
+
+    An int8 checkpoint (config.json has "quantization") always loads on the CPU."""
     directory = resolve_checkpoint(path, prefer)
     config = read_config(directory)
     tensors = load_weights(directory)
+    int8_layers = {}
+    if config.get("quantization"):  # `semilla export int8`: CPU-only int8 layers
+        tensors, int8_layers = split_int8_state(tensors)
+        device = "cpu"
     try:
         cfg = infer_shapes(model_config_from_dict(config["model"]), tensors)
     except (ConfigError, TypeError) as e:
@@ -228,6 +235,7 @@ def load_checkpoint(
         model.lm_head.weight = model.model.embed_tokens.weight
     if hasattr(model, "rebuild_buffers"):
         model.rebuild_buffers()  # RoPE tables and sinusoids are computed, not stored
+    apply_int8(model, int8_layers)
     model.eval()
     config["model"] = asdict(cfg)
     config["path"] = str(directory)

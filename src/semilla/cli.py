@@ -112,6 +112,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     stats = prepare(
         args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, split=split,
         seed=args.seed, shuffle=not args.no_shuffle, tokenizer_from=args.tokenizer_from, progress=not args.quiet,
+        scrub_pii=args.scrub_pii,
     )  # fmt: skip
     if args.json:
         print(json.dumps(stats, indent=2, ensure_ascii=False))
@@ -353,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer-from",
         metavar="DIR",
         help="reuse the tokenizer of a prepared dataset or checkpoint",
+    )
+    p.add_argument(
+        "--scrub-pii", action="store_true", help="mask emails, phones, cards, IBANs and IPs in the corpus"
     )
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

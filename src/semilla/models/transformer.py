@@ -142,11 +142,14 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, positions, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        # one matmul for q, k and v (three separate weights keep Hugging Face's names)
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight for p in projections])
-        bias = torch.cat([p.bias for p in projections]) if self.q_proj.bias is not None else None
-        q, k, v = F.linear(x, weight, bias).split(self.split_sizes, dim=-1)
+        if isinstance(self.q_proj, nn.Linear):
+            # one matmul for q, k and v (three separate weights keep Hugging Face's names)
+            weight = torch.cat([p.weight for p in projections])
+            bias = torch.cat([p.bias for p in projections]) if self.q_proj.bias is not None else None
+            q, k, v = F.linear(x, weight, bias).split(self.split_sizes, dim=-1)
+        else:  # int8 layers (models/int8.py) keep packed weights: one call each
+            q, k, v = (p(x) for p in projections)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)

@@ -1,0 +1,96 @@
+"""`semilla export FORMAT CHECKPOINT OUT` and `semilla import hf DIR OUT`: parsing and
+printing only; the work is in the format modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from semilla.export.gguf import TYPES
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    fmt, out = args.format, args.out
+    if fmt == "hf":
+        from semilla.export.hf import export_hf
+
+        print(f"wrote {export_hf(args.checkpoint, out)} (load with AutoModelForCausalLM.from_pretrained)")
+    elif fmt == "gguf":
+        from semilla.export.gguf import export_gguf
+
+        kind = args.type or "f32"
+        print(f"wrote {export_gguf(args.checkpoint, out, kind, args.name)} ({kind.upper()})")
+    elif fmt == "ollama":
+        from semilla.export.ollama import OllamaOptions, export_ollama
+
+        options = OllamaOptions(args.system, args.temperature, args.top_p, args.num_ctx)
+        path, command = export_ollama(args.checkpoint, out, options, args.type or "q8_0", args.name)
+        print(f"wrote {path}/model.gguf and {path}/Modelfile; now run:\n{command}")
+    elif fmt == "onnx":
+        from semilla.export.onnx import export_onnx
+
+        print(f"wrote {export_onnx(args.checkpoint, out)}/model.onnx (input_ids -> logits)")
+    else:  # int8
+        from semilla.export.quantize import compare_int8, quantize_int8
+
+        path = quantize_int8(args.checkpoint, out)
+        report = compare_int8(args.checkpoint, path, args.data, args.split, args.max_tokens)
+        if args.json:
+            print(json.dumps(report, indent=2))
+            return 0
+        print(f"wrote {path}: {report['int8_bytes']:,} bytes of weights ({report['size_ratio']:.0%} of fp32)")
+        if "perplexity_change" in report:
+            print(
+                f"perplexity {report['fp32_perplexity']:.4f} -> {report['int8_perplexity']:.4f} "
+                f"({report['perplexity_change']:+.2%})"
+            )
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from semilla.export.importer import import_hf
+
+    print(f"wrote {import_hf(args.directory, args.out)} (a semilla checkpoint)")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Add the `export` and `import` subcommands to semilla's argparse subparsers."""
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face dir, GGUF, Ollama model, ONNX or int8",
+        description="Export a checkpoint. hf: transformers directory; gguf: llama.cpp file; ollama: GGUF + "
+        "Modelfile; onnx: ONNX Runtime model; int8: quantized checkpoint for CPU inference.",
+    )
+    p.add_argument("format", choices=("hf", "gguf", "ollama", "onnx", "int8"), help="target format")
+    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p.add_argument("out", help="output directory (gguf: the .gguf file)")
+    p.add_argument(
+        "--type",
+        choices=TYPES,
+        help="gguf/ollama tensor type (default: f32 for gguf, q8_0 for ollama); q4_k_m needs llama-cpp-python",
+    )
+    p.add_argument("--name", help="gguf/ollama model name (default: the output's name)")
+    g = p.add_argument_group("ollama")
+    g.add_argument("--system", help="SYSTEM prompt of the Modelfile")
+    g.add_argument("--temperature", type=float, default=0.8, help="default temperature (default: 0.8)")
+    g.add_argument("--top-p", type=float, default=0.95, help="default top_p (default: 0.95)")
+    g.add_argument("--num-ctx", type=int, help="context window (default: the model's context length)")
+    g = p.add_argument_group("int8")
+    g.add_argument("--data", help="prepared dataset or text file: report fp32 vs int8 perplexity on it")
+    g.add_argument(
+        "--split", default="val", choices=("train", "val", "test"), help="split of --data (default: val)"
+    )
+    g.add_argument("--max-tokens", type=int, help="score at most this many tokens")
+    g.add_argument("--json", action="store_true", help="print the size/perplexity report as JSON")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "import",
+        help="turn a local Hugging Face Llama/GPT-2 directory into a semilla checkpoint",
+        description="Import a LlamaForCausalLM or GPT2LMHeadModel directory (safetensors weights, tokenizer.json).",
+    )
+    p.add_argument("source", choices=("hf",), help="source format")
+    p.add_argument("directory", help="the Hugging Face model directory")
+    p.add_argument("out", help="checkpoint directory to write")
+    p.set_defaults(func=cmd_import)
