@@ -10,36 +10,36 @@ import pytest
 from accounts_helpers import build_app, login, make_settings, register, serve
 
 # (method, path, json, {role: expected status}); {fid}, {cid}, {kid}, {uid} belong to "user"
-A, U, O, D = "anonymous", "user", "other", "admin"
+A, U, X, D = "anonymous", "user", "other", "admin"
 MATRIX = [
-    ("GET", "/auth/me", None, {A: 401, U: 200, O: 200, D: 200}),
-    ("GET", "/v1/keys", None, {A: 401, U: 200, O: 200, D: 200}),
-    ("POST", "/v1/keys", {"name": "k"}, {A: 401, U: 201, O: 201, D: 201}),
-    ("DELETE", "/v1/keys/{kid}", None, {A: 401, U: 204, O: 404, D: 404}),
-    ("POST", "/feedback", {"rating": 1, "text": "ok"}, {A: 401, U: 201, O: 201, D: 201}),
-    ("POST", "/feedback", {"rating": 1, "completion_id": "{cmpl}"}, {A: 401, U: 201, O: 404, D: 404}),
-    ("GET", "/feedback", None, {A: 401, U: 200, O: 200, D: 200}),
-    ("GET", "/feedback/{fid}", None, {A: 401, U: 200, O: 404, D: 404}),
-    ("GET", "/v1/conversations", None, {A: 401, U: 200, O: 200, D: 200}),
-    ("POST", "/v1/conversations", {"title": "t"}, {A: 401, U: 201, O: 201, D: 201}),
-    ("GET", "/v1/conversations/{cid}", None, {A: 401, U: 200, O: 404, D: 404}),
-    ("PATCH", "/v1/conversations/{cid}", {"title": "x"}, {A: 401, U: 200, O: 404, D: 404}),
-    ("DELETE", "/v1/conversations/{cid}", None, {A: 401, U: 204, O: 404, D: 404}),
-    ("GET", "/training/runs", None, {A: 401, U: 200, O: 200, D: 200}),
-    ("GET", "/training/latest", None, {A: 401, U: 404, O: 404, D: 404}),
-    ("GET", "/training/runs/nope/metrics", None, {A: 401, U: 404, O: 404, D: 404}),
-    ("POST", "/v1/fake/completions", {"prompt": "x"}, {A: 401, U: 200, O: 200, D: 200}),
-    ("GET", "/admin/users", None, {A: 401, U: 403, O: 403, D: 200}),
-    ("PATCH", "/admin/users/{uid}", {"role": "user"}, {A: 401, U: 403, O: 403, D: 200}),
-    ("GET", "/admin/keys", None, {A: 401, U: 403, O: 403, D: 200}),
-    ("DELETE", "/admin/keys/{kid}", None, {A: 401, U: 403, O: 403, D: 204}),
-    ("GET", "/admin/cache", None, {A: 401, U: 403, O: 403, D: 200}),
-    ("DELETE", "/admin/cache", None, {A: 401, U: 403, O: 403, D: 200}),
-    ("GET", "/admin/audit", None, {A: 401, U: 403, O: 403, D: 200}),
-    ("GET", "/admin/feedback", None, {A: 401, U: 403, O: 403, D: 200}),
-    ("POST", "/admin/retention", None, {A: 401, U: 403, O: 403, D: 200}),
-    ("POST", "/admin/reload", None, {A: 401, U: 403, O: 403, D: 200}),
-    ("POST", "/auth/logout", None, {A: 401, U: 204, O: 204, D: 204}),
+    ("GET", "/auth/me", None, {A: 401, U: 200, X: 200, D: 200}),
+    ("GET", "/v1/keys", None, {A: 401, U: 200, X: 200, D: 200}),
+    ("POST", "/v1/keys", {"name": "k"}, {A: 401, U: 201, X: 201, D: 201}),
+    ("DELETE", "/v1/keys/{kid}", None, {A: 401, U: 204, X: 404, D: 404}),
+    ("POST", "/feedback", {"rating": 1, "text": "ok"}, {A: 401, U: 201, X: 201, D: 201}),
+    ("POST", "/feedback", {"rating": 1, "completion_id": "{cmpl}"}, {A: 401, U: 201, X: 404, D: 404}),
+    ("GET", "/feedback", None, {A: 401, U: 200, X: 200, D: 200}),
+    ("GET", "/feedback/{fid}", None, {A: 401, U: 200, X: 404, D: 404}),
+    ("GET", "/v1/conversations", None, {A: 401, U: 200, X: 200, D: 200}),
+    ("POST", "/v1/conversations", {"title": "t"}, {A: 401, U: 201, X: 201, D: 201}),
+    ("GET", "/v1/conversations/{cid}", None, {A: 401, U: 200, X: 404, D: 404}),
+    ("PATCH", "/v1/conversations/{cid}", {"title": "x"}, {A: 401, U: 200, X: 404, D: 404}),
+    ("DELETE", "/v1/conversations/{cid}", None, {A: 401, U: 204, X: 404, D: 404}),
+    ("GET", "/training/runs", None, {A: 401, U: 200, X: 200, D: 200}),
+    ("GET", "/training/latest", None, {A: 401, U: 404, X: 404, D: 404}),
+    ("GET", "/training/runs/nope/metrics", None, {A: 401, U: 404, X: 404, D: 404}),
+    ("POST", "/v1/fake/completions", {"prompt": "x"}, {A: 401, U: 200, X: 200, D: 200}),
+    ("GET", "/admin/users", None, {A: 401, U: 403, X: 403, D: 200}),
+    ("PATCH", "/admin/users/{uid}", {"role": "user"}, {A: 401, U: 403, X: 403, D: 200}),
+    ("GET", "/admin/keys", None, {A: 401, U: 403, X: 403, D: 200}),
+    ("DELETE", "/admin/keys/{kid}", None, {A: 401, U: 403, X: 403, D: 204}),
+    ("GET", "/admin/cache", None, {A: 401, U: 403, X: 403, D: 200}),
+    ("DELETE", "/admin/cache", None, {A: 401, U: 403, X: 403, D: 200}),
+    ("GET", "/admin/audit", None, {A: 401, U: 403, X: 403, D: 200}),
+    ("GET", "/admin/feedback", None, {A: 401, U: 403, X: 403, D: 200}),
+    ("POST", "/admin/retention", None, {A: 401, U: 403, X: 403, D: 200}),
+    ("POST", "/admin/reload", None, {A: 401, U: 403, X: 403, D: 200}),
+    ("POST", "/auth/logout", None, {A: 401, U: 204, X: 204, D: 204}),
 ]
 
 
@@ -73,7 +73,7 @@ def test_authorization_matrix(world, method, path, body, expected):
     for role, want in expected.items():
         c.cookies.clear()
         owner = login(c, "ana")
-        headers = {A: {}, U: owner, O: login(c, "eve"), D: login(c, "root")}[role]
+        headers = {A: {}, U: owner, X: login(c, "eve"), D: login(c, "root")}[role]
         c.cookies.clear()
         ids = fresh_objects(c, owner)
         url = path.format(**ids)

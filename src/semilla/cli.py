@@ -492,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     from semilla.export.cli import add_parsers as add_export_parsers
 
     add_export_parsers(sub)  # export, import
+
+    from semilla.serve.accounts.cli import add_parsers as add_admin_parsers
+
+    add_admin_parsers(sub)  # admin
     return parser
 
 

@@ -9,6 +9,7 @@ A prepared dataset is a directory:
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import glob
 import json
 import logging
@@ -41,6 +42,7 @@ class Piece:
     start: int
     end: int
     ends_document: bool = True  # False for all but the last chunk of a big file
+    scrub_pii: bool = False  # mask emails, phones, cards, IBANs and IPs when read
 
 
 # --- finding and reading the corpus -------------------------------------------------------
@@ -132,6 +134,10 @@ def _cut_point(fh, target: int, size: int) -> int:
 
 def read_piece(piece: Piece) -> list[dict | str]:
     """The documents in a piece: a string, or a chat example {'messages': [...]} for JSONL."""
+    if piece.scrub_pii:
+        from semilla.privacy import scrub_value
+
+        return scrub_value(read_piece(dataclasses.replace(piece, scrub_pii=False)))
     with open(piece.path, "rb") as fh:
         fh.seek(piece.start)
         raw = fh.read(piece.end - piece.start)
@@ -237,6 +243,7 @@ def prepare(
     tokenizer_from: str | None = None,
     chunk_bytes: int | None = None,
     progress: bool = False,
+    scrub_pii: bool = False,
 ) -> dict:
     """Tokenize a corpus into `out_dir` (written to a temporary sibling, then renamed).
 
@@ -250,6 +257,8 @@ def prepare(
         raise DataError(f"tokenizer must be 'char' or 'bpe', got {tokenizer!r}")
     files = find_files(inputs)
     pieces = list_pieces(files, chunk_bytes)
+    if scrub_pii:
+        pieces = [dataclasses.replace(p, scrub_pii=True) for p in pieces]
     if not pieces:
         raise DataError(f"the corpus is empty: {', '.join(inputs)} has no text")
     splits = split_pieces(pieces, split, seed, shuffle)

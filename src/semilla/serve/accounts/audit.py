@@ -33,7 +33,9 @@ def audit(
                 action=action, actor=actor, target=target[:200], ip=ip[:64], success=success, detail=text
             )
         )
-    log.info("%s %s by %s%s", action, "ok" if success else "FAILED", actor, f" on {target}" if target else "")
+    log.debug(
+        "%s %s by %s%s", action, "ok" if success else "FAILED", actor, f" on {target}" if target else ""
+    )
 
 
 def audit_rows(
