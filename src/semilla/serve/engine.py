@@ -188,7 +188,7 @@ class ModelWorker:
     def _admit(self) -> list[Sequence]:
         admitted = []
         with self.lock:
-            while self.waiting and len(self.active) < self.max_slots:
+            while self.waiting and len(self.active) + len(admitted) < self.max_slots:
                 admitted.append(self.waiting.popleft())
         for seq in admitted:
             row = len(self.active)

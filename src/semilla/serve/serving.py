@@ -106,7 +106,12 @@ def sampling_config(req: Any, max_new_tokens: int, logprobs: int | None = None) 
 
 
 def fit_max_tokens(
-    served: ServedModel, prompt_len: int, asked: int | None, default: int, param: str = "max_tokens"
+    served: ServedModel,
+    prompt_len: int,
+    asked: int | None,
+    default: int,
+    param: str = "max_tokens",
+    prompt_param: str = "messages",
 ) -> int:
     """How many tokens to generate; a prompt or request that does not fit the context is a 400."""
     cfg = served.lm.model.config
@@ -117,7 +122,7 @@ def fit_max_tokens(
         raise APIError(
             400,
             f"the prompt has {prompt_len} tokens; model {served.id!r} has a context of {limit} tokens",
-            param="messages" if param == "max_tokens" else "prompt",
+            param=prompt_param,
             code="context_length_exceeded",
         )
     room = limit - prompt_len

@@ -33,7 +33,8 @@ async def _start(
     served = state.model(model)
     hooks.screen_prompt(principal, text)
     prompt = served.lm.tokenizer.encode(text) or [served.lm.tokenizer.bos_id]
-    max_new = fit_max_tokens(served, len(prompt), max_length, max_length, "max_length")
+    text_param = "text" if route == "generate" else "prompt"
+    max_new = fit_max_tokens(served, len(prompt), max_length, max_length, "max_length", text_param)
     cfg = settings_or_400(
         lambda: GenerateConfig(max_new_tokens=max_new, truncate="error", logprobs=0, **cfg_kwargs)
     )

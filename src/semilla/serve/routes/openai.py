@@ -287,7 +287,9 @@ async def completions(body: CompletionRequest, request: Request):
             hooks.screen_prompt(principal, t)
         prompts = [served.lm.tokenizer.encode(t) or [served.lm.tokenizer.bos_id] for t in texts]
     max_new = min(
-        fit_max_tokens(served, len(p), body.max_tokens, state.settings.default_max_tokens, "max_tokens")
+        fit_max_tokens(
+            served, len(p), body.max_tokens, state.settings.default_max_tokens, "max_tokens", "prompt"
+        )
         for p in prompts
     )
     cfg = settings_or_400(
