@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from semilla.serve.accounts.hooks import AccountHooks
 from semilla.serve.hooks import Principal
@@ -33,3 +33,7 @@ Admin = Annotated[Principal, caller("admin")]
 
 def actor(principal: Principal) -> str:
     return principal.scope
+
+
+# Ids in paths: bounded so a huge number is a 400, never an overflow in the database driver
+RowId = Annotated[int, Path(ge=1, le=2**62)]

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from semilla.serve.accounts import records, users
 from semilla.serve.accounts.audit import apply_retention, audit, audit_rows
 from semilla.serve.accounts.content_filter import ContentFilter
-from semilla.serve.accounts.deps import Accounts, Admin, actor
+from semilla.serve.accounts.deps import Accounts, Admin, RowId, actor
 from semilla.serve.accounts.hooks import client_ip
 from semilla.serve.errors import APIError
 
@@ -27,7 +27,7 @@ def list_users(principal: Admin, accounts: Accounts) -> dict:
 
 @router.patch("/users/{user_id}")
 def change_user(
-    user_id: int, body: UserChange, principal: Admin, request: Request, accounts: Accounts
+    user_id: RowId, body: UserChange, principal: Admin, request: Request, accounts: Accounts
 ) -> dict:
     if user_id == principal.user_id and (body.role not in (None, "admin") or body.disabled):
         raise APIError(400, "an admin cannot demote or disable themselves", param="user_id")
@@ -44,7 +44,7 @@ def list_all_keys(principal: Admin, accounts: Accounts) -> dict:
 
 
 @router.delete("/keys/{key_id}", status_code=204)
-def revoke_any_key(key_id: int, principal: Admin, request: Request, accounts: Accounts) -> Response:
+def revoke_any_key(key_id: RowId, principal: Admin, request: Request, accounts: Accounts) -> Response:
     users.revoke_key(accounts.store, key_id, None)
     accounts.forget()
     audit(accounts.store, "key.revoke", actor(principal), target=f"key:{key_id}", ip=client_ip(request))

@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from semilla.serve.accounts import records
-from semilla.serve.accounts.deps import Accounts, FeedbackCaller
+from semilla.serve.accounts.deps import Accounts, FeedbackCaller, RowId
 
 router = APIRouter(prefix="/feedback", tags=["feedback"])
 MAX_TEXT = 5000
@@ -38,5 +38,5 @@ def list_feedback(
 
 
 @router.get("/{feedback_id}")
-def get_feedback(feedback_id: int, principal: FeedbackCaller, accounts: Accounts) -> dict:
+def get_feedback(feedback_id: RowId, principal: FeedbackCaller, accounts: Accounts) -> dict:
     return records.get_feedback(accounts.store, feedback_id, principal.user_id)

@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 
 from semilla.serve.accounts import users
 from semilla.serve.accounts.audit import audit
-from semilla.serve.accounts.deps import Accounts, AccountUser, actor
+from semilla.serve.accounts.deps import Accounts, AccountUser, RowId, actor
 from semilla.serve.accounts.hooks import client_ip
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
@@ -37,7 +37,7 @@ def list_keys(principal: AccountUser, accounts: Accounts) -> dict:
 
 
 @router.delete("/{key_id}", status_code=204)
-def revoke_key(key_id: int, principal: AccountUser, request: Request, accounts: Accounts) -> Response:
+def revoke_key(key_id: RowId, principal: AccountUser, request: Request, accounts: Accounts) -> Response:
     users.revoke_key(accounts.store, key_id, principal.user_id)
     accounts.forget()
     audit(accounts.store, "key.revoke", actor(principal), target=f"key:{key_id}", ip=client_ip(request))
