@@ -176,17 +176,17 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
         raise ExportError(f"Hugging Face model directory not found: {d}")
     hf = read_hf_config(d)
     arch = (hf.get("architectures") or [hf.get("model_type", "?")])[0]
+    if arch not in ("LlamaForCausalLM", "llama", "GPT2LMHeadModel", "gpt2"):
+        raise ExportError(f"cannot import {arch}: only LlamaForCausalLM and GPT2LMHeadModel are supported")
     tensors = read_weights(d)
     if arch in ("LlamaForCausalLM", "llama"):
         cfg = llama_model_config(hf)
         tensors = {k: v for k, v in tensors.items() if k.startswith(("model.", "lm_head."))}
         tensors = {k: v for k, v in tensors.items() if "rotary_emb" not in k}
-    elif arch in ("GPT2LMHeadModel", "gpt2"):
+    else:
         tied = "lm_head.weight" not in tensors or bool(hf.get("tie_word_embeddings", True))
         cfg = gpt2_model_config(hf, tied)
         tensors = gpt2_to_semilla(tensors, cfg)
-    else:
-        raise ExportError(f"cannot import {arch}: only LlamaForCausalLM and GPT2LMHeadModel are supported")
     tokenizer = adopt_tokenizer(d)
     cfg.vocab_size = max(cfg.vocab_size, tokenizer.vocab_size)
     tensors = grow_vocab(tensors, cfg.vocab_size)

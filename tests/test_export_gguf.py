@@ -1,0 +1,131 @@
+"""GGUF export checked by llama.cpp itself (llama-cpp-python): the F32 file continues a prompt
+with the same 64 greedy tokens as semilla, from token ids and from text; Q8_0 agrees on the
+first 16 tokens; the 4-bit files load and generate. Also the Ollama Modelfile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from export_helpers import MULTILINGUAL, PROMPT, greedy, save_tiny
+from helpers import run_cli
+from llama_cpp import Llama
+
+from semilla.checkpoint import load_checkpoint
+from semilla.export.gguf import export_gguf
+from semilla.export.ollama import TEMPLATE, OllamaOptions, export_ollama
+
+CASES = [(f, k) for f in ("llama", "gpt2") for k in ("char", "bpe")]
+GGML_TYPE_F32 = 0  # keep llama.cpp's KV cache in float32, like semilla's
+
+
+def load_gguf(path) -> Llama:
+    return Llama(
+        str(path),
+        n_ctx=128,
+        n_threads=1,
+        logits_all=True,
+        verbose=False,
+        type_k=GGML_TYPE_F32,
+        type_v=GGML_TYPE_F32,
+    )
+
+
+def llama_cpp_greedy(llm: Llama, prompt: list[int], n: int = 64) -> list[int]:
+    llm.reset()
+    llm.eval(prompt)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{k}" for f, k in CASES])
+def case(request, tmp_path_factory):
+    family, kind = request.param
+    root = tmp_path_factory.mktemp(f"gguf-{family}-{kind}")
+    ckpt = save_tiny(root / "ckpt", family, kind)
+    model, tok, _ = load_checkpoint(ckpt)
+    return root, ckpt, model, tok, family, kind
+
+
+def test_f32_matches_semilla_from_ids_and_text(case):
+    root, ckpt, model, tok, _, kind = case
+    llm = load_gguf(export_gguf(ckpt, root / "model-f32.gguf", "f32"))
+    prompt_ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
+    assert prompt_ids == tok.encode(PROMPT)  # the tokenizer metadata is right
+    if kind == "bpe":  # byte-level BPE covers any text
+        assert llm.tokenize(MULTILINGUAL.encode(), add_bos=False, special=False) == tok.encode(MULTILINGUAL)
+    expected = greedy(model, tok.encode(PROMPT))
+    assert llama_cpp_greedy(llm, prompt_ids) == expected
+    text_ids = tok.encode(MULTILINGUAL if kind == "bpe" else PROMPT)
+    assert llm.detokenize(text_ids).decode() == tok.decode(text_ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt_ids]))[0].numpy()
+    llm.reset()
+    llm.eval(prompt_ids)
+    theirs = np.array(llm.scores[: len(prompt_ids)])
+    assert np.abs(ours - theirs).max() < 5e-3  # gpt2: llama.cpp's GELU is a float16 table
+    assert llm.metadata["tokenizer.chat_template"] == tok.chat_template
+
+
+@pytest.mark.parametrize("family, kind", [("llama", "char"), ("llama", "bpe"), ("gpt2", "char")])
+def test_q8_0_agrees_on_the_first_16_tokens(tmp_path, family, kind):
+    ckpt = save_tiny(tmp_path / "ckpt", family, kind)
+    model, tok, _ = load_checkpoint(ckpt)
+    llm = load_gguf(export_gguf(ckpt, tmp_path / "model-q8_0.gguf", "q8_0"))
+    prompt = tok.encode(PROMPT)
+    assert llama_cpp_greedy(llm, prompt, 16) == greedy(model, prompt, 16)
+
+
+@pytest.mark.parametrize("type_name", ["q4_0", "q4_k_m"])
+def test_4bit_loads_and_generates(tmp_path, type_name):
+    ckpt = save_tiny(tmp_path / "ckpt", "llama", "bpe")
+    path = export_gguf(ckpt, tmp_path / f"model-{type_name}.gguf", type_name)
+    f32 = export_gguf(ckpt, tmp_path / "model-f32.gguf", "f32")
+    assert path.stat().st_size < f32.stat().st_size / 3
+    llm = load_gguf(path)
+    out = llm.create_completion(PROMPT, max_tokens=12, temperature=0.0)
+    assert out["usage"]["completion_tokens"] > 0
+
+
+def test_cli_gguf_and_ollama(tmp_path):
+    ckpt = save_tiny(tmp_path / "ckpt", "llama", "char")
+    proc = run_cli("export", "gguf", ckpt, tmp_path / "m.gguf", "--type", "f16")
+    assert proc.returncode == 0, proc.stderr
+    assert "F16" in proc.stdout and (tmp_path / "m.gguf").is_file()
+    proc = run_cli(
+        "export",
+        "ollama",
+        ckpt,
+        tmp_path / "semilla-tiny",
+        "--system",
+        "Eres un poeta.",
+        "--temperature",
+        "0.5",
+    )
+    assert proc.returncode == 0, proc.stderr
+    modelfile = (tmp_path / "semilla-tiny" / "Modelfile").read_text()
+    assert f"ollama create semilla-tiny -f {tmp_path / 'semilla-tiny' / 'Modelfile'}" in proc.stdout
+    assert modelfile.startswith("FROM ./model.gguf\n")
+    for line in ('SYSTEM """Eres un poeta."""', 'PARAMETER stop "<|end|>"', "PARAMETER temperature 0.5"):
+        assert line in modelfile
+    assert "PARAMETER num_ctx 128" in modelfile and f'TEMPLATE """{TEMPLATE}"""' in modelfile
+    load_gguf(tmp_path / "semilla-tiny" / "model.gguf")
+
+
+def test_ollama_template_renders_like_the_chat_template(tmp_path):
+    """Ollama's Go template, expanded by hand for a conversation, equals semilla's chat text."""
+    ckpt = save_tiny(tmp_path / "ckpt", "llama", "char")
+    _, tok, _ = load_checkpoint(ckpt)
+    messages = [{"role": "system", "content": "sé breve"}, {"role": "user", "content": "hola"}]
+    body = TEMPLATE.removeprefix("{{- range .Messages }}").split("{{ end }}")[0]
+    rendered = "".join(
+        body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"]) for m in messages
+    )
+    rendered += TEMPLATE.split("{{ end }}")[-1]
+    assert tok.encode(rendered) != tok.apply_chat_template(messages)  # specials are text in encode()
+    assert rendered == tok.decode(tok.apply_chat_template(messages))
+    with pytest.raises(ValueError, match="num-ctx"):
+        export_ollama(ckpt, tmp_path / "o", OllamaOptions(num_ctx=10_000))
