@@ -23,7 +23,15 @@ USER = {"role": "user", "content": "Hola"}
 def server(tiny_run: Path, tmp_path_factory, corpus_text: str):
     long = random_checkpoint(tmp_path_factory.mktemp("long"), corpus_text, block_size=4096)
     models = load_models([("tiny", str(tiny_run)), ("long", str(long))])
-    app = create_app(ServerSettings(max_slots=4, queue_size=16), models)
+    unlimited = {"anonymous": 10**9, "user": 10**9, "admin": 10**9}
+    settings = ServerSettings(
+        max_slots=4,
+        queue_size=16,
+        data_dir=str(tmp_path_factory.mktemp("data")),
+        rate_limit_rpm=unlimited,
+        rate_limit_tpm=unlimited,
+    )
+    app = create_app(settings, models)
     with running_server(app) as url:
         yield url
 

@@ -37,7 +37,8 @@ def random_checkpoint(root: Path, text: str, block_size: int = 1024) -> Path:
 def server(tiny_run: Path, tmp_path_factory, corpus_text: str):
     long = random_checkpoint(tmp_path_factory.mktemp("long"), corpus_text)
     models = load_models([("tiny", str(tiny_run)), ("long", str(long))])
-    app = create_app(ServerSettings(max_slots=4, queue_size=8), models)
+    settings = ServerSettings(max_slots=4, queue_size=8, data_dir=str(tmp_path_factory.mktemp("data")))
+    app = create_app(settings, models)
     with running_server(app) as url:
         yield url
 

@@ -43,6 +43,12 @@ def add_parser(sub) -> None:
     )
     for flag, _, typ, text in FLAGS:
         p.add_argument(flag, type=typ, help=text)
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=None,
+        help="serve the model routes without authentication even off loopback or with accounts",
+    )
     p.set_defaults(func=run)
 
 
@@ -51,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from semilla.serve.settings import ServerSettings
 
     overrides = {field: getattr(args, field_attr(flag)) for flag, field, _, _ in FLAGS}
+    overrides["insecure_no_auth"] = args.insecure_no_auth
     settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
     serve(args.checkpoints, settings, args.name)
     return 0

@@ -7,6 +7,7 @@ import logging
 import uvicorn
 
 from semilla.errors import SemillaError
+from semilla.serve.accounts import StartupPolicyError, check_startup_policy
 from semilla.serve.app import create_app
 from semilla.serve.registry import discover, load_models, model_specs
 from semilla.serve.settings import ServerSettings
@@ -32,6 +33,10 @@ def serve(
 ) -> None:
     """Serve checkpoints over the OpenAI-compatible API until interrupted."""
     settings = settings or ServerSettings()
+    try:
+        check_startup_policy(settings)
+    except StartupPolicyError as e:
+        raise SemillaError(str(e)) from None
     models = load_models(resolve_model_specs(settings, checkpoints, names), device=settings.device)
     app = create_app(settings, models)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
