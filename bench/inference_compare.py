@@ -1,0 +1,160 @@
+"""One exported model, five runtimes: single-stream greedy decoding of 256 tokens on the CPU.
+
+semilla (KV cache), Hugging Face transformers `generate`, llama.cpp (F32 and Q8_0 GGUF, via
+llama-cpp-python) and ONNX Runtime (the exported graph has no KV cache: every step runs the
+whole sequence). The model is a llama-family transformer with random weights (speed does not
+depend on what was learned) and the tinyshakespeare character vocabulary.
+
+    .venv/bin/python bench/inference_compare.py [--threads 1] [--repeats 3]
+
+Prints tokens/s side by side and writes bench/results/inference_compare.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=512)  # ~10.7M parameters, DataShark-sized
+NEW_TOKENS = 256
+
+
+def build(workdir: Path, threads: int) -> dict:
+    """Save a checkpoint and export it to every format; returns the paths."""
+    import torch
+
+    from semilla.checkpoint import save_checkpoint
+    from semilla.config import ModelConfig
+    from semilla.export.gguf import export_gguf
+    from semilla.export.hf import export_hf
+    from semilla.export.onnx import export_onnx
+    from semilla.models import build_model
+    from semilla.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    tok = Tokenizer.train_char([CORPUS.read_text(encoding="utf-8")])
+    model = build_model(ModelConfig(vocab_size=tok.vocab_size, **SHAPE)).eval()
+    ckpt = save_checkpoint(workdir / "ckpt", model, tok)
+    return {
+        "ckpt": ckpt,
+        "hf": export_hf(ckpt, workdir / "hf"),
+        "f32": export_gguf(ckpt, workdir / "f32.gguf", "f32"),
+        "q8_0": export_gguf(ckpt, workdir / "q8_0.gguf", "q8_0"),
+        "onnx": export_onnx(ckpt, workdir / "onnx") / "model.onnx",
+    }
+
+
+def runners(paths: dict, threads: int, prompt: list[int]) -> dict:
+    """name -> a function that decodes NEW_TOKENS greedily and returns the token count."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from semilla.checkpoint import load_checkpoint
+    from semilla.config import GenerateConfig
+    from semilla.generate import generate
+
+    torch.set_num_threads(threads)
+    model, _, _ = load_checkpoint(paths["ckpt"])
+    hf = AutoModelForCausalLM.from_pretrained(paths["hf"], local_files_only=True).eval()
+    no_stop = GenerationConfig(
+        do_sample=False, max_new_tokens=NEW_TOKENS, max_length=None, eos_token_id=None, pad_token_id=0
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(paths["onnx"]), options, providers=["CPUExecutionProvider"])
+
+    def semilla_run() -> int:
+        cfg = GenerateConfig(max_new_tokens=NEW_TOKENS, temperature=0.0)
+        return len(generate(model, [prompt], cfg, stop_ids=())[0].tokens)
+
+    def transformers_run() -> int:
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), generation_config=no_stop)
+        return out.shape[1] - len(prompt)
+
+    def llama_cpp_run(llm: Llama) -> int:
+        llm.reset()
+        n = 0
+        for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            n += 1
+            if n == NEW_TOKENS:
+                break
+        return n
+
+    def onnx_run() -> int:
+        ids = list(prompt)
+        for _ in range(NEW_TOKENS):
+            (logits,) = session.run(None, {"input_ids": np.array([ids], dtype=np.int64)})
+            ids.append(int(logits[0, -1].argmax()))
+        return len(ids) - len(prompt)
+
+    f32, q8 = (
+        Llama(str(paths[k]), n_ctx=SHAPE["block_size"], n_threads=threads, verbose=False)
+        for k in ("f32", "q8_0")
+    )
+    return {
+        "semilla (KV cache)": semilla_run,
+        "transformers generate": transformers_run,
+        "llama.cpp F32": lambda: llama_cpp_run(f32),
+        "llama.cpp Q8_0": lambda: llama_cpp_run(q8),
+        "onnxruntime (no KV cache)": onnx_run,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for every runtime (default: 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per runtime; the median counts")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    with tempfile.TemporaryDirectory(prefix="semilla-bench-") as tmp:
+        paths = build(Path(tmp), args.threads)
+        prompt = [2] + list(range(10, 26))  # <bos> and 16 characters
+        results = {}
+        for name, run in runners(paths, args.threads, prompt).items():
+            run()  # warm-up: first-call allocations, lazy initialization
+            rates = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                n = run()
+                rates.append(n / (time.perf_counter() - start))
+            results[name] = {"tokens_per_s": statistics.median(rates), "runs": rates}
+            print(f"{name:<28} {statistics.median(rates):8.1f} tokens/s", flush=True)
+    base = results["llama.cpp F32"]["tokens_per_s"]
+    ours = results["semilla (KV cache)"]["tokens_per_s"]
+    summary = {
+        "semilla_vs_llama_cpp_f32": ours / base,
+        "semilla_vs_transformers": ours / results["transformers generate"]["tokens_per_s"],
+    }
+    print(
+        f"semilla / llama.cpp F32 = {summary['semilla_vs_llama_cpp_f32']:.2f}x; "
+        f"semilla / transformers = {summary['semilla_vs_transformers']:.2f}x"
+    )
+    report = {
+        "model": SHAPE,
+        "new_tokens": NEW_TOKENS,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "results": results,
+        "summary": summary,
+    }
+    out = ROOT / "bench" / "results" / "inference_compare.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
