@@ -22,6 +22,7 @@ from semilla.config import GenerateConfig
 from semilla.serve import metrics
 from semilla.serve.engine import Engine, QueueFullError, Sequence
 from semilla.serve.errors import APIError
+from semilla.serve.hooks import CompletionRecord
 from semilla.serve.registry import ServedModel
 
 
@@ -81,6 +82,21 @@ class Result:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+
+    def record(self, id: str, model: str, route: str, prompt: Any, **extra: Any) -> CompletionRecord:
+        """This result as the accounts layer stores it (conversation_id=..., extra=...)."""
+        return CompletionRecord(
+            id=id,
+            model=model,
+            route=route,
+            prompt=prompt,
+            outputs=[c.text for c in self.choices],
+            finish_reasons=[c.finish_reason or "stop" for c in self.choices],
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            latency_ms=1000 * self.elapsed_s,
+            **extra,
+        )
 
     def size(self) -> int:
         """Approximate bytes, for the response cache's budget."""

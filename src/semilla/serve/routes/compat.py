@@ -10,7 +10,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from semilla.config import GenerateConfig
-from semilla.serve.hooks import CompletionRecord
 from semilla.serve.protocol import GenerateRequest, PredictRequest
 from semilla.serve.routes.openai import JSON_BODY, settings_or_400
 from semilla.serve.serving import Job, Result, fit_max_tokens, new_id, run_to_end
@@ -43,20 +42,7 @@ async def _start(
 
     def record(result: Result, rid: str) -> None:
         hooks.record_tokens(principal, result.completion_tokens)
-        hooks.record_completion(
-            principal,
-            CompletionRecord(
-                id=rid,
-                model=served.id,
-                route=route,
-                prompt=text,
-                outputs=[c.text for c in result.choices],
-                finish_reasons=[c.finish_reason or "stop" for c in result.choices],
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                latency_ms=1000 * result.elapsed_s,
-            ),
-        )
+        hooks.record_completion(principal, result.record(rid, served.id, route, text))
 
     return served, job, record
 

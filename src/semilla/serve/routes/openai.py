@@ -248,18 +248,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         return stream_guard(source.deltas() if is_job else replay(source), make_chunk, tail)
 
     def record(result: Result) -> CompletionRecord:
-        return CompletionRecord(
-            id=cid,
-            model=served.id,
-            route="chat",
-            prompt=messages,
-            outputs=[c.text for c in result.choices],
-            finish_reasons=[c.finish_reason or "stop" for c in result.choices],
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            latency_ms=1000 * result.elapsed_s,
-            conversation_id=body.conversation_id,
-            extra={"user": body.user} if body.user else {},
+        user = {"user": body.user} if body.user else {}
+        return result.record(
+            cid, served.id, "chat", messages, conversation_id=body.conversation_id, extra=user
         )
 
     return await complete(request, principal, job, material, body.stream, render, render_stream, record)
@@ -389,17 +380,9 @@ async def completions(body: CompletionRequest, request: Request):
         return stream_guard(source.deltas() if is_job else replay(source), make_chunk, tail)
 
     def record(result: Result) -> CompletionRecord:
-        return CompletionRecord(
-            id=cid,
-            model=served.id,
-            route="completions",
-            prompt=texts if len(texts) > 1 else texts[0],
-            outputs=[c.text for c in result.choices],
-            finish_reasons=[c.finish_reason or "stop" for c in result.choices],
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            latency_ms=1000 * result.elapsed_s,
-            extra={"user": body.user} if body.user else {},
+        prompt = texts if len(texts) > 1 else texts[0]
+        return result.record(
+            cid, served.id, "completions", prompt, extra={"user": body.user} if body.user else {}
         )
 
     return await complete(request, principal, job, material, body.stream, render, render_stream, record)
