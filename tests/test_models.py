@@ -156,3 +156,25 @@ def test_training_mode_with_dropout_is_stochastic_and_eval_is_not() -> None:
     assert not torch.equal(model(idx), model(idx))
     model.eval()
     assert torch.equal(model(idx), model(idx))
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_inference_reuses_stacked_weights_until_a_weight_changes(mlp: str) -> None:
+    """Under no_grad the fused q/k/v (and gate/up) weights are cached; an optimizer step or a
+    load must still be seen, so no_grad logits always equal the grad-enabled forward's."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, mlp=mlp))
+    idx = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        before = model(idx)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(idx).logsumexp(-1).mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after_step = model(idx)
+    assert not torch.allclose(before, after_step)
+    torch.testing.assert_close(after_step, model(idx).detach(), rtol=0, atol=1e-6)
+    fresh = build_model(model.config)
+    model.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), fresh(idx), rtol=0, atol=1e-6)

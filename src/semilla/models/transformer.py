@@ -48,6 +48,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and x.dtype == torch.float32:  # inference: fused kernel, 2x faster
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return RMSNormFunction.apply(x, self.weight, self.eps)
 
 
@@ -111,21 +113,76 @@ class KVCache:
         self.max_len = max_len
 
 
+class CacheStep:
+    """Where this forward's tokens go in the KV cache and which slots each may see: worked out
+    once per forward, shared by every layer.
+
+    positions (B, T) -> slots (B, nkv, T, hs) scatter index; length S = furthest position + 1;
+    visible (B, T, S), or None when every query sees every slot (one-row decode).
+    """
+
+    def __init__(self, cfg: ModelConfig, positions: torch.Tensor, batch_size: int):
+        B, T = batch_size, positions.size(-1)
+        pos = positions if positions.dim() == 2 else positions.expand(B, T)  # (B, T)
+        self.length = int(pos.max()) + 1  # slots beyond the furthest position are never visible
+        self.slots = pos[:, None, :, None].expand(B, cfg.kv_heads, T, cfg.head_dim)
+        self.visible = None
+        if T > 1 or bool((pos != self.length - 1).any()):
+            self.visible = torch.arange(self.length, device=pos.device)[None, None, :] <= pos[:, :, None]
+
+
 def cached_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None
 ) -> torch.Tensor:
     """Attention over cache slots with an explicit mask. For the few query tokens of a decode
     step, plain matmuls are far faster on CPU than SDPA's masked kernel (7 ms -> 0.1 ms).
 
-    q (B, nh, T, hs); k, v (B, nkv, S, hs); visible (B, T, S) -> (B, nh, T, hs)
+    q (B, nh, T, hs); k, v (B, nkv, S, hs); visible (B, T, S) or None: all -> (B, nh, T, hs)
     """
     B, nh, T, hs = q.shape
     nkv = k.size(1)
     q = q.view(B, nkv, nh // nkv, T, hs)  # query heads grouped by the kv head they share
     scores = (q @ k.unsqueeze(2).transpose(-1, -2)) / math.sqrt(hs)  # (B, nkv, g, T, S)
-    scores = scores.masked_fill(~visible[:, None, None], -math.inf)
+    if visible is not None:
+        scores = scores.masked_fill(~visible[:, None, None], -math.inf)
     y = scores.softmax(-1) @ v.unsqueeze(2)  # (B, nkv, g, T, hs)
     return y.view(B, nh, T, hs)
+
+
+class FusedLinear:
+    """Several nn.Linear layers applied as one matmul (their weights stacked along outputs).
+
+    The layers keep their own parameters (and so Hugging Face's names). When no gradient is
+    recorded (generation, evaluation) the stacked weight is cached and rebuilt only after a
+    weight changes: an optimizer step or a load bumps the tensors' version counters.
+    """
+
+    def __init__(self, *linears: nn.Linear):
+        self.linears = linears
+        self.sizes = [lin.out_features for lin in linears]
+        self.key: tuple | None = None
+        self.stacked: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def _stack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = torch.cat([lin.weight for lin in self.linears])
+        has_bias = self.linears[0].bias is not None
+        bias = torch.cat([lin.bias for lin in self.linears]) if has_bias else None
+        return weight, bias
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if torch.is_grad_enabled():
+            weight, bias = self._stack()
+        else:
+            key = tuple(
+                (p.data_ptr(), p._version, p.device)
+                for lin in self.linears
+                for p in (lin.weight, lin.bias)
+                if p is not None
+            )
+            if key != self.key:
+                self.stacked, self.key = self._stack(), key
+            weight, bias = self.stacked
+        return F.linear(x, weight, bias).split(self.sizes, dim=-1)
 
 
 class Attention(nn.Module):
@@ -136,20 +193,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
-        kv_width = cfg.kv_heads * cfg.head_dim
-        self.split_sizes = (cfg.n_head * cfg.head_dim, kv_width, kv_width)
+        self.qkv = FusedLinear(self.q_proj, self.k_proj, self.v_proj)
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope, positions, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, rope, cache: KVCache | None, step: CacheStep | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        projections = (self.q_proj, self.k_proj, self.v_proj)
         if isinstance(self.q_proj, nn.Linear):
-            # one matmul for q, k and v (three separate weights keep Hugging Face's names)
-            weight = torch.cat([p.weight for p in projections])
-            bias = torch.cat([p.bias for p in projections]) if self.q_proj.bias is not None else None
-            q, k, v = F.linear(x, weight, bias).split(self.split_sizes, dim=-1)
+            q, k, v = self.qkv(x)  # one matmul for q, k and v
         else:  # int8 layers (models/int8.py) keep packed weights: one call each
-            q, k, v = (p(x) for p in projections)
+            q, k, v = (p(x) for p in (self.q_proj, self.k_proj, self.v_proj))
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -161,14 +213,10 @@ class Attention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
         else:
-            pos = positions if positions.dim() == 2 else positions.expand(B, T)  # (B, T)
-            slots = pos[:, None, :, None].expand(B, self.n_kv_head, T, self.head_dim)
-            cache.k[layer].scatter_(2, slots, k)
-            cache.v[layer].scatter_(2, slots, v)
-            S = int(pos.max()) + 1  # slots beyond the furthest position are never visible
-            keys, values = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
-            visible = torch.arange(S, device=x.device)[None, None, :] <= pos[:, :, None]  # (B, T, S)
-            y = cached_attention(q, keys, values, visible)
+            cache.k[layer].scatter_(2, step.slots, k)
+            cache.v[layer].scatter_(2, step.slots, v)
+            keys, values = cache.k[layer][:, :, : step.length], cache.v[layer][:, :, : step.length]
+            y = cached_attention(q, keys, values, step.visible)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 
@@ -182,10 +230,16 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        if cfg.mlp == "swiglu":
+            self.gate_up = FusedLinear(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+            if isinstance(self.gate_proj, nn.Linear):
+                gate, up = self.gate_up(x)
+            else:  # int8 layers
+                gate, up = self.gate_proj(x), self.up_proj(x)
+            h = F.silu(gate) * up
         elif self.kind == "gelu_exact":  # nanoGPT's nn.GELU(); 3x faster than tanh on CPU
             h = F.gelu(self.up_proj(x))
         elif self.kind == "gelu":
@@ -206,8 +260,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, positions, cache, layer) -> torch.Tensor:
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, positions, cache, layer))
+    def forward(self, x, rope, cache, step, layer) -> torch.Tensor:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, cache, step, layer))
         x = x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
         return x
 
@@ -289,6 +343,7 @@ class Transformer(nn.Module):
             x = x + body.sinusoidal[positions]
         x = body.embed_dropout(x)
         rope = body.rotary(positions) if body.rotary is not None else None
+        step = CacheStep(self.config, positions, B) if cache is not None else None
         for i, layer in enumerate(body.layers):
-            x = layer(x, rope, positions, cache, i)
+            x = layer(x, rope, cache, step, i)
         return self.lm_head(body.norm(x))
