@@ -9,14 +9,29 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 MAX_N = 8
 MAX_STOP = 4
 MAX_LOGPROBS = 20
 
-Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+# Sampling settings reach the model as float32 tensors: a positive value too small for it (a
+# top_p or repetition_penalty of 1e-300 rounds to 0, a temperature of 1e-39 overflows the
+# logits) turns the probabilities into NaN and fails every request in the batch, so it is refused.
+SMALLEST = 1e-6
+
+
+def zero_or_at_least_smallest(value: float) -> float:
+    if 0 < value < SMALLEST:
+        raise ValueError(f"must be 0 (greedy) or at least {SMALLEST}")
+    return value
+
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0), AfterValidator(zero_or_at_least_smallest)]
+TopP = Annotated[float, Field(ge=SMALLEST, le=1.0)]
+# integers become int64 tensors and torch generators: bounded so none overflows in the engine
+TopK = Annotated[int, Field(ge=0, le=2**31 - 1)]  # >= the vocabulary: keep every token
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
@@ -53,16 +68,16 @@ class SamplingFields(Request):
     top_p: TopP = 1.0
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     frequency_penalty: Penalty = 0.0
     presence_penalty: Penalty = 0.0
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     # semilla extensions (llama.cpp and vLLM accept the same names)
-    top_k: Annotated[int, Field(ge=0)] = 0
+    top_k: TopK = 0
     min_p: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    repetition_penalty: Annotated[float, Field(ge=SMALLEST, le=10.0)] = 1.0
     min_tokens: Annotated[int, Field(ge=0)] = 0
 
     def stop_list(self) -> list[str]:
@@ -80,7 +95,11 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=64)] | list[int] = ""
+    prompt: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1, max_length=64)]
+        | Annotated[list[int], Field(min_length=1)]
+    ) = ""
     echo: StrictBool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     suffix: StrictStr | None = None
@@ -95,10 +114,10 @@ class GenerateRequest(Request):
     max_length: Annotated[int, Field(ge=1)] = 200
     temperature: Temperature = 0.8
     top_p: TopP = 0.9
-    top_k: Annotated[int, Field(ge=0)] = 50
+    top_k: TopK = 50
     num_samples: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop_tokens: Annotated[list[StrictStr], Field(max_length=MAX_STOP)] = Field(default_factory=list)
-    seed: int | None = None
+    seed: Seed | None = None
 
 
 class PredictRequest(Request):
@@ -110,7 +129,7 @@ class PredictRequest(Request):
     num_return_sequences: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     temperature: Temperature = 1.0
     stream: StrictBool = False
-    seed: int | None = None
+    seed: Seed | None = None
 
 
 # --- responses (plain dicts are built by the routes; these document the shapes) ----------

@@ -179,6 +179,14 @@ class Job:
 
     def submit(self) -> None:
         """Queue every choice; all or nothing (503 with Retry-After when the line is full)."""
+        wanted = len(self.prompts) * self.n
+        if wanted > self.engine.queue_size:  # would be a 503 forever: no retry can fit it
+            raise APIError(
+                400,
+                f"the request asks for {wanted} sequences (prompts x n); this server queues at most "
+                f"{self.engine.queue_size} at once",
+                param="n" if self.n > 1 else "prompt",
+            )
         loop = asyncio.get_running_loop()
         try:
             for p_index, prompt in enumerate(self.prompts):

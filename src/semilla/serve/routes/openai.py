@@ -100,6 +100,8 @@ async def complete(
     if material is not None:
         cached = hooks.cache_get(principal, material)
         if cached is not None:
+            # a hit has its own id: recorded too, so feedback and conversations can refer to it
+            hooks.record_completion(principal, dataclasses.replace(record(cached), latency_ms=0.0))
             if stream:
                 return StreamingResponse(render_stream(cached), media_type="text/event-stream")
             return render(cached)
@@ -268,10 +270,10 @@ async def completions(body: CompletionRequest, request: Request):
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by semilla models", param="suffix")
     raw = body.prompt
     if isinstance(raw, list) and raw and isinstance(raw[0], int):
-        texts, prompts = [served.lm.tokenizer.decode(raw)], [list(raw)]
         vocab = served.lm.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in raw):
+        if any(not 0 <= t < vocab for t in raw):  # checked before decoding: any int reaches here
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        texts, prompts = [served.lm.tokenizer.decode(raw)], [list(raw)]
     else:
         texts = [raw] if isinstance(raw, str) else list(raw)
         for t in texts:
