@@ -9,19 +9,23 @@ import time
 import httpx
 import jwt
 import pytest
-from accounts_helpers import SECRET, build_app, login, make_settings, register, serve
+from accounts_helpers import SECRET, build_app, chat, login, make_settings, register, serve
 
 from semilla.serve.accounts import StartupPolicyError, check_startup_policy
 
 
 @pytest.fixture
-def server(tmp_path):
-    with serve(build_app(make_settings(tmp_path))) as url, httpx.Client(base_url=url, timeout=30) as client:
+def server(tmp_path, tiny_run):
+    with (
+        serve(build_app(make_settings(tmp_path), tiny_run)) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
         yield client
 
 
 def complete(client, headers=None, **body):
-    return client.post("/v1/fake/completions", headers=headers or {}, json={"prompt": "hola", **body})
+    """A real chat completion from the tiny model."""
+    return chat(client, headers, **body)
 
 
 def assert_error(r, status, code=None):
@@ -69,8 +73,8 @@ def test_login_sets_a_secure_session_cookie_and_logout_ends_it(server):
     assert_error(server.get("/auth/me", headers={"Authorization": f"Bearer {token}"}), 401)
 
 
-def test_production_cookie_is_secure(tmp_path):
-    with serve(build_app(make_settings(tmp_path, environment="production"))) as url:
+def test_production_cookie_is_secure(tmp_path, tiny_run):
+    with serve(build_app(make_settings(tmp_path, environment="production"), tiny_run)) as url:
         c = httpx.Client(base_url=url)
         register(c, "ana")
         r = c.post("/auth/login", data={"username": "ana", "password": "correct horse battery"})
@@ -106,8 +110,8 @@ def test_forged_tampered_expired_and_premature_tokens_are_401(server):
     assert server.get("/auth/me", headers={"Authorization": f"Bearer {good}"}).json()["username"] == "bob"
 
 
-def test_login_brute_force_is_throttled(tmp_path):
-    with serve(build_app(make_settings(tmp_path, auth_attempts_per_minute=5))) as url:
+def test_login_brute_force_is_throttled(tmp_path, tiny_run):
+    with serve(build_app(make_settings(tmp_path, auth_attempts_per_minute=5), tiny_run)) as url:
         c = httpx.Client(base_url=url)
         register(c, "ana")
         codes = [c.post("/auth/login", data={"username": "ana", "password": f"guess{i}xx"}).status_code
@@ -132,20 +136,23 @@ def test_register_rejects_taken_names_and_weak_input(server):
     assert_error(server.post("/auth/login", data={"username": "ghost", "password": "x" * 10}), 401)
 
 
-def test_request_rate_limit_answers_429_with_retry_after(tmp_path):
+def test_request_rate_limit_answers_429_with_retry_after(tmp_path, tiny_run):
     rpm = {"anonymous": 3, "user": 3, "admin": 3}
-    with serve(build_app(make_settings(tmp_path, rate_limit_rpm=rpm))) as url:
+    with serve(build_app(make_settings(tmp_path, rate_limit_rpm=rpm), tiny_run)) as url:
         c = httpx.Client(base_url=url)
         codes = [complete(c).status_code for _ in range(5)]
         assert codes == [200, 200, 200, 429, 429]
         assert int(complete(c).headers["Retry-After"]) >= 1
 
 
-def test_token_rate_limit(tmp_path):
-    with serve(build_app(make_settings(tmp_path, rate_limit_tpm={"anonymous": 10}))) as url:
+def test_token_rate_limit(tmp_path, tiny_run):
+    with serve(build_app(make_settings(tmp_path, rate_limit_tpm={"anonymous": 10}), tiny_run)) as url:
         c = httpx.Client(base_url=url)
-        assert complete(c, n_tokens=25).status_code == 200  # the overdraft refuses what follows
-        assert_error(complete(c), 429, "rate_limit_exceeded")
+        r = complete(c, max_tokens=20, min_tokens=20)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 20
+        r = complete(c)  # 20 real tokens overdrew a 10/minute budget: refused until it refills
+        assert_error(r, 429, "rate_limit_exceeded")
+        assert int(r.headers["Retry-After"]) >= 60
 
 
 def test_startup_policy(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import httpx
-from accounts_helpers import build_app, make_settings, serve
+from accounts_helpers import build_app, chat, make_settings, serve
 
 from semilla.cli import main
 
@@ -14,7 +14,7 @@ def admin(tmp_path, *args: str) -> int:
     return main(["admin", "--data-dir", str(tmp_path / "data"), *args])
 
 
-def test_admin_cli_manages_users_keys_and_feedback(tmp_path, monkeypatch, capsys):
+def test_admin_cli_manages_users_keys_and_feedback(tmp_path, tiny_run, monkeypatch, capsys):
     monkeypatch.setenv("SEMILLA_ADMIN_PASSWORD", "correct horse battery")
     assert admin(tmp_path, "create-user", "root", "--admin") == 0
     assert admin(tmp_path, "create-user", "ana") == 0
@@ -23,9 +23,10 @@ def test_admin_cli_manages_users_keys_and_feedback(tmp_path, monkeypatch, capsys
     assert admin(tmp_path, "create-key", "ana", "--name", "ci") == 0
     key = capsys.readouterr().out.strip()
     assert key.startswith("sk-")
-    with serve(build_app(make_settings(tmp_path))) as url:
+    with serve(build_app(make_settings(tmp_path), tiny_run)) as url:
         c = httpx.Client(base_url=url)
-        done = c.post("/v1/fake/completions", headers={"X-API-Key": key}, json={"prompt": "hola"}).json()
+        done = chat(c, {"X-API-Key": key}, prompt="hola").json()  # a real completion from the tiny model
+        answer = done["choices"][0]["message"]["content"]
         assert (
             c.post(
                 "/feedback", headers={"X-API-Key": key}, json={"completion_id": done["id"], "rating": 5}
@@ -38,7 +39,8 @@ def test_admin_cli_manages_users_keys_and_feedback(tmp_path, monkeypatch, capsys
     capsys.readouterr()
     assert admin(tmp_path, "feedback", "export", str(tmp_path / "fb.jsonl")) == 0
     rows = [json.loads(line) for line in (tmp_path / "fb.jsonl").read_text().splitlines()]
-    assert rows[0]["rating"] == 5 and rows[0]["messages"][-1] == {"role": "assistant", "content": "aloh"}
+    assert rows == [{"messages": [{"role": "user", "content": "hola"}, {"role": "assistant", "content": answer}],
+                     "rating": 5, "feedback": "", "model": "tiny", "completion_id": done["id"]}]  # fmt: skip
     assert admin(tmp_path, "feedback", "list") == 0
     assert admin(tmp_path, "audit", "--action", "key.revoke") == 0
     out = capsys.readouterr().out

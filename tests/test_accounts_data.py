@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from accounts_helpers import build_app, free_port, login, make_settings, register, serve
+from accounts_helpers import build_app, chat, free_port, login, make_settings, register, serve
 
 from semilla.privacy import scrub_pii
 
@@ -26,10 +26,15 @@ PAYLOADS = [
 ]
 
 
+def content(r: httpx.Response) -> str:
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, tiny_run):
     settings = make_settings(tmp_path)
-    with serve(build_app(settings)) as url, httpx.Client(base_url=url, timeout=60) as client:
+    with serve(build_app(settings, tiny_run)) as url, httpx.Client(base_url=url, timeout=60) as client:
         client.settings = settings
         register(client, "root")
         yield client
@@ -52,7 +57,11 @@ def test_hostile_text_is_stored_and_returned_verbatim(server):
 def test_feedback_limits(server):
     h = login(server, "root")
     r = server.post("/feedback", headers=h, json={"rating": 1, "text": "x" * 6_000_000})
-    assert r.status_code in (400, 413) and r.json()["error"]["param"] == "text"
+    assert (
+        r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    )  # the server's body limit
+    r = server.post("/feedback", headers=h, json={"rating": 1, "text": "x" * 5001})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text"
     for rating in (0, 6, -2, "good"):
         assert server.post("/feedback", headers=h, json={"rating": rating}).status_code == 400
     assert (
@@ -66,11 +75,9 @@ def test_identical_prompts_of_two_users_never_share_a_cache_entry(server):
     register(server, "ana")
     register(server, "bob")
     ana, bob = login(server, "ana"), login(server, "bob")
-    body = {"prompt": "same prompt", "seed": 1}
-    first = server.post("/v1/fake/completions", headers=ana, json=body | {"output": "for ana"}).json()
-    assert server.post("/v1/fake/completions", headers=ana, json=body).json()["cached"] is True
-    other = server.post("/v1/fake/completions", headers=bob, json=body | {"output": "for bob"}).json()
-    assert other["cached"] is False and other["text"] == "for bob" and first["text"] == "for ana"
+    first = content(chat(server, ana, "same", temperature=1.0, seed=1))
+    assert content(chat(server, ana, "same", temperature=1.0, seed=1)) == first  # a hit
+    assert content(chat(server, bob, "same", temperature=1.0, seed=1)) == first  # same model, own entry
     stats = server.get("/admin/cache", headers=login(server, "root")).json()
     assert stats["hits"] == 1 and stats["misses"] == 2 and stats["entries"] == 2
 
@@ -98,11 +105,10 @@ def test_conversations_record_turns_and_stay_private(server):
     ana, eve = login(server, "ana"), login(server, "eve")
     conv = server.post("/v1/conversations", headers=ana, json={}).json()
     messages = [{"role": "user", "content": "hola"}]
-    server.post("/v1/fake/completions", headers=ana,
-                json={"prompt": "hola", "messages": messages, "conversation_id": conv["id"], "output": "buenas"})  # fmt: skip
-    server.post("/v1/fake/completions", headers=eve, json={"prompt": "x", "conversation_id": conv["id"]})
+    answer = content(chat(server, ana, messages=messages, conversation_id=conv["id"]))
+    chat(server, eve, "x", conversation_id=conv["id"])  # not eve's: nothing is appended
     got = server.get(f"/v1/conversations/{conv['id']}", headers=ana).json()
-    assert [(m["role"], m["content"]) for m in got["messages"]] == [("user", "hola"), ("assistant", "buenas")]
+    assert [(m["role"], m["content"]) for m in got["messages"]] == [("user", "hola"), ("assistant", answer)]
     assert got["title"] == "hola"
     assert server.get("/v1/conversations", headers=eve).json()["data"] == []
     assert server.get(f"/v1/conversations/{conv['id']}", headers=eve).status_code == 404
@@ -114,9 +120,8 @@ def test_feedback_export_is_a_chat_dataset(server):
 
     h = login(server, "root")
     messages = [{"role": "user", "content": "write to ana@example.com"}]
-    cid = server.post(
-        "/v1/fake/completions", headers=h, json={"prompt": "p", "messages": messages, "output": "done"}
-    ).json()["id"]
+    r = chat(server, h, messages=messages)
+    cid, answer = r.json()["id"], content(r)
     assert (
         server.post(
             "/feedback", headers=h, json={"completion_id": cid, "rating": 1, "text": "nice"}
@@ -125,8 +130,8 @@ def test_feedback_export_is_a_chat_dataset(server):
     )
     rows = list(feedback_dataset(open_store(server.settings)))
     assert rows == [{"messages": [{"role": "user", "content": "write to [EMAIL]"},  # PII scrubbed in logs
-                                  {"role": "assistant", "content": "done"}],
-                     "rating": 1, "feedback": "nice", "model": "fake", "completion_id": cid}]  # fmt: skip
+                                  {"role": "assistant", "content": answer}],
+                     "rating": 1, "feedback": "nice", "model": "tiny", "completion_id": cid}]  # fmt: skip
 
 
 def test_concurrent_writers_never_see_database_is_locked(server):
@@ -157,17 +162,17 @@ import sys, uvicorn
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from accounts_helpers import build_app, make_settings
-uvicorn.run(build_app(make_settings(Path({tmp!r}))), host="127.0.0.1", port={port}, log_level="error")
+uvicorn.run(build_app(make_settings(Path({tmp!r})), Path({run!r})), host="127.0.0.1", port={port}, log_level="error")
 """
 
 
-def test_kill_9_during_a_feedback_burst_loses_no_acknowledged_write(tmp_path):
+def test_kill_9_during_a_feedback_burst_loses_no_acknowledged_write(tmp_path, tiny_run):
     port = free_port()
-    code = SERVER.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), port=port)
+    code = SERVER.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), run=str(tiny_run), port=port)
     proc = subprocess.Popen([sys.executable, "-c", code])
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(200):
+        for _ in range(600):  # the subprocess imports torch and loads the model first
             try:
                 httpx.get(base + "/auth/me", timeout=1)
                 break
@@ -216,7 +221,7 @@ def test_training_runs_are_indexed_from_run_directories(tmp_path, tiny_run):
 
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run, runs / "tiny", ignore=shutil.ignore_patterns("last", "best", "tb", "data"))
-    with serve(build_app(make_settings(tmp_path))) as url:
+    with serve(build_app(make_settings(tmp_path), tiny_run)) as url:
         c = httpx.Client(base_url=url)
         listed = c.get("/training/runs").json()["data"]  # open mode on loopback
         assert [r["id"] for r in listed] == ["tiny"] and listed[0]["step"] > 0
@@ -255,8 +260,8 @@ def test_retention_deletes_old_logs_but_keeps_rated_completions(server):
     from semilla.serve.accounts.db import AuditEntry, Completion, utcnow
 
     h = login(server, "root")
-    old = server.post("/v1/fake/completions", headers=h, json={"prompt": "old"}).json()["id"]
-    rated = server.post("/v1/fake/completions", headers=h, json={"prompt": "rated"}).json()["id"]
+    old = chat(server, h, "old").json()["id"]
+    rated = chat(server, h, "rated").json()["id"]
     server.post("/feedback", headers=h, json={"rating": 1, "completion_id": rated})
     store = open_store(server.settings)
     long_ago = utcnow() - timedelta(days=31)
@@ -270,17 +275,49 @@ def test_retention_deletes_old_logs_but_keeps_rated_completions(server):
         assert {c.id for c in s.query(Completion)} == {rated} and old != rated
 
 
-def test_content_filter_refuses_prompts_and_flags_outputs(tmp_path):
+def test_content_filter_refuses_prompts_and_withholds_outputs(tmp_path, tiny_run):
+    import re
+
+    import semilla
+
+    # the tiny model's real greedy answer to "x"; its first three characters become a blocked pattern
+    answer = semilla.load(str(tiny_run)).chat(
+        [{"role": "user", "content": "x"}], max_new_tokens=8, temperature=0
+    )
+    assert len(answer) >= 3 and answer[:3] not in "x"
     words = tmp_path / "filter.txt"
-    words.write_text("# blocked\nforbidden\nre:secret\\s+plan\n")
-    with serve(build_app(make_settings(tmp_path, content_filter_file=str(words)))) as url:
-        c = httpx.Client(base_url=url)
-        r = c.post("/v1/fake/completions", json={"prompt": "a FORBIDDEN word"})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "content_filter"
-        assert c.post("/v1/fake/completions", json={"prompt": "forbiddenness is fine"}).status_code == 200
-        assert c.post("/v1/fake/completions", json={"prompt": "x", "output": "the secret  plan"}).json()[
-            "filtered"
+    words.write_text(f"# blocked\nforbidden\nre:secret\\s+plan\nre:{re.escape(answer[:3])}\n")
+    with serve(build_app(make_settings(tmp_path, content_filter_file=str(words)), tiny_run)) as url:
+        c = httpx.Client(base_url=url, timeout=30)
+        refused = [
+            chat(c, prompt="a FORBIDDEN word"),
+            chat(
+                c,
+                messages=[
+                    {"role": "system", "content": "the secret  plan"},
+                    {"role": "user", "content": "x"},
+                ],
+            ),
+            c.post("/v1/completions", json={"model": "tiny", "prompt": "forbidden", "max_tokens": 2}),
+            c.post("/v1/completions", json={"model": "tiny", "prompt": ["ok", "forbidden"], "max_tokens": 2}),
+            c.post("/v1/generate", json={"text": "forbidden!", "max_length": 2}),
+            c.post("/predict", json={"prompt": "Forbidden", "max_length": 2}),
         ]
+        for r in refused:
+            assert r.status_code == 400 and r.json()["error"]["code"] == "content_filter", r.text
+        assert chat(c, prompt="forbiddenness is fine").status_code == 200
+        # the output: generation stops where the pattern appears, and the match is withheld
+        for _ in range(2):  # a filtered answer is never cached: the second run is filtered again
+            r = chat(c, prompt="x", max_tokens=8).json()["choices"][0]
+            assert r["finish_reason"] == "content_filter" and answer.startswith(r["message"]["content"])
+            assert answer[:3] not in r["message"]["content"]
+        kw = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 8, "temperature": 0,
+              "stream": True}  # fmt: skip
+        events = [line[6:] for line in c.post("/v1/chat/completions", json=kw).text.splitlines() if line]
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert events[-1] == "[DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
+        streamed = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
+        assert answer[:3] not in streamed and answer.startswith(streamed)
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,46 @@
-"""The authorization matrix: every accounts route x {anonymous, user, other user, admin}.
+"""The authorization matrix on the real server: every route (the model routes, /metrics kept
+private, the accounts routes) x {anonymous, user, other user, admin}.
 
 "other" is a second user who owns nothing of "user"'s: reading or changing by id answers 404.
+Accounts exist, so anonymous callers get 401 on the model routes too.
 """
 
 from __future__ import annotations
 
 import httpx
 import pytest
-from accounts_helpers import build_app, login, make_settings, register, serve
+from accounts_helpers import build_app, chat, login, make_settings, register, serve
 
 # (method, path, json, {role: expected status}); {fid}, {cid}, {kid}, {uid} belong to "user"
 A, U, X, D = "anonymous", "user", "other", "admin"
+HOLA = [{"role": "user", "content": "Hola"}]
 MATRIX = [
+    ("GET", "/health", None, {A: 200, U: 200, X: 200, D: 200}),
+    ("GET", "/ready", None, {A: 200, U: 200, X: 200, D: 200}),
+    ("GET", "/metrics", None, {A: 401, U: 403, X: 403, D: 200}),  # metrics_public=False
+    ("GET", "/v1/models", None, {A: 401, U: 200, X: 200, D: 200}),
+    ("GET", "/v1/models/tiny", None, {A: 401, U: 200, X: 200, D: 200}),
+    ("GET", "/v1/models/nope", None, {A: 401, U: 404, X: 404, D: 404}),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": HOLA, "max_tokens": 2},
+        {A: 401, U: 200, X: 200, D: 200},
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": HOLA, "max_tokens": 2, "stream": True},
+        {A: 401, U: 200, X: 200, D: 200},
+    ),
+    (
+        "POST",
+        "/v1/completions",
+        {"model": "tiny", "prompt": "Hola", "max_tokens": 2},
+        {A: 401, U: 200, X: 200, D: 200},
+    ),
+    ("POST", "/v1/generate", {"text": "Hola", "max_length": 2}, {A: 401, U: 200, X: 200, D: 200}),
+    ("POST", "/predict", {"prompt": "Hola", "max_length": 2}, {A: 401, U: 200, X: 200, D: 200}),
     ("GET", "/auth/me", None, {A: 401, U: 200, X: 200, D: 200}),
     ("GET", "/v1/keys", None, {A: 401, U: 200, X: 200, D: 200}),
     ("POST", "/v1/keys", {"name": "k"}, {A: 401, U: 201, X: 201, D: 201}),
@@ -28,7 +57,6 @@ MATRIX = [
     ("GET", "/training/runs", None, {A: 401, U: 200, X: 200, D: 200}),
     ("GET", "/training/latest", None, {A: 401, U: 404, X: 404, D: 404}),
     ("GET", "/training/runs/nope/metrics", None, {A: 401, U: 404, X: 404, D: 404}),
-    ("POST", "/v1/fake/completions", {"prompt": "x"}, {A: 401, U: 200, X: 200, D: 200}),
     ("GET", "/admin/users", None, {A: 401, U: 403, X: 403, D: 200}),
     ("PATCH", "/admin/users/{uid}", {"role": "user"}, {A: 401, U: 403, X: 403, D: 200}),
     ("GET", "/admin/keys", None, {A: 401, U: 403, X: 403, D: 200}),
@@ -44,18 +72,23 @@ MATRIX = [
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_run):
     tmp = tmp_path_factory.mktemp("matrix")
-    with serve(build_app(make_settings(tmp))) as url, httpx.Client(base_url=url, timeout=30) as c:
+    with (
+        serve(build_app(make_settings(tmp, metrics_public=False), tiny_run)) as url,
+        httpx.Client(base_url=url, timeout=30) as c,
+    ):
         register(c, "root")  # first account: admin
         register(c, "ana")
         register(c, "eve")
-        yield c
+        tokens = {U: login(c, "ana"), X: login(c, "eve"), D: login(c, "root")}
+        c.cookies.clear()
+        yield c, tokens
 
 
 def fresh_objects(c: httpx.Client, h: dict) -> dict[str, str]:
     """New objects owned by "user" for one row (deleting rows must not spoil the next)."""
-    cmpl = c.post("/v1/fake/completions", headers=h, json={"prompt": "mine"}).json()["id"]
+    cmpl = chat(c, h, "mine").json()["id"]
     return {
         "kid": str(c.post("/v1/keys", headers=h, json={"name": "k"}).json()["id"]),
         "cid": c.post("/v1/conversations", headers=h, json={"title": "t"}).json()["id"],
@@ -69,12 +102,13 @@ def fresh_objects(c: httpx.Client, h: dict) -> dict[str, str]:
     ("method", "path", "body", "expected"), MATRIX, ids=[f"{m} {p}" for m, p, *_ in MATRIX]
 )
 def test_authorization_matrix(world, method, path, body, expected):
-    c = world
+    c, tokens = world
     for role, want in expected.items():
-        c.cookies.clear()
-        owner = login(c, "ana")
-        headers = {A: {}, U: owner, X: login(c, "eve"), D: login(c, "root")}[role]
-        c.cookies.clear()
+        if path == "/auth/logout":  # ends the session it is called with: fresh ones each time
+            tokens = {U: login(c, "ana"), X: login(c, "eve"), D: login(c, "root")}
+            c.cookies.clear()
+        owner = tokens[U]
+        headers = {A: {}, **tokens}[role]
         ids = fresh_objects(c, owner)
         url = path.format(**ids)
         payload = (
