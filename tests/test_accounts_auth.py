@@ -107,6 +107,7 @@ def test_forged_tampered_expired_and_premature_tokens_are_401(server):
         server.cookies.set("semilla_session", token)
         assert server.get("/auth/me").status_code == 401, name + " (cookie)"
         server.cookies.clear()
+        assert_error(complete(server, {"Authorization": f"Bearer {token}"}), 401)  # the model routes too
     assert server.get("/auth/me", headers={"Authorization": f"Bearer {good}"}).json()["username"] == "bob"
 
 
