@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Response
 
 from semilla import __version__
-from semilla.serve import accounts
+from semilla.serve import accounts, web
 from semilla.serve.engine import Engine
 from semilla.serve.errors import APIError, install_error_handlers
 from semilla.serve.hooks import ServerHooks
@@ -97,6 +97,7 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(compat.router)
     accounts.install(app, settings)  # store, auth, limits, cache, feedback: sets app.state.hooks
+    web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
     # outermost last: the size limit runs before anything reads the body
     app.add_middleware(RequestMetrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
