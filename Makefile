@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := runs/demo
 
-.PHONY: setup demo test bench lint format clean llama-cpp
+.PHONY: setup demo test bench lint format clean llama-cpp browser screenshots
 
 # llama-cpp-python compiles llama.cpp (about 7 minutes on 2 cores): the wheel is built once into
 # a cache outside the clone, then every fresh venv installs it from there. Portable x86-64 build
@@ -42,6 +42,8 @@ $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION): | $(VENV)/.installed
 demo: setup $(DEMO)/best/config.json
 	$(BIN)/semilla generate $(DEMO) --prompt "En un lugar de la Mancha" --max-new-tokens 300 \
 		--temperature 0.8 --top-k 40 --num-samples 2 --seed 7
+	@echo "semilla: chat with the demo model at http://127.0.0.1:$${PORT:-8000}/ (Ctrl+C stops the server)"
+	$(BIN)/semilla serve $(DEMO) --data-dir runs/demo-server
 
 $(DEMO)/best/config.json:
 	$(BIN)/semilla train --data src/semilla/demo/quijote.txt --out-dir $(DEMO) \
@@ -49,8 +51,16 @@ $(DEMO)/best/config.json:
 		--max-iters 1500 --learning-rate 3e-3 --min-lr 3e-4 --warmup-iters 50 \
 		--eval-interval 250 --save-interval 250
 
-test: setup
+test: setup browser
 	$(BIN)/pytest -q
+
+# The browser tests drive Debian's chromium (Playwright's own download needs the network).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+# Screenshots of the chat and the dashboard (desktop and phone) for the README.
+screenshots: setup browser
+	SEMILLA_SCREENSHOTS=docs/screenshots $(BIN)/pytest -q tests/test_web_browser.py
 
 bench: setup
 	$(BIN)/python bench/train_shakespeare.py
