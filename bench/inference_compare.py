@@ -5,9 +5,10 @@ llama-cpp-python) and ONNX Runtime (the exported graph has no KV cache: every st
 whole sequence). The model is a llama-family transformer with random weights (speed does not
 depend on what was learned) and the tinyshakespeare character vocabulary.
 
-    .venv/bin/python bench/inference_compare.py [--threads 1] [--repeats 3]
+    .venv/bin/python bench/inference_compare.py [--threads 1] [--repeats 3] [--shape 50m]
 
-Prints tokens/s side by side and writes bench/results/inference_compare.json.
+Shapes: `10m` (6 layers x 384, DataShark-sized) and `50m` (8 layers x 640, 10 heads).
+Prints tokens/s side by side and writes bench/results/inference_compare[-SHAPE].json.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=512)  # ~10.7M parameters, DataShark-sized
+SHAPES = {
+    "10m": dict(n_layer=6, n_head=6, n_embd=384, block_size=512),  # ~10.7M parameters, DataShark-sized
+    "50m": dict(n_layer=8, n_head=10, n_embd=640, block_size=512),  # ~40M parameters
+}
+SHAPE = dict(SHAPES["10m"])
 NEW_TOKENS = 256
 
 
@@ -116,7 +121,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for every runtime (default: 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per runtime; the median counts")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="10m", help="model shape (default: 10m)")
     args = parser.parse_args()
+    SHAPE.update(SHAPES[args.shape])
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     with tempfile.TemporaryDirectory(prefix="semilla-bench-") as tmp:
         paths = build(Path(tmp), args.threads)
@@ -150,7 +157,8 @@ def main() -> None:
         "results": results,
         "summary": summary,
     }
-    out = ROOT / "bench" / "results" / "inference_compare.json"
+    suffix = "" if args.shape == "10m" else f"-{args.shape}"
+    out = ROOT / "bench" / "results" / f"inference_compare{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")

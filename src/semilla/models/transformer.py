@@ -216,7 +216,10 @@ class Attention(nn.Module):
             cache.k[layer].scatter_(2, step.slots, k)
             cache.v[layer].scatter_(2, step.slots, v)
             keys, values = cache.k[layer][:, :, : step.length], cache.v[layer][:, :, : step.length]
-            y = cached_attention(q, keys, values, step.visible)
+            if step.visible is None:  # every slot visible: SDPA's unmasked kernel is fastest
+                y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+            else:
+                y = cached_attention(q, keys, values, step.visible)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 
