@@ -64,6 +64,10 @@ screenshots: setup browser
 
 bench: setup
 	$(BIN)/python bench/train_shakespeare.py
+	$(BIN)/python bench/generate_speed.py
+	$(BIN)/python bench/serve_load.py --compare-auth
+	$(BIN)/python bench/inference_compare.py
+	$(BIN)/python bench/inference_compare.py --shape 50m
 
 lint: setup
 	$(BIN)/ruff format --check src tests bench

@@ -53,7 +53,9 @@ def test_keys_as_bearer_and_x_api_key_shown_once_and_revocable(server):
     assert key.startswith("sk-") and created["expires_at"]
     listed = server.get("/v1/keys", headers=h).json()["data"]
     assert "key" not in listed[0] and key not in json.dumps(listed)  # never shown again
+    assert listed[0]["last_used_at"] is None
     assert complete(server, {"Authorization": f"Bearer {key}"}).status_code == 200
+    assert server.get("/v1/keys", headers=h).json()["data"][0]["last_used_at"]
     assert complete(server, {"X-API-Key": key}).status_code == 200
     assert_error(server.get("/v1/keys", headers={"X-API-Key": key}), 403)  # keys cannot mint keys
     assert server.delete(f"/v1/keys/{created['id']}", headers=h).status_code == 204

@@ -214,6 +214,29 @@ def test_conversation_history_from_real_chat_requests_stays_private(world):
     assert [m["content"] for m in turns] == ["Hola", first]
 
 
+def test_regenerating_replaces_the_last_answer_and_asking_again_adds_a_turn(world):
+    c, ana = world, world.tokens["ana"]
+    conv = c.post("/v1/conversations", headers=ana, json={}).json()["id"]
+    first = content(chat(c, ana, "Hola", conversation_id=conv))
+    # the web UI's regenerate: the same question again, without the answer it replaces
+    again = content(chat(c, ana, "Hola", conversation_id=conv, temperature=1.0, seed=3))
+    turns = [
+        (m["role"], m["content"]) for m in c.get(f"/v1/conversations/{conv}", headers=ana).json()["messages"]
+    ]
+    assert turns == [("user", "Hola"), ("assistant", again)]
+    # the same question asked after the answer (history sent along) is a new turn
+    history = [
+        {"role": "user", "content": "Hola"},
+        {"role": "assistant", "content": again},
+        {"role": "user", "content": "Hola"},
+    ]
+    r = c.post("/v1/chat/completions", headers=ana, json={"model": "tiny", "messages": history,
+               "max_tokens": 2, "temperature": 0, "conversation_id": conv})  # fmt: skip
+    assert r.status_code == 200 and first
+    turns = c.get(f"/v1/conversations/{conv}", headers=ana).json()["messages"]
+    assert [m["role"] for m in turns] == ["user", "assistant", "user", "assistant"]
+
+
 def test_hostile_text_in_chat_is_data(world):
     c, ana = world, world.tokens["ana"]
     conv = c.post("/v1/conversations", headers=ana, json={}).json()["id"]

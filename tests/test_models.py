@@ -178,3 +178,21 @@ def test_inference_reuses_stacked_weights_until_a_weight_changes(mlp: str) -> No
     model.load_state_dict(fresh.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(model(idx), fresh(idx), rtol=0, atol=1e-6)
+
+
+def test_fused_adamw_updates_are_seen_by_the_next_evaluation() -> None:
+    """Fused AdamW changes weights without bumping their versions: a training loop's
+    train() / eval() switch is what refreshes the stacked weights."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    idx = torch.randint(0, 50, (2, 10))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    for _ in range(3):
+        model.train()
+        model(idx).logsumexp(-1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            cached = model(idx)
+        torch.testing.assert_close(cached, model(idx).detach(), rtol=0, atol=1e-6)

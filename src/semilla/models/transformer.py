@@ -153,8 +153,11 @@ class FusedLinear:
     """Several nn.Linear layers applied as one matmul (their weights stacked along outputs).
 
     The layers keep their own parameters (and so Hugging Face's names). When no gradient is
-    recorded (generation, evaluation) the stacked weight is cached and rebuilt only after a
-    weight changes: an optimizer step or a load bumps the tensors' version counters.
+    recorded (generation, evaluation) the stacked weight is cached. It is rebuilt when a weight
+    is replaced or changed in place by a versioned op (a load, a plain optimizer), and forgotten
+    whenever the model switches between train() and eval(): PyTorch's fused AdamW updates
+    weights without bumping their version counters, and a training loop always switches to
+    eval() before it evaluates.
     """
 
     def __init__(self, *linears: nn.Linear):
@@ -162,6 +165,9 @@ class FusedLinear:
         self.sizes = [lin.out_features for lin in linears]
         self.key: tuple | None = None
         self.stacked: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def forget(self) -> None:
+        self.key = self.stacked = None
 
     def _stack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = torch.cat([lin.weight for lin in self.linears])
@@ -195,6 +201,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.qkv = FusedLinear(self.q_proj, self.k_proj, self.v_proj)
         self.dropout = cfg.dropout
+
+    def train(self, mode: bool = True) -> Attention:
+        self.qkv.forget()  # weights may have changed without a version bump (FusedLinear)
+        return super().train(mode)
 
     def forward(self, x, rope, cache: KVCache | None, step: CacheStep | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -235,6 +245,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         if cfg.mlp == "swiglu":
             self.gate_up = FusedLinear(self.gate_proj, self.up_proj)
+
+    def train(self, mode: bool = True) -> MLP:
+        if self.kind == "swiglu":
+            self.gate_up.forget()  # see FusedLinear
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":

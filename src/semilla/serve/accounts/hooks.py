@@ -105,6 +105,7 @@ class AccountHooks(ServerHooks):
             if found is None:
                 return None
             key, user = found
+            users.touch_key(self.store, key.id)  # once per identity-cache period, not per request
             return Principal(kind="key", role=user.role, user_id=user.id, key_id=key.id,
                              name=f"{user.username}/{key.name}", scopes=tuple(key.scopes.split()))  # fmt: skip
         claims = security.decode_token(self.secret, credential)

@@ -84,12 +84,36 @@ class CompletionWriter:
                 append_turn(s, conv, r)
 
 
+def is_regeneration(s, conv: Conversation, messages: list) -> bool:
+    """A request that re-asks the conversation's last question without its last answer:
+    stored [..., user Q, assistant A] and the request ends [..., not A, user Q]."""
+    tail = s.scalars(
+        select(Message).where(Message.conversation_id == conv.id).order_by(Message.id.desc()).limit(2)
+    ).all()
+    if len(tail) < 2 or tail[0].role != "assistant" or tail[1].role != "user":
+        return False
+    asked = messages[-1]
+    before = messages[-2] if len(messages) > 1 else {}
+    answered_again = before.get("role") == "assistant" and before.get("content") == tail[0].content
+    return asked.get("content") == tail[1].content and not answered_again
+
+
 def append_turn(s, conv: Conversation, r: CompletionRecord) -> None:
-    """The newest user message of the request and the first output join the conversation."""
+    """The newest user message of the request and the first output join the conversation; a
+    regenerated answer replaces the last one instead."""
     if isinstance(r.prompt, list) and r.prompt:
         last = r.prompt[-1]
         if isinstance(last, dict) and last.get("role") == "user":
-            s.add(Message(conversation_id=conv.id, role="user", content=str(last.get("content") or "")))
+            if is_regeneration(s, conv, r.prompt):
+                previous = s.scalars(
+                    select(Message)
+                    .where(Message.conversation_id == conv.id)
+                    .order_by(Message.id.desc())
+                    .limit(1)
+                ).one()
+                s.delete(previous)
+            else:
+                s.add(Message(conversation_id=conv.id, role="user", content=str(last.get("content") or "")))
     elif isinstance(r.prompt, str):
         s.add(Message(conversation_id=conv.id, role="user", content=r.prompt))
     if r.outputs:

@@ -110,7 +110,7 @@ export function barChart(title, buckets, series, { yFormat = (v) => v.toFixed(0)
     fig.append(empty);
     return fig;
   }
-  const yhi = Math.max(...totals);
+  const yhi = 4 * Math.ceil(Math.max(...totals) / 4); // counts: four whole-number grid steps
   const root = frame(title, yFormat, [0, yhi], [buckets[0].label, buckets.at(-1).label]);
   const slot = (W - PAD.left - PAD.right) / buckets.length;
   const scale = (H - PAD.top - PAD.bottom) / yhi;
