@@ -250,6 +250,26 @@ def test_hostile_text_in_chat_is_data(world):
 # --- limits with real generation -----------------------------------------------------------
 
 
+def test_a_client_that_leaves_mid_stream_is_charged_for_what_was_generated(tmp_path, tiny_run):
+    settings = make_settings(tmp_path, rate_limit_tpm={"user": 5, "admin": 5, "anonymous": 5})
+    with serve(build_app(settings, tiny_run)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        register(c, "root")
+        register(c, "ana")
+        ana = login(c, "ana")
+        c.cookies.clear()
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hola"}], "max_tokens": 24,
+                "min_tokens": 24, "temperature": 1.0, "stream": True}  # fmt: skip
+        with c.stream("POST", "/v1/chat/completions", headers=ana, json=body) as r:
+            chunks = 0
+            for line in r.iter_lines():
+                chunks += line.startswith("data: {")
+                if chunks == 8:  # 8 tokens are more than the 5 a minute allows: hang up now
+                    break
+        time.sleep(0.5)
+        r = chat(c, ana, temperature=1.0, max_tokens=2)
+        assert r.status_code == 429, r.text
+
+
 def test_tokens_per_minute_with_real_generation(tmp_path, tiny_run):
     settings = make_settings(tmp_path, rate_limit_tpm={"user": 30, "admin": 30, "anonymous": 30})
     with serve(build_app(settings, tiny_run)) as url, httpx.Client(base_url=url, timeout=60) as c:

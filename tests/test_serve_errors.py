@@ -176,3 +176,10 @@ def test_a_hundred_requests_against_a_queue_of_sixteen(server: str):
             assert r.json()["usage"]["completion_tokens"] == 30
     assert wait_until(lambda: _active(server) == 0, timeout=5)
     assert post(server, chat(max_tokens=3)).status_code == 200
+
+
+def test_engine_settings_are_validated_at_start(tiny_run: Path):
+    from helpers import assert_one_line_error, run_cli
+
+    proc = run_cli("serve", str(tiny_run), "--max-slots", "0", "--port", "1")
+    assert_one_line_error(proc, "max_slots")

@@ -70,7 +70,8 @@ def filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SamplingParams:
-    """Per-row sampling settings as (B, 1) tensors, built from one GenerateConfig per row."""
+    """Per-row sampling settings as (B, 1) tensors, built from one GenerateConfig per row, and
+    which steps any row needs at all (plain bools: no tensor reduction per decode step)."""
 
     temperature: torch.Tensor
     top_k: torch.Tensor
@@ -79,12 +80,19 @@ class SamplingParams:
     repetition: torch.Tensor
     frequency: torch.Tensor
     presence: torch.Tensor
+    sampled_rows: list[int]  # rows with temperature > 0
+    any_repetition: bool
+    any_frequency_presence: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
 
     @classmethod
     def from_configs(cls, cfgs: Sequence[GenerateConfig], device) -> SamplingParams:
         def col(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
 
+        sampled = [c for c in cfgs if c.temperature > 0]  # filters only matter to sampled rows
         return cls(
             temperature=col([c.temperature for c in cfgs]),
             top_k=col([c.top_k for c in cfgs], torch.long),
@@ -93,6 +101,12 @@ class SamplingParams:
             repetition=col([c.repetition_penalty for c in cfgs]),
             frequency=col([c.frequency_penalty for c in cfgs]),
             presence=col([c.presence_penalty for c in cfgs]),
+            sampled_rows=[b for b, c in enumerate(cfgs) if c.temperature > 0],
+            any_repetition=any(c.repetition_penalty != 1 for c in cfgs),
+            any_frequency_presence=any(c.frequency_penalty != 0 or c.presence_penalty != 0 for c in cfgs),
+            any_top_k=any(c.top_k > 0 for c in sampled),
+            any_top_p=any(c.top_p < 1 for c in sampled),
+            any_min_p=any(c.min_p > 0 for c in sampled),
         )
 
 
@@ -100,18 +114,20 @@ def process_logits(
     logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, counts: torch.Tensor
 ) -> torch.Tensor:
     """Penalties, then temperature and the top-k / top-p / min-p filters. Greedy rows untouched
-    by temperature (they take the argmax of the penalized logits)."""
-    if bool((params.repetition != 1).any()):
+    by temperature (they take the argmax of the penalized logits; no filter changes it)."""
+    if params.any_repetition:
         logits = apply_repetition_penalty(logits, seen, params.repetition)
-    if bool((params.frequency != 0).any() or (params.presence != 0).any()):
+    if params.any_frequency_presence:
         logits = apply_frequency_presence(logits, counts, params.frequency, params.presence)
+    if not params.sampled_rows:
+        return logits
     greedy = params.temperature == 0
     logits = logits / torch.where(greedy, 1.0, params.temperature)
-    if bool((params.top_k > 0).any()):
+    if params.any_top_k:
         logits = filter_top_k(logits, params.top_k)
-    if bool((params.top_p < 1).any()):
+    if params.any_top_p:
         logits = filter_top_p(logits, params.top_p)
-    if bool((params.min_p > 0).any()):
+    if params.any_min_p:
         logits = filter_min_p(logits, params.min_p)
     return logits
 
@@ -120,15 +136,25 @@ def choose_tokens(
     logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator | None]
 ) -> torch.Tensor:
     """One token per row: argmax for temperature 0, else a draw with the row's own generator."""
-    greedy = logits.argmax(-1)
-    probs = logits.float().softmax(-1)
-    out = []
-    for b, gen in enumerate(generators):
-        if float(params.temperature[b]) == 0:
-            out.append(greedy[b])
-        else:
-            out.append(torch.multinomial(probs[b], 1, generator=gen)[0])
-    return torch.stack(out)
+    tokens = logits.argmax(-1)
+    if params.sampled_rows:
+        probs = logits.float().softmax(-1)
+        for b in params.sampled_rows:
+            tokens[b] = torch.multinomial(probs[b], 1, generator=generators[b])[0]
+    return tokens
+
+
+def top_alternatives(top, row: int, n: int) -> list[tuple[int, float]]:
+    """The n most likely (token, log-probability) of a row, from a topk() result."""
+    return list(zip(top.indices[row, :n].tolist(), top.values[row, :n].tolist(), strict=True))
+
+
+def mark_seen(seen: torch.Tensor, counts: torch.Tensor, emitted: list[tuple[int, int]]) -> None:
+    """Record each (row, token) just emitted for the penalties, in one indexed update."""
+    if emitted:
+        rows, toks = (torch.tensor(x, device=seen.device) for x in zip(*emitted, strict=True))
+        seen[rows, toks] = True
+        counts[rows, toks] += 1
 
 
 # --- the generation loop ------------------------------------------------------------------
@@ -261,34 +287,27 @@ def stream(
             if produced[b] < cfgs[b].min_new_tokens and row_stops[b]:
                 logits[b, list(row_stops[b])] = -math.inf
         tokens = choose_tokens(process_logits(logits, params, seen, counts), params, generators)
+        chosen_logprobs = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
         top = logprobs.topk(want_logprobs, dim=-1) if want_logprobs else None
         # 2. emit events, update per-row state
-        events = []
-        for b in range(B):
+        events, emitted = [], []
+        for b, tok in enumerate(tokens.tolist()):
             if not running[b]:
                 continue
-            tok = int(tokens[b])
             if tok in row_stops[b]:
                 running[b] = False
                 events.append(TokenEvent(b, None, finish_reason="stop"))
                 continue
             produced[b] += 1
             sequences[b].append(tok)
-            seen[b, tok] = True
-            counts[b, tok] += 1
+            emitted.append((b, tok))
             n_top = cfgs[b].logprobs or 0
-            alts = (
-                [
-                    (int(i), float(v))
-                    for i, v in zip(top.indices[b, :n_top], top.values[b, :n_top], strict=True)
-                ]
-                if top is not None
-                else []
-            )
+            alts = top_alternatives(top, b, n_top) if n_top else []
             done = produced[b] >= cfgs[b].max_new_tokens or (limit is not None and len(sequences[b]) >= limit)
             if done:
                 running[b] = False
-            events.append(TokenEvent(b, tok, float(logprobs[b, tok]), alts, "length" if done else None))
+            events.append(TokenEvent(b, tok, chosen_logprobs[b], alts, "length" if done else None))
+        mark_seen(seen, counts, emitted)
         yield events
         for b in stop_rows:
             running[b] = False

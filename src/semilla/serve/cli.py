@@ -53,12 +53,19 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from semilla.errors import SemillaError
     from semilla.serve.server import serve
     from semilla.serve.settings import ServerSettings
 
     overrides = {field: getattr(args, field_attr(flag)) for flag, field, _, _ in FLAGS}
     overrides["insecure_no_auth"] = args.insecure_no_auth
-    settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:  # flags, SEMILLA_* variables or .env: name every bad one
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise SemillaError(f"invalid server settings: {problems}") from None
     serve(args.checkpoints, settings, args.name)
     return 0
 

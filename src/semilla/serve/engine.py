@@ -28,7 +28,16 @@ import torch
 from torch import nn
 
 from semilla.config import GenerateConfig
-from semilla.generate import SamplingParams, TokenEvent, choose_tokens, context_limit, prefill, process_logits
+from semilla.generate import (
+    SamplingParams,
+    TokenEvent,
+    choose_tokens,
+    context_limit,
+    mark_seen,
+    prefill,
+    process_logits,
+    top_alternatives,
+)
 from semilla.serve import metrics
 
 log = logging.getLogger(__name__)
@@ -62,10 +71,29 @@ class Sequence:
 
     def deliver(self, event: TokenEvent | BaseException) -> None:
         """Called from the scheduler thread: put (self, event) on the request's queue."""
+        deliver_all([(self, event)])
+
+
+class QueueTimeoutError(Exception):
+    """A request waited for a free slot longer than its timeout."""
+
+
+def _put_all(items: list[tuple[Sequence, TokenEvent | BaseException]]) -> None:
+    for seq, event in items:
+        seq.queue.put_nowait((seq, event))
+
+
+def deliver_all(items: list[tuple[Sequence, TokenEvent | BaseException]]) -> None:
+    """Hand events to their requests: one wake-up per event loop per step, not one per token."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for seq, event in items:
+        by_loop.setdefault(seq.loop, []).append((seq, event))
+    for loop, batch in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self, event))
+            loop.call_soon_threadsafe(_put_all, batch)
         except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancel()
+            for seq, _ in batch:
+                seq.cancel()
 
 
 class SlotCache:
@@ -131,6 +159,12 @@ class ModelWorker:
         self.active: list[Sequence] = []  # row i of the cache
         self.waiting: deque[Sequence] = deque()
         self.lock = threading.Lock()  # guards `waiting` (the HTTP threads append to it)
+        self.params: SamplingParams | None = None  # of the active rows; rebuilt when they change
+        self.ttft = metrics.TIME_TO_FIRST_TOKEN.labels(name)
+        self.itl = metrics.INTER_TOKEN_LATENCY.labels(name)
+        self.generated = metrics.GENERATED_TOKENS.labels(name)
+        self.active_gauge = metrics.ACTIVE_SLOTS.labels(name)
+        self.queue_gauge = metrics.QUEUE_DEPTH.labels(name)
 
     # --- called from the HTTP side -----------------------------------------------------
 
@@ -151,45 +185,54 @@ class ModelWorker:
         self._drop_cancelled_and_late()
         n_old = len(self.active)
         admitted = self._admit()
-        if not self.active:
-            return
-        parts = []
-        if n_old:
-            parts.append(self._decode(n_old))
-        if admitted:
-            parts.append(self._prefill(n_old, admitted))
-        self._sample(torch.cat(parts))
-        metrics.ACTIVE_SLOTS.labels(self.name).set(len(self.active))
-        metrics.QUEUE_DEPTH.labels(self.name).set(len(self.waiting))
+        if self.active:
+            parts = []
+            if n_old:
+                parts.append(self._decode(n_old))
+            if admitted:
+                parts.append(self._prefill(n_old, admitted))
+            self._sample(torch.cat(parts))
+        self.active_gauge.set(len(self.active))
+        self.queue_gauge.set(len(self.waiting))
 
     def fail_all(self, error: BaseException) -> None:
         """Something broke inside a forward pass: every sequence ends with the error."""
         with self.lock:
             waiting, self.waiting = list(self.waiting), deque()
-        for seq in self.active + waiting:
-            seq.deliver(error)
-        self.active = []
+        deliver_all([(seq, error) for seq in self.active + waiting])
+        self.active, self.params = [], None
 
     def _drop_cancelled_and_late(self) -> None:
+        """Cancelled sequences leave silently; one past its deadline ends with 'length' (or,
+        still waiting for a slot, with QueueTimeoutError)."""
         now = time.perf_counter()
-        done = []
+        done, late = [], []
         for row, seq in enumerate(self.active):
             if seq.cancelled.is_set():
                 done.append(row)
             elif now - seq.submitted_at > seq.timeout_s:
                 log.warning("request on %s ran past its %.0f s timeout", self.name, seq.timeout_s)
-                seq.deliver(TokenEvent(0, None, finish_reason="length"))
+                late.append((seq, TokenEvent(row, None, finish_reason="length")))
                 done.append(row)
         self._remove(done)
         with self.lock:
-            kept = deque(s for s in self.waiting if not s.cancelled.is_set())
-            self.waiting = kept
+            waiting, self.waiting = self.waiting, deque()
+            for seq in waiting:
+                if seq.cancelled.is_set():
+                    continue
+                if now - seq.submitted_at > seq.timeout_s:
+                    late.append((seq, QueueTimeoutError(f"no free slot within {seq.timeout_s:.0f} s")))
+                else:
+                    self.waiting.append(seq)
+        deliver_all(late)
 
     def _admit(self) -> list[Sequence]:
         admitted = []
         with self.lock:
             while self.waiting and len(self.active) + len(admitted) < self.max_slots:
                 admitted.append(self.waiting.popleft())
+        if admitted:
+            self.params = None
         for seq in admitted:
             row = len(self.active)
             self.active.append(seq)
@@ -203,8 +246,6 @@ class ModelWorker:
 
     def _prefill(self, start: int, seqs: list[Sequence]) -> torch.Tensor:
         """Run the new prompts into rows start.. of the cache; logits at their last token."""
-        end = start + len(seqs)
-        cache = self.cache.fresh_view(start, end)
         if self.cache.lstm:  # an LSTM state must not see padding: one row at a time
             rows = []
             for i, seq in enumerate(seqs):
@@ -212,6 +253,7 @@ class ModelWorker:
                 rows.append(prefill(self.model, [seq.prompt], self.pad_id, True, row_cache))
                 self.cache.commit(row_cache, start + i, start + i + 1)
             return torch.cat(rows).float()
+        cache = self.cache.fresh_view(start, start + len(seqs))
         logits = prefill(self.model, [s.prompt for s in seqs], self.pad_id, True, cache)
         return logits.float()
 
@@ -226,48 +268,50 @@ class ModelWorker:
         return logits.float()
 
     def _sample(self, logits: torch.Tensor) -> None:
-        n = len(self.active)
-        cfgs = [s.cfg for s in self.active]
+        active = self.active
+        n = len(active)
         logprobs = logits.log_softmax(-1)
-        for row, seq in enumerate(self.active):  # no stop before min_new_tokens
+        for row, seq in enumerate(active):  # no stop before min_new_tokens
             if seq.produced < seq.cfg.min_new_tokens and seq.stop_ids:
                 logits[row, list(seq.stop_ids)] = -math.inf
-        params = SamplingParams.from_configs(cfgs, self.device)
-        filtered = process_logits(logits, params, self.seen[:n], self.counts[:n])
-        tokens = choose_tokens(filtered, params, [s.generator for s in self.active]).tolist()
-        want_top = max((c.logprobs or 0) for c in cfgs)
+        if self.params is None:
+            self.params = SamplingParams.from_configs([s.cfg for s in active], self.device)
+        filtered = process_logits(logits, self.params, self.seen[:n], self.counts[:n])
+        tokens = choose_tokens(filtered, self.params, [s.generator for s in active])
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+        want_top = max((s.cfg.logprobs or 0) for s in active)
         top = logprobs.topk(want_top, dim=-1) if want_top else None
         now = time.perf_counter()
-        finished, emitted = [], 0
-        for row, (seq, tok) in enumerate(zip(self.active, tokens, strict=True)):
+        events, emitted, finished = [], [], []
+        for row, (seq, tok) in enumerate(zip(active, tokens.tolist(), strict=True)):
             if tok in seq.stop_ids:
-                seq.deliver(TokenEvent(row, None, finish_reason="stop"))
+                events.append((seq, TokenEvent(row, None, finish_reason="stop")))
                 finished.append(row)
                 continue
             seq.produced += 1
-            emitted += 1
             seq.tokens.append(tok)
-            self.seen[row, tok] = True
-            self.counts[row, tok] += 1
+            emitted.append((row, tok))
             k = seq.cfg.logprobs or 0
-            alts = []
-            if top is not None and k:
-                alts = list(zip(top.indices[row, :k].tolist(), top.values[row, :k].tolist(), strict=True))
+            alts = top_alternatives(top, row, k) if k else []
             full = self.limit is not None and len(seq.tokens) >= self.limit
             done = seq.produced >= seq.cfg.max_new_tokens or full
-            seq.deliver(TokenEvent(row, tok, float(logprobs[row, tok]), alts, "length" if done else None))
+            events.append((seq, TokenEvent(row, tok, chosen[row], alts, "length" if done else None)))
             if seq.last_token_at is None:
-                metrics.TIME_TO_FIRST_TOKEN.labels(self.name).observe(now - seq.submitted_at)
+                self.ttft.observe(now - seq.submitted_at)
             else:
-                metrics.INTER_TOKEN_LATENCY.labels(self.name).observe(now - seq.last_token_at)
+                self.itl.observe(now - seq.last_token_at)
             seq.last_token_at = now
             if done:
                 finished.append(row)
-        metrics.GENERATED_TOKENS.labels(self.name).inc(emitted)
+        deliver_all(events)
+        mark_seen(self.seen, self.counts, emitted)
+        self.generated.inc(len(emitted))
         self._remove(finished)
 
     def _remove(self, rows: list[int]) -> None:
         """Free these rows; the last active row moves into each hole (rows stay 0..n-1)."""
+        if rows:
+            self.params = None
         for row in sorted(rows, reverse=True):
             last = len(self.active) - 1
             if row != last:
@@ -335,6 +379,6 @@ class Engine:
             for worker in busy:  # one step of each model in turn
                 try:
                     worker.step()
-                except Exception as e:  # a bug or out of memory: fail its requests, keep serving
+                except Exception:  # a bug or out of memory: fail its requests, keep serving
                     log.exception("engine step failed on %s", worker.name)
-                    worker.fail_all(RuntimeError(f"generation failed: {e}"))
+                    worker.fail_all(RuntimeError("generation failed (the server log has the details)"))

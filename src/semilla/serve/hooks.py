@@ -65,6 +65,8 @@ class ServerHooks:
     def screen_prompt(self, principal: Principal, text: str) -> None:
         """Raise APIError(400, code='content_filter') to refuse a prompt."""
 
+    screens_output = False  # whether screen_output can ever say True (then outputs are judged)
+
     def screen_output(self, text: str) -> bool:
         """True when an output must be withheld (finish_reason 'content_filter')."""
         return False

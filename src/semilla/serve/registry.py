@@ -27,9 +27,10 @@ class ServedModel:
     def parameters(self) -> int:
         return count_parameters(self.lm.model)
 
-    def card(self) -> dict:
+    def card(self, with_path: bool = False) -> dict:
+        """OpenAI's model object plus semilla's shape details (the path only for admins)."""
         cfg = self.lm.model.config
-        return {
+        card = {
             "id": self.id,
             "object": "model",
             "created": self.created,
@@ -37,7 +38,6 @@ class ServedModel:
             "context_length": self.lm.context_length if cfg.arch != "lstm" else None,
             "parameters": self.parameters,
             "meta": {
-                "path": self.path,
                 "arch": cfg.arch,
                 "family": cfg.family,
                 "tokenizer": self.lm.tokenizer.kind,
@@ -46,6 +46,9 @@ class ServedModel:
                 "n_embd": cfg.n_embd,
             },
         }
+        if with_path:
+            card["meta"]["path"] = self.path
+        return card
 
 
 def model_specs(paths: list[str], names: list[str] | None = None) -> list[tuple[str, str]]:

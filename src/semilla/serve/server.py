@@ -38,5 +38,8 @@ def serve(
     except StartupPolicyError as e:
         raise SemillaError(str(e)) from None
     models = load_models(resolve_model_specs(settings, checkpoints, names), device=settings.device)
-    app = create_app(settings, models)
+    try:
+        app = create_app(settings, models)
+    except (ValueError, OSError) as e:  # e.g. a content filter file that is missing or invalid
+        raise SemillaError(f"cannot start the server: {e}") from None
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)

@@ -20,7 +20,7 @@ from typing import Any
 from semilla.api import StopStringFilter
 from semilla.config import GenerateConfig
 from semilla.serve import metrics
-from semilla.serve.engine import Engine, QueueFullError, Sequence
+from semilla.serve.engine import Engine, QueueFullError, QueueTimeoutError, Sequence
 from semilla.serve.errors import APIError
 from semilla.serve.hooks import CompletionRecord
 from semilla.serve.registry import ServedModel
@@ -64,6 +64,7 @@ class Choice:
     tokens: list[TokenInfo] = field(default_factory=list)
     n_tokens: int = 0
     finish_reason: str | None = None
+    held: str = ""  # text kept back until the content filter can judge a whole word
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Result:
     choices: list[Choice]
     prompt_tokens: int  # of all prompts together (once per prompt, as OpenAI counts)
     elapsed_s: float = 0.0
+    complete: bool = True  # every choice ended normally (not failed, filtered or cut short)
 
     @property
     def completion_tokens(self) -> int:
@@ -164,8 +166,14 @@ class Job:
         cfg: GenerateConfig,
         n: int = 1,
         screen: Callable[[str], bool] | None = None,
+        on_tokens: Callable[[int], None] | None = None,
     ):
+        """`screen(text)` says whether an output must be withheld; `on_tokens(n)` is told how
+        many tokens were generated once the job ends, however it ends (a client that leaves
+        early is charged too)."""
         self.engine, self.served, self.cfg, self.n, self.screen = engine, served, cfg, n, screen
+        self.on_tokens = on_tokens
+        self.failed = False
         self.prompts = prompts
         tok = served.lm.tokenizer
         self.tokenizer = tok
@@ -213,7 +221,10 @@ class Job:
             while remaining:
                 seq, event = await self.queue.get()
                 if isinstance(event, BaseException):
-                    raise APIError(500, str(event), type="server_error")
+                    self.failed = True
+                    if isinstance(event, QueueTimeoutError):
+                        raise APIError(503, f"the server is busy: {event}", headers={"Retry-After": "1"})
+                    raise APIError(500, "generation failed", type="server_error")
                 index = self.sequences[seq]
                 choice = self.choices[index]
                 if choice.finish_reason:  # already ended by a stop string
@@ -225,8 +236,7 @@ class Job:
                 elif event.finish_reason:
                     delta.text += self.text_filters[index].flush()
                     choice.finish_reason = event.finish_reason
-                if delta.text and self.screen is not None and self.screen(choice.text + delta.text):
-                    delta.text, choice.finish_reason = "", "content_filter"
+                if self.screen is not None and self._screen(choice, delta):
                     seq.cancel()
                 delta.finish_reason = choice.finish_reason
                 choice.text += delta.text
@@ -235,7 +245,28 @@ class Job:
                 yield delta
         finally:
             self.cancel()
-            metrics.COMPLETION_TOKENS.labels(self.served.id).inc(sum(c.n_tokens for c in self.choices))
+            generated = sum(c.n_tokens for c in self.choices)
+            metrics.COMPLETION_TOKENS.labels(self.served.id).inc(generated)
+            if self.on_tokens is not None:
+                self.on_tokens(generated)
+
+    def _screen(self, choice: Choice, delta: ChoiceDelta) -> bool:
+        """Pass the delta through the content filter; True when the choice is withheld.
+
+        Text is shown only up to the last word boundary until the choice finishes, and judged
+        before it is shown: a blocked word never appears, and is never found inside a longer
+        word still being written ('ass' in 'assume')."""
+        candidate = choice.held + delta.text
+        cut = len(candidate)
+        if not choice.finish_reason:
+            while cut and (candidate[cut - 1].isalnum() or candidate[cut - 1] == "_"):
+                cut -= 1
+        shown, choice.held = candidate[:cut], candidate[cut:]
+        if shown and self.screen(choice.text + shown):
+            delta.text, choice.held, choice.finish_reason = "", "", "content_filter"
+            return True
+        delta.text = shown
+        return False
 
     def _push(
         self, index: int, token: int | None, logprob: float, top: list[tuple[int, float]]
@@ -259,7 +290,9 @@ class Job:
         return self.finish()
 
     def finish(self) -> Result:
-        return Result(self.choices, sum(len(p) for p in self.prompts), time.perf_counter() - self.started)
+        result = Result(self.choices, sum(len(p) for p in self.prompts), time.perf_counter() - self.started)
+        result.complete = not self.failed and all(c.finish_reason in ("stop", "length") for c in self.choices)
+        return result
 
 
 class ClientGone(Exception):

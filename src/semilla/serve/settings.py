@@ -22,12 +22,12 @@ class ServerSettings(BaseSettings):
     device: str | None = None  # None: cuda when available, else cpu
 
     # --- engine -------------------------------------------------------------------------
-    max_slots: int = 16  # sequences decoded together per model
-    queue_size: int = 64  # requests waiting for a slot before 503
-    request_timeout_s: float = 300.0  # a request running longer ends with finish_reason 'length'
-    max_body_bytes: int = 4 * 1024 * 1024  # 413 beyond
-    max_messages: int = 1000
-    default_max_tokens: int = 256
+    max_slots: int = Field(16, ge=1)  # sequences decoded together per model
+    queue_size: int = Field(64, ge=1)  # requests waiting for a slot before 503
+    request_timeout_s: float = Field(300.0, gt=0)  # longer: finish_reason 'length' (or 503 if queued)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # 413 beyond
+    max_messages: int = Field(1000, ge=1)
+    default_max_tokens: int = Field(256, ge=1)
 
     # --- observability ------------------------------------------------------------------
     metrics_public: bool = True  # /metrics without a token

@@ -188,6 +188,10 @@ class AccountHooks(ServerHooks):
         if self.content_filter.blocked(text):
             raise APIError(400, "the prompt was refused by the content filter", code="content_filter")
 
+    @property
+    def screens_output(self) -> bool:
+        return bool(self.content_filter.patterns)
+
     def screen_output(self, text: str) -> bool:
         return self.content_filter.blocked(text)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import AsyncIterator
 
@@ -11,8 +10,8 @@ from fastapi.responses import StreamingResponse
 
 from semilla.config import GenerateConfig
 from semilla.serve.protocol import GenerateRequest, PredictRequest
-from semilla.serve.routes.openai import JSON_BODY, settings_or_400
-from semilla.serve.serving import Job, Result, fit_max_tokens, new_id, run_to_end
+from semilla.serve.routes.openai import JSON_BODY, new_job, settings_or_400, stream_guard
+from semilla.serve.serving import Result, fit_max_tokens, new_id, run_to_end
 
 router = APIRouter(tags=["compat"])
 
@@ -24,24 +23,24 @@ def _perplexity(result: Result) -> float | None:
     return round(math.exp(-sum(logprobs) / len(logprobs)), 4)
 
 
-async def _start(
-    request: Request, model: str | None, text: str, max_length: int, cfg_kwargs: dict, n: int, route: str
-):
+async def _start(request: Request, body, text: str, cfg_kwargs: dict, n: int, route: str):
+    """Authorize, fit the prompt, submit; a max_length the client did not send is shortened to
+    what the context leaves instead of refused."""
     state, hooks = request.app.state.semilla, request.app.state.hooks
     principal = await hooks.authorize(request, "models")
-    served = state.model(model)
+    served = state.model(body.model)
     hooks.screen_prompt(principal, text)
     prompt = served.lm.tokenizer.encode(text) or [served.lm.tokenizer.bos_id]
     text_param = "text" if route == "generate" else "prompt"
-    max_new = fit_max_tokens(served, len(prompt), max_length, max_length, "max_length", text_param)
+    asked = body.max_length if "max_length" in body.model_fields_set else None
+    max_new = fit_max_tokens(served, len(prompt), asked, body.max_length, "max_length", text_param)
     cfg = settings_or_400(
         lambda: GenerateConfig(max_new_tokens=max_new, truncate="error", logprobs=0, **cfg_kwargs)
     )
-    job = Job(state.engine, served, [prompt], cfg, n, lambda t: hooks.screen_output(t))
+    job = new_job(request, principal, served, [prompt], cfg, n)
     job.submit()
 
     def record(result: Result, rid: str) -> None:
-        hooks.record_tokens(principal, result.completion_tokens)
         hooks.record_completion(principal, result.record(rid, served.id, route, text))
 
     return served, job, record
@@ -57,9 +56,7 @@ async def generate(body: GenerateRequest, request: Request) -> dict:
         stop=body.stop_tokens,
         seed=body.seed,
     )
-    served, job, record = await _start(
-        request, body.model, body.text, body.max_length, sampling, body.num_samples, "generate"
-    )
+    served, job, record = await _start(request, body, body.text, sampling, body.num_samples, "generate")
     result = await run_to_end(request, job)
     rid = new_id("gen")
     record(result, rid)
@@ -82,22 +79,19 @@ async def predict(body: PredictRequest, request: Request):
     """simpleIA: {prompt, max_length, num_return_sequences, temperature, stream}."""
     sampling = dict(temperature=body.temperature, seed=body.seed)
     n = body.num_return_sequences
-    served, job, record = await _start(
-        request, body.model, body.prompt, body.max_length, sampling, n, "predict"
-    )
+    served, job, record = await _start(request, body, body.prompt, sampling, n, "predict")
     rid = new_id("pred")
     if body.stream:
 
+        def make_chunk(d) -> dict | None:
+            if not d.text and not d.finish_reason:
+                return None
+            return {"index": d.index, "token": d.text, "finish_reason": d.finish_reason}
+
         async def events() -> AsyncIterator[str]:
-            try:
-                async for d in job.deltas():
-                    if d.text or d.finish_reason:
-                        payload = {"index": d.index, "token": d.text, "finish_reason": d.finish_reason}
-                        yield f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-                record(job.finish(), rid)
-            except Exception as e:  # noqa: BLE001 - mid-stream: an error event, then the end
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
-            yield "data: [DONE]\n\n"
+            async for chunk in stream_guard(job.deltas(), make_chunk, list):
+                yield chunk
+            record(job.finish(), rid)
 
         return StreamingResponse(events(), media_type="text/event-stream")
     result = await run_to_end(request, job)

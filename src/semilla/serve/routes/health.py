@@ -15,18 +15,18 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
-def health(request: Request) -> dict:
-    """Alive, and how each model is doing. Never touches the engine's lock or a model."""
+async def health(request: Request) -> dict:
+    """Alive, and how each model is doing. Never touches the engine's lock or a model, and
+    runs on the event loop (no threadpool worker to wait for under load)."""
     state = request.app.state.semilla
     models = {}
-    for name, served in state.models.items():
+    for name in state.models:
         worker = state.engine.workers.get(name)
         models[name] = {
             "state": "ready" if state.engine.alive else "stopped",
             "active": len(worker.active) if worker else 0,
             "waiting": len(worker.waiting) if worker else 0,
             "slots": state.engine.max_slots,
-            "path": served.path,
         }
     return {
         "status": "ok" if state.engine.alive else "degraded",
@@ -37,7 +37,7 @@ def health(request: Request) -> dict:
 
 
 @router.get("/ready")
-def ready(request: Request) -> JSONResponse:
+async def ready(request: Request) -> JSONResponse:
     """200 once models are loaded and the engine runs; 503 before."""
     state = request.app.state.semilla
     if not state.ready:

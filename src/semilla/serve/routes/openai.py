@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -30,6 +31,7 @@ from semilla.serve.serving import (
     sampling_config,
 )
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
 FINGERPRINT = f"semilla-{__version__}"
 
@@ -72,14 +74,15 @@ def cache_material(route: str, model: str, prompt: Any, cfg, n: int, extra: dict
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    await request.app.state.hooks.authorize(request, "models")
-    return {"object": "list", "data": [m.card() for m in request.app.state.semilla.models.values()]}
+    principal = await request.app.state.hooks.authorize(request, "models")
+    admin = principal.role == "admin"
+    return {"object": "list", "data": [m.card(admin) for m in request.app.state.semilla.models.values()]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict:
-    await request.app.state.hooks.authorize(request, "models")
-    return request.app.state.semilla.model(model_id).card()
+    principal = await request.app.state.hooks.authorize(request, "models")
+    return request.app.state.semilla.model(model_id).card(principal.role == "admin")
 
 
 # --- shared flow -------------------------------------------------------------------------
@@ -108,9 +111,8 @@ async def complete(
     job.submit()
 
     def finished(result: Result) -> None:
-        if material is not None and all(c.finish_reason != "content_filter" for c in result.choices):
+        if material is not None and result.complete:  # never a failed, filtered or cut answer
             hooks.cache_put(principal, material, result, result.size())
-        hooks.record_tokens(principal, result.completion_tokens)
         hooks.record_completion(principal, record(result))
 
     if stream:
@@ -118,7 +120,7 @@ async def complete(
         async def events() -> AsyncIterator[str]:
             async for chunk in render_stream(job):
                 yield chunk
-            finished(job.finish())
+            finished(job.finish())  # a stream that failed is recorded as such, never cached
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -129,9 +131,14 @@ async def complete(
 
 
 async def replay(result: Result) -> AsyncIterator[ChoiceDelta]:
-    """A cached result as deltas: each choice's whole text in one piece."""
+    """A cached result as deltas: one per stored token when logprobs were kept, else each
+    choice's whole text in one piece."""
     for c in result.choices:
-        yield ChoiceDelta(c.index, c.text, None, c.finish_reason)
+        if c.tokens and "".join(t.text for t in c.tokens) == c.text:
+            for i, t in enumerate(c.tokens):
+                yield ChoiceDelta(c.index, t.text, t, c.finish_reason if i == len(c.tokens) - 1 else None)
+        else:
+            yield ChoiceDelta(c.index, c.text, None, c.finish_reason)
 
 
 async def stream_guard(
@@ -147,9 +154,25 @@ async def stream_guard(
             yield sse(chunk)
     except APIError as e:
         yield sse(e.body())
-    except Exception as e:  # noqa: BLE001 - the stream has started: report, never a broken socket
-        yield sse(APIError(500, f"generation failed: {e}", type="server_error").body())
+    except Exception:  # the stream has started: report, never a broken socket
+        log.exception("stream failed")
+        yield sse(APIError(500, "generation failed", type="server_error").body())
     yield "data: [DONE]\n\n"
+
+
+def new_job(request: Request, principal: Principal, served, prompts: list[list[int]], cfg, n: int) -> Job:
+    """A Job whose outputs pass the content filter and whose tokens count against the
+    caller's tokens-per-minute budget, however the request ends."""
+    hooks = request.app.state.hooks
+    return Job(
+        request.app.state.semilla.engine,
+        served,
+        prompts,
+        cfg,
+        n,
+        screen=hooks.screen_output if hooks.screens_output else None,
+        on_tokens=lambda tokens: hooks.record_tokens(principal, tokens),
+    )
 
 
 def settings_or_400(build: Callable):
@@ -186,7 +209,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     cfg = settings_or_400(
         lambda: dataclasses.replace(sampling_config(body, max_new, top), stop=body.stop_list())
     )
-    job = Job(state.engine, served, [prompt], cfg, body.n, lambda text: hooks.screen_output(text))
+    job = new_job(request, principal, served, [prompt], cfg, body.n)
     material = cache_material("chat", served.id, messages, cfg, body.n) if is_deterministic(cfg) else None
     cid, created = new_id("chatcmpl"), int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -276,9 +299,9 @@ async def completions(body: CompletionRequest, request: Request):
         texts, prompts = [served.lm.tokenizer.decode(raw)], [list(raw)]
     else:
         texts = [raw] if isinstance(raw, str) else list(raw)
-        for t in texts:
-            hooks.screen_prompt(principal, t)
         prompts = [served.lm.tokenizer.encode(t) or [served.lm.tokenizer.bos_id] for t in texts]
+    for t in texts:
+        hooks.screen_prompt(principal, t)
     max_new = min(
         fit_max_tokens(
             served, len(p), body.max_tokens, state.settings.default_max_tokens, "max_tokens", "prompt"
@@ -288,9 +311,9 @@ async def completions(body: CompletionRequest, request: Request):
     cfg = settings_or_400(
         lambda: dataclasses.replace(sampling_config(body, max_new, body.logprobs), stop=body.stop_list())
     )
-    job = Job(state.engine, served, prompts, cfg, body.n, lambda text: hooks.screen_output(text))
+    job = new_job(request, principal, served, prompts, cfg, body.n)
     material = (
-        cache_material("completions", served.id, texts, cfg, body.n, {"echo": body.echo})
+        cache_material("completions", served.id, prompts, cfg, body.n, {"echo": body.echo, "texts": texts})
         if is_deterministic(cfg)
         else None
     )
