@@ -26,9 +26,20 @@ def migrate(engine: Engine) -> None:
     level = alembic_log.level
     alembic_log.setLevel(logging.WARNING)  # its INFO lines on every start are noise
     try:
-        with engine.begin() as connection:
-            cfg.attributes["connection"] = connection
-            command.upgrade(cfg, "head")
+        with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:  # a batch migration copies and drops tables: cascades must not fire
+                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                connection.commit()  # the pragma only works outside a transaction
+            with connection.begin():
+                cfg.attributes["connection"] = connection
+                command.upgrade(cfg, "head")
+            if sqlite:
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
+                if broken:
+                    raise RuntimeError(f"the migration left {len(broken)} rows with dangling references")
     finally:
         alembic_log.setLevel(level)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -51,9 +52,12 @@ def load_jwt_secret(configured: str, data_dir: str) -> bytes:
     path = Path(data_dir) / "jwt_secret"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(secrets.token_urlsafe(48))
-        tmp.chmod(0o600)
+        tmp = path.with_name(f".jwt_secret.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # private from the first byte
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48))
+            f.flush()
+            os.fsync(f.fileno())  # a crash never leaves an empty secret behind
         tmp.replace(path)
     secret = path.read_text().strip().encode()
     if len(secret) < MIN_SECRET_BYTES:

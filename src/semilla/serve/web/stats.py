@@ -11,6 +11,7 @@ history is Prometheus' job.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
 import time
@@ -23,6 +24,8 @@ from prometheus_client import REGISTRY, CollectorRegistry
 # The web UI's own pages, assets and this endpoint: not traffic the dashboard should chart.
 UNCOUNTED_ROUTES = frozenset({"/", "/admin", "/keys", "/static", "/admin/stats"})
 QUANTILES = (0.5, 0.95, 0.99)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,7 +133,10 @@ class StatsSampler:
 
     async def run(self) -> None:
         while True:
-            self.sample()
+            try:
+                self.sample()
+            except Exception:  # one bad sample must not freeze the dashboard for good
+                log.exception("stats sample failed")
             await asyncio.sleep(self.interval_s)
 
     def series(self) -> dict[str, Any]:
