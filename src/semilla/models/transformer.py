@@ -117,18 +117,28 @@ class CacheStep:
     """Where this forward's tokens go in the KV cache and which slots each may see: worked out
     once per forward, shared by every layer.
 
-    positions (B, T) -> slots (B, nkv, T, hs) scatter index; length S = furthest position + 1;
-    visible (B, T, S), or None when every query sees every slot (one-row decode).
+    positions (B, T) -> where each row's keys go; length S = furthest position + 1; visible
+    (B, T, S), or None when every query sees every slot (rows decoding at the same position).
     """
 
     def __init__(self, cfg: ModelConfig, positions: torch.Tensor, batch_size: int):
         B, T = batch_size, positions.size(-1)
         pos = positions if positions.dim() == 2 else positions.expand(B, T)  # (B, T)
         self.length = int(pos.max()) + 1  # slots beyond the furthest position are never visible
-        self.slots = pos[:, None, :, None].expand(B, cfg.kv_heads, T, cfg.head_dim)
+        if T == 1:  # decode: row b writes slot pos[b] (an indexed copy, cheaper than a scatter)
+            self.rows, self.slot = torch.arange(B, device=pos.device), pos[:, 0]
+        else:
+            self.slots = pos[:, None, :, None].expand(B, cfg.kv_heads, T, cfg.head_dim)
         self.visible = None
         if T > 1 or bool((pos != self.length - 1).any()):
             self.visible = torch.arange(self.length, device=pos.device)[None, None, :] <= pos[:, :, None]
+
+    def store(self, cache: torch.Tensor, new: torch.Tensor) -> None:
+        """Write new keys or values (B, nkv, T, hs) into a layer's cache (B, nkv, S_max, hs)."""
+        if new.size(2) == 1:
+            cache[self.rows, :, self.slot] = new[:, :, 0]
+        else:
+            cache.scatter_(2, self.slots, new)
 
 
 def cached_attention(
@@ -223,8 +233,8 @@ class Attention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
         else:
-            cache.k[layer].scatter_(2, step.slots, k)
-            cache.v[layer].scatter_(2, step.slots, v)
+            step.store(cache.k[layer], k)
+            step.store(cache.v[layer], v)
             keys, values = cache.k[layer][:, :, : step.length], cache.v[layer][:, :, : step.length]
             if step.visible is None:  # every slot visible: SDPA's unmasked kernel is fastest
                 y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
