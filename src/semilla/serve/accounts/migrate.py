@@ -10,6 +10,7 @@ from alembic.config import Config
 from sqlalchemy.engine import Engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines on every start are noise
 
 
 def alembic_config(engine: Engine) -> Config:
@@ -22,26 +23,20 @@ def alembic_config(engine: Engine) -> Config:
 def migrate(engine: Engine) -> None:
     """Upgrade the database to the newest schema; an existing database keeps its rows."""
     cfg = alembic_config(engine)
-    alembic_log = logging.getLogger("alembic")
-    level = alembic_log.level
-    alembic_log.setLevel(logging.WARNING)  # its INFO lines on every start are noise
-    try:
-        with engine.connect() as connection:
-            sqlite = connection.dialect.name == "sqlite"
-            if sqlite:  # a batch migration copies and drops tables: cascades must not fire
-                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
-                connection.commit()  # the pragma only works outside a transaction
-            with connection.begin():
-                cfg.attributes["connection"] = connection
-                command.upgrade(cfg, "head")
-            if sqlite:
-                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
-                connection.commit()
-                if broken:
-                    raise RuntimeError(f"the migration left {len(broken)} rows with dangling references")
-    finally:
-        alembic_log.setLevel(level)
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:  # a batch migration copies and drops tables: cascades must not fire
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()  # the pragma only works outside a transaction
+        with connection.begin():
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "head")
+        if sqlite:
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            connection.commit()
+            if broken:
+                raise RuntimeError(f"the migration left {len(broken)} rows with dangling references")
 
 
 def new_revision(engine: Engine, message: str) -> None:
