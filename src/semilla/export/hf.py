@@ -24,6 +24,16 @@ from semilla.tokenizer import BOS, END, EOS, PAD, Tokenizer
 GPT2_ACTIVATIONS = {"gelu": "gelu_new", "gelu_exact": "gelu"}  # semilla mlp -> HF activation
 
 
+# GPT-2's per-layer names -> semilla's (Hugging Face Llama's); q/k/v are fused as c_attn there
+GPT2_LAYER_NAMES = {
+    "ln_1": "input_layernorm",
+    "ln_2": "post_attention_layernorm",
+    "attn.c_proj": "self_attn.o_proj",
+    "mlp.c_fc": "mlp.up_proj",
+    "mlp.c_proj": "mlp.down_proj",
+}
+
+
 def require_family(cfg: ModelConfig, target: str) -> str:
     """'llama' or 'gpt2', or an ExportError naming what keeps the model out of `target`."""
     if cfg.family is not None:
@@ -112,14 +122,7 @@ def gpt2_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
         qkv = [s + f"self_attn.{p}_proj" for p in "qkv"]
         out[h + "attn.c_attn.weight"] = torch.cat([state[p + ".weight"] for p in qkv]).t()
         out[h + "attn.c_attn.bias"] = torch.cat([state[p + ".bias"] for p in qkv])
-        pairs = {
-            "ln_1": "input_layernorm",
-            "ln_2": "post_attention_layernorm",
-            "attn.c_proj": "self_attn.o_proj",
-            "mlp.c_fc": "mlp.up_proj",
-            "mlp.c_proj": "mlp.down_proj",
-        }
-        for theirs, ours in pairs.items():
+        for theirs, ours in GPT2_LAYER_NAMES.items():
             weight = state[s + ours + ".weight"]
             out[h + theirs + ".weight"] = weight.t() if weight.dim() == 2 else weight
             out[h + theirs + ".bias"] = state[s + ours + ".bias"]

@@ -22,6 +22,7 @@ from tokenizers import models
 from semilla.checkpoint import save_checkpoint
 from semilla.config import ModelConfig
 from semilla.export import ExportError
+from semilla.export.hf import GPT2_LAYER_NAMES
 from semilla.models import build_model
 from semilla.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
 
@@ -124,14 +125,7 @@ def gpt2_to_semilla(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
         qb, kb, vb = t[h + "attn.c_attn.bias"].split(cfg.n_embd)
         for name, w, b in (("q", q, qb), ("k", k, kb), ("v", v, vb)):
             out[s + f"self_attn.{name}_proj.weight"], out[s + f"self_attn.{name}_proj.bias"] = w, b
-        pairs = {
-            "ln_1": "input_layernorm",
-            "ln_2": "post_attention_layernorm",
-            "attn.c_proj": "self_attn.o_proj",
-            "mlp.c_fc": "mlp.up_proj",
-            "mlp.c_proj": "mlp.down_proj",
-        }
-        for theirs, ours in pairs.items():
+        for theirs, ours in GPT2_LAYER_NAMES.items():
             w = t[h + theirs + ".weight"]
             out[s + ours + ".weight"] = w.t() if w.dim() == 2 else w
             out[s + ours + ".bias"] = t[h + theirs + ".bias"]
