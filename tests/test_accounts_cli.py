@@ -40,7 +40,7 @@ def test_admin_cli_manages_users_keys_and_feedback(tmp_path, tiny_run, monkeypat
     assert admin(tmp_path, "feedback", "export", str(tmp_path / "fb.jsonl")) == 0
     rows = [json.loads(line) for line in (tmp_path / "fb.jsonl").read_text().splitlines()]
     assert rows == [{"messages": [{"role": "user", "content": "hola"}, {"role": "assistant", "content": answer}],
-                     "rating": 5, "feedback": "", "model": "tiny", "completion_id": done["id"]}]  # fmt: skip
+                     "rating": 5, "scale": "stars", "positive": True, "feedback": "", "model": "tiny", "completion_id": done["id"]}]  # fmt: skip
     assert admin(tmp_path, "feedback", "list") == 0
     assert admin(tmp_path, "audit", "--action", "key.revoke") == 0
     out = capsys.readouterr().out

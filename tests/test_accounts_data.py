@@ -69,6 +69,12 @@ def test_feedback_limits(server):
         == 404
     )
     assert server.post("/feedback", headers=h, json={"rating": 3, "text": "y" * 5000}).status_code == 201
+    # 1 is a thumb up unless the client says stars; a thumb of 3 does not exist
+    thumb = server.post("/feedback", headers=h, json={"rating": 1}).json()
+    star = server.post("/feedback", headers=h, json={"rating": 1, "scale": "stars"}).json()
+    assert (thumb["scale"], thumb["positive"]) == ("thumbs", True)
+    assert (star["scale"], star["positive"]) == ("stars", False)
+    assert server.post("/feedback", headers=h, json={"rating": 3, "scale": "thumbs"}).status_code == 400
 
 
 def test_identical_prompts_of_two_users_never_share_a_cache_entry(server):
@@ -131,7 +137,7 @@ def test_feedback_export_is_a_chat_dataset(server):
     rows = list(feedback_dataset(open_store(server.settings)))
     assert rows == [{"messages": [{"role": "user", "content": "write to [EMAIL]"},  # PII scrubbed in logs
                                   {"role": "assistant", "content": answer}],
-                     "rating": 1, "feedback": "nice", "model": "tiny", "completion_id": cid}]  # fmt: skip
+                     "rating": 1, "scale": "thumbs", "positive": True, "feedback": "nice", "model": "tiny", "completion_id": cid}]  # fmt: skip
 
 
 def test_concurrent_writers_never_see_database_is_locked(server):

@@ -189,7 +189,7 @@ def test_feedback_on_real_completions_exports_as_a_chat_dataset(world, tmp_path,
     assert main(["admin", "--data-dir", str(c.data_dir), "feedback", "export", str(out)]) == 0
     rows = {row["completion_id"]: row for row in map(json.loads, out.read_text().splitlines())}
     assert rows[cid] == {"messages": [*messages, {"role": "assistant", "content": answer}], "rating": 1,
-                         "feedback": "<b>bien</b>", "model": "tiny", "completion_id": cid}  # fmt: skip
+                         "scale": "thumbs", "positive": True, "feedback": "<b>bien</b>", "model": "tiny", "completion_id": cid}  # fmt: skip
     assert rows[hit["id"]]["rating"] == -1 and rows[hit["id"]]["messages"][-1]["content"] == answer
     capsys.readouterr()
 

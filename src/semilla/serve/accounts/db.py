@@ -96,6 +96,7 @@ class Feedback(Base):
     completion_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     conversation_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     rating: Mapped[int] = mapped_column(Integer)  # -1 | +1 (thumbs) or 1..5 (stars)
+    scale: Mapped[str] = mapped_column(String(8), default="thumbs", server_default="thumbs")  # or 'stars'
     text: Mapped[str] = mapped_column(Text, default="")  # stored raw; escaped on any HTML output
 
 

@@ -205,8 +205,14 @@ def owns_conversation(store: Store, conversation_id: str, user_id: int | None) -
 
 def feedback_dict(f: Feedback) -> dict[str, Any]:
     return {"id": f.id, "object": "feedback", "completion_id": f.completion_id,
-            "conversation_id": f.conversation_id, "rating": f.rating, "text": f.text,
+            "conversation_id": f.conversation_id, "rating": f.rating, "scale": f.scale,
+            "positive": is_positive(f.rating, f.scale), "text": f.text,
             "created_at": iso(f.created_at)}  # fmt: skip
+
+
+def is_positive(rating: int, scale: str) -> bool:
+    """A thumb up, or 4-5 stars."""
+    return rating == 1 if scale == "thumbs" else rating >= 4
 
 
 def add_feedback(
@@ -216,10 +222,16 @@ def add_feedback(
     text: str = "",
     completion_id: str | None = None,
     conversation_id: str | None = None,
+    scale: str | None = None,
 ) -> dict:
-    """Store a rating (-1/+1 or 1-5) on the caller's own completion or conversation (404 otherwise)."""
-    if rating not in (-1, 1, 2, 3, 4, 5):
-        raise APIError(400, f"rating must be -1, +1 or 1-5, got {rating}", param="rating")
+    """Store a rating on the caller's own completion or conversation (404 otherwise): a thumb
+    (-1/+1, the default for those values) or stars (1-5; say scale='stars' for one star)."""
+    scale = scale or ("thumbs" if rating in (-1, 1) else "stars")
+    allowed = (-1, 1) if scale == "thumbs" else (1, 2, 3, 4, 5)
+    if scale not in ("thumbs", "stars") or rating not in allowed:
+        raise APIError(
+            400, f"rating must be -1 or +1 (thumbs) or 1-5 (stars), got {rating} ({scale})", param="rating"
+        )
     with store.write() as s:
         if completion_id is not None:
             done = s.get(Completion, completion_id)
@@ -228,7 +240,7 @@ def add_feedback(
         if conversation_id is not None:
             _own_conversation(s, conversation_id, principal.user_id)
         row = Feedback(user_id=principal.user_id, key_id=principal.key_id, completion_id=completion_id,
-                       conversation_id=conversation_id, rating=rating, text=text)  # fmt: skip
+                       conversation_id=conversation_id, rating=rating, scale=scale, text=text)  # fmt: skip
         s.add(row)
     return feedback_dict(row)
 
@@ -270,6 +282,8 @@ def feedback_dataset(store: Store, min_rating: int | None = None) -> Iterator[di
             yield {
                 "messages": [*messages, {"role": "assistant", "content": outputs[0] if outputs else ""}],
                 "rating": f.rating,
+                "scale": f.scale,
+                "positive": is_positive(f.rating, f.scale),
                 "feedback": f.text,
                 "model": c.model,
                 "completion_id": c.id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -17,6 +19,9 @@ class NewFeedback(BaseModel):
     completion_id: str | None = Field(None, max_length=64)
     conversation_id: str | None = Field(None, max_length=64)
     rating: int = Field(description="-1 or +1 (thumbs), or 1-5 (stars)")
+    scale: Literal["thumbs", "stars"] | None = Field(
+        None, description="default: thumbs for -1/+1, stars for 2-5 (send 'stars' for one star)"
+    )
     text: str = Field("", max_length=MAX_TEXT)
 
 
@@ -26,7 +31,7 @@ async def add_feedback(body: NewFeedback, principal: FeedbackCaller, accounts: A
         await run_in_threadpool(accounts.writer.flush)  # the completion may still be in the queue
     return await run_in_threadpool(
         records.add_feedback, accounts.store, principal, body.rating, body.text, body.completion_id,
-        body.conversation_id,
+        body.conversation_id, body.scale,
     )  # fmt: skip
 
 

@@ -94,7 +94,7 @@ function renderServer(stats, feedback) {
     tile("requests", num(totals.requests ?? 0)), tile("tokens generated", num(totals.tokens ?? 0)),
     tile("requests / min", num(last.requests_per_min ?? 0)), tile("tokens / s", num(last.tokens_per_s ?? 0)),
     tile("cache hit rate", totals.cache_hit_rate == null ? "–" : pct(totals.cache_hit_rate)),
-    tile("feedback", `${feedback.filter((f) => f.rating > 0 && f.rating !== 2).length} good / ${feedback.filter((f) => f.rating < 0 || f.rating === 2).length} bad`));
+    tile("feedback", `${feedback.filter((f) => f.positive).length} good / ${feedback.filter((f) => !f.positive).length} bad`));
   const statusNames = [...new Set(points.flatMap((p) => Object.keys(p.status)))].sort();
   const fmtX = (x) => formatTime(x);
   ui.charts.replaceChildren(
@@ -125,7 +125,7 @@ function feedbackChart(feedback) {
   for (const f of feedback) {
     const at = Date.parse(f.created_at);
     const i = Math.floor((at - (now - 24 * hour)) / hour);
-    if (i >= 0 && i < 24) buckets[i].values[f.rating > 2 || f.rating === 1 ? "good" : "bad"] += 1;
+    if (i >= 0 && i < 24) buckets[i].values[f.positive ? "good" : "bad"] += 1;
   }
   return barChart("Feedback ratings per hour (last 24 h)", buckets, [{ name: "good", cls: "good" }, { name: "bad", cls: "bad" }]);
 }
@@ -184,7 +184,7 @@ function renderModels(models) {
 
 function renderFeedback(feedback) {
   ui.feedback.replaceChildren(...feedback.slice(0, 10).map((f) => el("li", {},
-    el("span", { class: "rating" }, f.rating === 1 ? "▲ good" : f.rating === -1 ? "▼ bad" : `${f.rating}/5`), " ",
+    el("span", { class: "rating" }, f.scale === "stars" ? `${f.rating}/5` : f.rating === 1 ? "▲ good" : "▼ bad"), " ",
     el("span", { class: "feedback-text" }, f.text || "(no comment)"), " ",
     el("span", { class: "muted small" }, `${date(f.created_at)}${f.completion_id ? ` · ${f.completion_id}` : ""}`))));
   if (!feedback.length) ui.feedback.append(el("li", { class: "muted" }, "No feedback yet."));
