@@ -75,6 +75,21 @@ def test_login_sets_a_secure_session_cookie_and_logout_ends_it(server):
     assert_error(server.get("/auth/me", headers={"Authorization": f"Bearer {token}"}), 401)
 
 
+def test_cookie_sessions_refuse_cross_site_writes(server):
+    register(server, "ana")
+    server.post("/auth/login", data={"username": "ana", "password": "correct horse battery"})
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hola"}], "max_tokens": 2}
+    forged = server.post("/v1/chat/completions", json=body, headers={"Sec-Fetch-Site": "cross-site"})
+    assert_error(forged, 403)
+    assert_error(server.post("/auth/logout", headers={"Sec-Fetch-Site": "same-site"}), 403)
+    assert (
+        server.get("/auth/me", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200
+    )  # reads are fine
+    own_page = server.post("/v1/chat/completions", json=body, headers={"Sec-Fetch-Site": "same-origin"})
+    assert own_page.status_code == 200
+    assert server.post("/auth/logout", headers={"Sec-Fetch-Site": "same-origin"}).status_code == 204
+
+
 def test_production_cookie_is_secure(tmp_path, tiny_run):
     with serve(build_app(make_settings(tmp_path, environment="production"), tiny_run)) as url:
         c = httpx.Client(base_url=url)

@@ -52,6 +52,22 @@ def unauthorized(message: str) -> APIError:
     return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def refuse_cross_site_cookie_writes(request: Request, credential: str) -> None:
+    """CSRF: a state-changing request authenticated only by the session cookie must come from
+    this site's own pages. Browsers say where a request comes from (Sec-Fetch-Site); other
+    clients send a token or key in a header and are not affected."""
+    if request.method in SAFE_METHODS or credential != request.cookies.get(COOKIE):
+        return
+    site = request.headers.get("sec-fetch-site")
+    if site not in (None, "same-origin", "none"):
+        raise APIError(
+            403, "cross-site request refused: use this server's own pages or send a token", code="csrf"
+        )
+
+
 class AccountHooks(ServerHooks):
     def __init__(self, settings: ServerSettings, store: Store, secret: bytes):
         self.settings, self.store, self.secret = settings, store, secret
@@ -122,6 +138,7 @@ class AccountHooks(ServerHooks):
         credential = self.credential(request)
         if credential is None:
             return ANONYMOUS
+        refuse_cross_site_cookie_writes(request, credential)
         now = time.monotonic()
         cached = self._principals.get(credential)
         if cached is not None and cached[0] > now:
