@@ -75,6 +75,16 @@ def test_login_sets_a_secure_session_cookie_and_logout_ends_it(server):
     assert_error(server.get("/auth/me", headers={"Authorization": f"Bearer {token}"}), 401)
 
 
+def test_guessing_keys_is_throttled_like_logins(tmp_path, tiny_run):
+    with serve(build_app(make_settings(tmp_path, auth_attempts_per_minute=5), tiny_run)) as url:
+        c = httpx.Client(base_url=url)
+        register(c, "ana")  # accounts exist: no open mode
+        statuses = [
+            c.get("/v1/models", headers={"X-API-Key": f"sk-guess{i:040d}"}).status_code for i in range(8)
+        ]
+        assert statuses[:4] == [401] * 4 and statuses[-1] == 429
+
+
 def test_cookie_sessions_refuse_cross_site_writes(server):
     register(server, "ana")
     server.post("/auth/login", data={"username": "ana", "password": "correct horse battery"})

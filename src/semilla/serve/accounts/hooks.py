@@ -144,7 +144,8 @@ class AccountHooks(ServerHooks):
         if cached is not None and cached[0] > now:
             return cached[1]
         principal = await run_in_threadpool(self._identify, credential)
-        if principal is None:
+        if principal is None:  # a wrong guess costs like a failed login: guessing keys is throttled
+            self.limit_auth_attempts(request)
             raise unauthorized("invalid, expired or revoked token or API key")
         with self._lock:
             if len(self._principals) > 10_000:
