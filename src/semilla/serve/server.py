@@ -6,6 +6,7 @@ import logging
 
 import uvicorn
 
+from semilla.checkpoint import resolve_checkpoint
 from semilla.errors import SemillaError
 from semilla.serve.accounts import StartupPolicyError, check_startup_policy
 from semilla.serve.app import create_app
@@ -33,11 +34,14 @@ def serve(
 ) -> None:
     """Serve checkpoints over the OpenAI-compatible API until interrupted."""
     settings = settings or ServerSettings()
+    specs = resolve_model_specs(settings, checkpoints, names)
+    for _, path in specs:  # a wrong path is reported before anything else happens
+        resolve_checkpoint(path)
     try:
         check_startup_policy(settings)
     except StartupPolicyError as e:
         raise SemillaError(str(e)) from None
-    models = load_models(resolve_model_specs(settings, checkpoints, names), device=settings.device)
+    models = load_models(specs, device=settings.device)
     try:
         app = create_app(settings, models)
     except (ValueError, OSError) as e:  # e.g. a content filter file that is missing or invalid

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy.engine import Engine
+logging.getLogger("alembic").setLevel(logging.WARNING)  # before importing it: its INFO lines are noise
+
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
+from sqlalchemy.engine import Engine  # noqa: E402
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines on every start are noise
 
 
 def alembic_config(engine: Engine) -> Config:
