@@ -113,3 +113,29 @@ def test_the_output_filter_judges_whole_words_before_showing_them():
     assert feed(["I a", "ss", "ume so", "."]) == ("I assume so.", "length")  # a prefix is no match
     assert feed(["you a", "ss", " is", " here"]) == ("you ", "content_filter")  # never shown
     assert feed(["the end a", "ss"]) == ("the end ", "content_filter")  # judged at the finish
+
+
+def test_an_lstm_model_is_served_by_the_same_engine(lm):
+    """The LSTM's (h, c) state plays the KV cache's part: joined late and moved between rows,
+    a seeded sequence still equals the generation core alone."""
+    import torch
+
+    from semilla.config import ModelConfig
+    from semilla.models import build_model
+
+    torch.manual_seed(0)
+    lstm = build_model(
+        ModelConfig(arch="lstm", vocab_size=lm.tokenizer.vocab_size, n_layer=2, n_embd=16, lstm_hidden=24)
+    )
+    prompts = [lm.tokenizer.encode(t) for t in ("En un", "Había una vez", "El")]
+    cfgs = [GenerateConfig(max_new_tokens=n, temperature=0.9, seed=s) for n, s in ((5, 1), (12, 2), (3, 3))]
+    engine = Engine(max_slots=2, queue_size=8)
+    engine.add_model("m", lstm.eval(), lm.tokenizer.pad_id)
+    engine.start()
+    try:
+        got = asyncio.run(collect(engine, lm, prompts, cfgs, delay=0.01))
+    finally:
+        engine.stop()
+    for i, (p, c) in enumerate(zip(prompts, cfgs, strict=True)):
+        alone = generate(lstm, [p], c, lm.stop_ids)[0]
+        assert got[i] == (alone.tokens, alone.finish_reason), i

@@ -47,6 +47,10 @@ class QueueFullError(Exception):
     """Every slot is busy and the waiting line is full."""
 
 
+class QueueTimeoutError(Exception):
+    """A request waited for a free slot longer than its timeout."""
+
+
 @dataclass(eq=False)
 class Sequence:
     """One generation request as the engine sees it."""
@@ -72,10 +76,6 @@ class Sequence:
     def deliver(self, event: TokenEvent | BaseException) -> None:
         """Called from the scheduler thread: put (self, event) on the request's queue."""
         deliver_all([(self, event)])
-
-
-class QueueTimeoutError(Exception):
-    """A request waited for a free slot longer than its timeout."""
 
 
 def _put_all(items: list[tuple[Sequence, TokenEvent | BaseException]]) -> None:
