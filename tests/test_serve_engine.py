@@ -40,24 +40,32 @@ async def collect(
     return out
 
 
-def test_sequences_that_join_mid_flight_give_what_they_give_alone(lm):
-    """Continuous batching must not change a seeded sequence: joined late, next to others,
-    moved between cache rows when a neighbour finishes, it equals the generation core alone."""
-    prompts = [lm.tokenizer.encode(t) for t in ("En un", "Había una vez", "El", "Sancho dijo")]
-    cfgs = [
-        GenerateConfig(max_new_tokens=n, temperature=0.9, seed=s)
-        for n, s in ((6, 1), (20, 2), (3, 3), (12, 4))
-    ]
-    engine = Engine(max_slots=3, queue_size=8)
-    engine.add_model("m", lm.model, lm.tokenizer.pad_id)
+def assert_engine_equals_core_alone(model, lm, texts: list[str], cfgs: list[GenerateConfig], slots: int):
+    """Submit the prompts 10 ms apart to an engine with fewer slots than prompts (so they join
+    mid-flight, wait, and move between cache rows); each must equal generating it alone."""
+    prompts = [lm.tokenizer.encode(t) for t in texts]
+    engine = Engine(max_slots=slots, queue_size=8)
+    engine.add_model("m", model.eval(), lm.tokenizer.pad_id)
     engine.start()
     try:
         got = asyncio.run(collect(engine, lm, prompts, cfgs, delay=0.01))
     finally:
         engine.stop()
     for i, (p, c) in enumerate(zip(prompts, cfgs, strict=True)):
-        alone = generate(lm.model, [p], c, lm.stop_ids)[0]
+        alone = generate(model, [p], c, lm.stop_ids)[0]
         assert got[i] == (alone.tokens, alone.finish_reason), i
+
+
+def test_sequences_that_join_mid_flight_give_what_they_give_alone(lm):
+    """Continuous batching must not change a seeded sequence: joined late, next to others,
+    moved between cache rows when a neighbour finishes, it equals the generation core alone."""
+    cfgs = [
+        GenerateConfig(max_new_tokens=n, temperature=0.9, seed=s)
+        for n, s in ((6, 1), (20, 2), (3, 3), (12, 4))
+    ]
+    assert_engine_equals_core_alone(
+        lm.model, lm, ["En un", "Había una vez", "El", "Sancho dijo"], cfgs, slots=3
+    )
 
 
 def test_a_sequence_waiting_past_its_timeout_gets_a_queue_timeout(lm):
@@ -127,15 +135,5 @@ def test_an_lstm_model_is_served_by_the_same_engine(lm):
     lstm = build_model(
         ModelConfig(arch="lstm", vocab_size=lm.tokenizer.vocab_size, n_layer=2, n_embd=16, lstm_hidden=24)
     )
-    prompts = [lm.tokenizer.encode(t) for t in ("En un", "Había una vez", "El")]
     cfgs = [GenerateConfig(max_new_tokens=n, temperature=0.9, seed=s) for n, s in ((5, 1), (12, 2), (3, 3))]
-    engine = Engine(max_slots=2, queue_size=8)
-    engine.add_model("m", lstm.eval(), lm.tokenizer.pad_id)
-    engine.start()
-    try:
-        got = asyncio.run(collect(engine, lm, prompts, cfgs, delay=0.01))
-    finally:
-        engine.stop()
-    for i, (p, c) in enumerate(zip(prompts, cfgs, strict=True)):
-        alone = generate(lstm, [p], c, lm.stop_ids)[0]
-        assert got[i] == (alone.tokens, alone.finish_reason), i
+    assert_engine_equals_core_alone(lstm, lm, ["En un", "Había una vez", "El"], cfgs, slots=2)

@@ -54,6 +54,17 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+class Envelope:
+    """The fields every response and chunk of one request share: id, object, created, model."""
+
+    def __init__(self, cid: str, object_: str, model: str):
+        self.head = {"id": cid, "object": object_, "created": int(time.time()), "model": model,
+                     "system_fingerprint": FINGERPRINT}  # fmt: skip
+
+    def __call__(self, choices: list[dict], **extra) -> dict:
+        return {**self.head, "choices": choices, **extra}
+
+
 def is_deterministic(cfg) -> bool:
     return cfg.temperature == 0 or cfg.seed is not None
 
@@ -211,17 +222,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     )
     job = new_job(request, principal, served, [prompt], cfg, body.n)
     material = cache_material("chat", served.id, messages, cfg, body.n) if is_deterministic(cfg) else None
-    cid, created = new_id("chatcmpl"), int(time.time())
+    cid = new_id("chatcmpl")
+    full, part = (
+        Envelope(cid, "chat.completion", served.id),
+        Envelope(cid, "chat.completion.chunk", served.id),
+    )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def render(result: Result) -> dict:
-        return {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": served.id,
-            "system_fingerprint": FINGERPRINT,
-            "choices": [
+        return full(
+            [
                 {
                     "index": c.index,
                     "message": {"role": "assistant", "content": c.text},
@@ -230,21 +240,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 }
                 for c in result.choices
             ],
-            "usage": result.usage(),
-        }
+            usage=result.usage(),
+        )
 
     def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-        out = {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": served.id,
-            "system_fingerprint": FINGERPRINT,
-            "choices": choices,
-        }
-        if include_usage:
-            out["usage"] = usage
-        return out
+        return part(choices, usage=usage) if include_usage else part(choices)
 
     def render_stream(source: Job | Result) -> AsyncIterator[str]:
         is_job = isinstance(source, Job)
@@ -317,7 +317,8 @@ async def completions(body: CompletionRequest, request: Request):
         if is_deterministic(cfg)
         else None
     )
-    cid, created = new_id("cmpl"), int(time.time())
+    envelope = Envelope(new_id("cmpl"), "text_completion", served.id)
+    cid = envelope.head["id"]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def echo_prefix(index: int) -> str:
@@ -338,13 +339,8 @@ async def completions(body: CompletionRequest, request: Request):
         }
 
     def render(result: Result) -> dict:
-        return {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": served.id,
-            "system_fingerprint": FINGERPRINT,
-            "choices": [
+        return envelope(
+            [
                 {
                     "index": c.index,
                     "text": echo_prefix(c.index) + c.text,
@@ -353,8 +349,8 @@ async def completions(body: CompletionRequest, request: Request):
                 }
                 for c in result.choices
             ],
-            "usage": result.usage(),
-        }
+            usage=result.usage(),
+        )
 
     def render_stream(source: Job | Result) -> AsyncIterator[str]:
         is_job = isinstance(source, Job)
@@ -374,15 +370,9 @@ async def completions(body: CompletionRequest, request: Request):
                     "token_logprobs": [d.token.logprob],
                     "top_logprobs": [dict(d.token.top)],
                 }
-            out = {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": served.id,
-                "choices": [
-                    {"index": d.index, "text": text, "logprobs": logprobs, "finish_reason": d.finish_reason}
-                ],
-            }
+            out = envelope(
+                [{"index": d.index, "text": text, "logprobs": logprobs, "finish_reason": d.finish_reason}]
+            )
             if include_usage:
                 out["usage"] = None
             return out
@@ -391,16 +381,7 @@ async def completions(body: CompletionRequest, request: Request):
             if not include_usage:
                 return []
             result = source.finish() if is_job else source
-            return [
-                {
-                    "id": cid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": served.id,
-                    "choices": [],
-                    "usage": result.usage(),
-                }
-            ]
+            return [envelope([], usage=result.usage())]
 
         return stream_guard(source.deltas() if is_job else replay(source), make_chunk, tail)
 
