@@ -222,6 +222,42 @@ def test_kill_9_during_a_feedback_burst_loses_no_acknowledged_write(tmp_path, ti
     assert set(acknowledged) <= stored
 
 
+def test_kill_9_right_after_chat_answers_keeps_every_conversation_turn(tmp_path, tiny_run):
+    port = free_port()
+    code = SERVER.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), run=str(tiny_run), port=port)
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # the subprocess imports torch and loads the model first
+            try:
+                httpx.get(base + "/auth/me", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        c = httpx.Client(base_url=base, timeout=10)
+        register(c, "root")
+        h = login(c, "root")
+        conv = c.post("/v1/conversations", headers=h, json={}).json()["id"]
+        answers = []
+        for i, stream in enumerate((False, True, False)):
+            body = {"model": "tiny", "messages": [{"role": "user", "content": f"turno {i}"}], "max_tokens": 3,
+                    "temperature": 1.0, "conversation_id": conv, "stream": stream}  # fmt: skip
+            r = c.post("/v1/chat/completions", headers=h, json=body)
+            assert r.status_code == 200 and r.text.strip().endswith("[DONE]" if stream else "}")
+            answers.append(r)
+        os.kill(proc.pid, signal.SIGKILL)  # the moment the last answer arrived
+    finally:
+        proc.kill()
+        proc.wait()
+    db = sqlite3.connect(tmp_path / "data" / "semilla.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    rows = db.execute(
+        "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id", (conv,)
+    ).fetchall()
+    assert [r[1] for r in rows if r[0] == "user"] == ["turno 0", "turno 1", "turno 2"]
+    assert [r[0] for r in rows] == ["user", "assistant"] * 3
+
+
 def test_training_runs_are_indexed_from_run_directories(tmp_path, tiny_run):
     import shutil
 

@@ -225,4 +225,9 @@ class AccountHooks(ServerHooks):
             self.cache.put(cache_key(principal.scope, material), result, size)
 
     def record_completion(self, principal: Principal, record: CompletionRecord) -> None:
-        self.writer.submit(principal, record)
+        """A turn of a stored conversation is written now (the caller waits for the disk); the
+        rest of the request log goes through the background writer."""
+        if record.conversation_id:
+            self.writer.write(principal, record)
+        else:
+            self.writer.submit(principal, record)

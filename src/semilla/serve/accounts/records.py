@@ -60,13 +60,14 @@ class CompletionWriter:
         while True:
             item = self._queue.get()
             try:
-                self._write(*item)
+                self.write(*item)
             except Exception:
                 log.exception("could not record completion")
             finally:
                 self._queue.task_done()
 
-    def _write(self, principal: Principal, r: CompletionRecord) -> None:
+    def write(self, principal: Principal, r: CompletionRecord) -> None:
+        """Write one record now, in the caller's thread (durable when it returns)."""
         prompt, outputs = (
             (scrub_value(r.prompt), scrub_value(r.outputs)) if self.scrub else (r.prompt, r.outputs)
         )

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from semilla import __version__
 from semilla.errors import SemillaError
@@ -48,6 +49,9 @@ def require_json(request: Request) -> None:
 
 
 JSON_BODY = [Depends(require_json)]
+
+
+DONE = "data: [DONE]\n\n"
 
 
 def sse(obj: Any) -> str:
@@ -115,29 +119,34 @@ async def complete(
         cached = hooks.cache_get(principal, material)
         if cached is not None:
             # a hit has its own id: recorded too, so feedback and conversations can refer to it
-            hooks.record_completion(principal, dataclasses.replace(record(cached), latency_ms=0.0))
+            hit = dataclasses.replace(record(cached), latency_ms=0.0)
+            await run_in_threadpool(hooks.record_completion, principal, hit)
             if stream:
                 return StreamingResponse(render_stream(cached), media_type="text/event-stream")
             return render(cached)
     job.submit()
 
-    def finished(result: Result) -> None:
+    async def finished(result: Result) -> None:
+        """Cache and record; a conversation turn is on disk before the client hears the end."""
         if material is not None and result.complete:  # never a failed, filtered or cut answer
             hooks.cache_put(principal, material, result, result.size())
-        hooks.record_completion(principal, record(result))
+        await run_in_threadpool(hooks.record_completion, principal, record(result))
 
     if stream:
 
         async def events() -> AsyncIterator[str]:
             async for chunk in render_stream(job):
+                if chunk == DONE:
+                    break
                 yield chunk
-            finished(job.finish())  # a stream that failed is recorded as such, never cached
+            await finished(job.finish())  # a stream that failed is recorded as such, never cached
+            yield DONE
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
     result = await run_to_end(request, job)
-    finished(result)
+    await finished(result)
     return render(result)
 
 
@@ -168,7 +177,7 @@ async def stream_guard(
     except Exception:  # the stream has started: report, never a broken socket
         log.exception("stream failed")
         yield sse(APIError(500, "generation failed", type="server_error").body())
-    yield "data: [DONE]\n\n"
+    yield DONE
 
 
 def new_job(request: Request, principal: Principal, served, prompts: list[list[int]], cfg, n: int) -> Job:
