@@ -65,6 +65,7 @@ screenshots: setup browser
 bench: setup
 	$(BIN)/python bench/train_shakespeare.py
 	$(BIN)/python bench/generate_speed.py
+	$(BIN)/python bench/engine_speed.py
 	$(BIN)/python bench/serve_load.py --compare-auth
 	$(BIN)/python bench/inference_compare.py
 	$(BIN)/python bench/inference_compare.py --shape 50m

@@ -137,7 +137,9 @@ def cache_hit_ms(url: str, headers: dict, repeats: int = 20) -> float:
     return 1000 * statistics.median(times)
 
 
-def start_server(checkpoint: Path, data_dir: Path, port: int, auth: bool) -> tuple[subprocess.Popen, dict]:
+def start_server(
+    checkpoint: Path, data_dir: Path, port: int, auth: bool, threads: int | None
+) -> tuple[subprocess.Popen, dict]:
     # limits far above the load, so both runs measure the same work (the auth run still checks
     # every request against its buckets)
     limits = json.dumps({"anonymous": 10**9, "user": 10**9, "admin": 10**9})
@@ -162,6 +164,7 @@ def start_server(checkpoint: Path, data_dir: Path, port: int, auth: bool) -> tup
         "datashark-10m",
         "--port",
         str(port),
+        *(["--threads", str(threads)] if threads else []),
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -179,10 +182,10 @@ def start_server(checkpoint: Path, data_dir: Path, port: int, auth: bool) -> tup
     raise SystemExit("the server did not become ready in 120 s")
 
 
-def run(auth: bool, clients: list[int], repeats: int, port: int) -> dict:
+def run(auth: bool, clients: list[int], repeats: int, port: int, threads: int | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp))
-        proc, headers = start_server(checkpoint, Path(tmp) / "data", port, auth)
+        proc, headers = start_server(checkpoint, Path(tmp) / "data", port, auth, threads)
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(load_round(url, headers, 2))  # warm-up
@@ -200,7 +203,13 @@ def run(auth: bool, clients: list[int], repeats: int, port: int) -> dict:
                 median["error_samples"] = [e for r in runs for e in r["error_samples"]][:3]
                 rounds.append({k: round(v, 2) if isinstance(v, float) else v for k, v in median.items()})
                 print(json.dumps(rounds[-1]), flush=True)
-            result = {"auth": auth, "new_tokens": NEW_TOKENS, "repeats": repeats, "rounds": rounds}
+            result = {
+                "auth": auth,
+                "server_threads": threads,
+                "new_tokens": NEW_TOKENS,
+                "repeats": repeats,
+                "rounds": rounds,
+            }
             if auth:
                 result["cache_hit_ms"] = round(cache_hit_ms(url, headers), 2)
             single = next((r for r in rounds if r["clients"] == 1), None)
@@ -228,6 +237,7 @@ def main() -> None:
         "--compare-auth", action="store_true", help="run open and with --auth, report the overhead"
     )
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--server-threads", type=int, help="semilla serve --threads (default: its own)")
     args = parser.parse_args()
     clients = args.clients or [1, 4, 16, 64]
     out = ROOT / "results"
@@ -235,7 +245,7 @@ def main() -> None:
     modes = [False, True] if args.compare_auth else [args.auth]
     results = {}
     for auth in modes:
-        results[auth] = run(auth, clients, args.repeats, args.port)
+        results[auth] = run(auth, clients, args.repeats, args.port, args.server_threads)
         name = "serve_load-auth.json" if auth else "serve_load.json"
         (out / name).write_text(json.dumps(results[auth], indent=2) + "\n")
         print(json.dumps({k: v for k, v in results[auth].items() if k != "rounds"}))

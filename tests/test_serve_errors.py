@@ -178,8 +178,9 @@ def test_a_hundred_requests_against_a_queue_of_sixteen(server: str):
     assert post(server, chat(max_tokens=3)).status_code == 200
 
 
-def test_engine_settings_are_validated_at_start(tiny_run: Path):
+@pytest.mark.parametrize("flag, field", [("--max-slots", "max_slots"), ("--threads", "threads")])
+def test_engine_settings_are_validated_at_start(tiny_run: Path, flag: str, field: str):
     from helpers import assert_one_line_error, run_cli
 
-    proc = run_cli("serve", str(tiny_run), "--max-slots", "0", "--port", "1")
-    assert_one_line_error(proc, "max_slots")
+    proc = run_cli("serve", str(tiny_run), flag, "0", "--port", "1")
+    assert_one_line_error(proc, field)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 
+import torch
 import uvicorn
 
 from semilla.checkpoint import resolve_checkpoint
@@ -41,6 +43,7 @@ def serve(
         check_startup_policy(settings)
     except StartupPolicyError as e:
         raise SemillaError(str(e)) from None
+    torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 2) - 1))
     models = load_models(specs, device=settings.device)
     try:
         app = create_app(settings, models)

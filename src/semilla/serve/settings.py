@@ -20,6 +20,7 @@ class ServerSettings(BaseSettings):
     models_dir: str = "models"  # served when no checkpoint is named
     data_dir: str = "semilla-data"  # database and logs
     device: str | None = None  # None: cuda when available, else cpu
+    threads: int | None = Field(None, ge=1)  # torch threads; None: all cores but one (HTTP needs one)
 
     # --- engine -------------------------------------------------------------------------
     max_slots: int = Field(16, ge=1)  # sequences decoded together per model
