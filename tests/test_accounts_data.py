@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -172,7 +174,9 @@ uvicorn.run(build_app(make_settings(Path({tmp!r})), Path({run!r})), host="127.0.
 """
 
 
-def test_kill_9_during_a_feedback_burst_loses_no_acknowledged_write(tmp_path, tiny_run):
+@contextmanager
+def server_process(tmp_path, tiny_run) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A real server in its own process (so it can be killed with -9); yields it and its URL."""
     port = free_port()
     code = SERVER.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), run=str(tiny_run), port=port)
     proc = subprocess.Popen([sys.executable, "-c", code])
@@ -184,6 +188,14 @@ def test_kill_9_during_a_feedback_burst_loses_no_acknowledged_write(tmp_path, ti
                 break
             except httpx.HTTPError:
                 time.sleep(0.05)
+        yield proc, base
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_kill_9_during_a_feedback_burst_loses_no_acknowledged_write(tmp_path, tiny_run):
+    with server_process(tmp_path, tiny_run) as (proc, base):
         c = httpx.Client(base_url=base, timeout=10)
         register(c, "root")
         h = login(c, "root")
@@ -212,9 +224,6 @@ def test_kill_9_during_a_feedback_burst_loses_no_acknowledged_write(tmp_path, ti
         stop.set()
         for t in threads:
             t.join()
-    finally:
-        proc.kill()
-        proc.wait()
     assert len(acknowledged) > 10
     db = sqlite3.connect(tmp_path / "data" / "semilla.db")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -223,17 +232,7 @@ def test_kill_9_during_a_feedback_burst_loses_no_acknowledged_write(tmp_path, ti
 
 
 def test_kill_9_right_after_chat_answers_keeps_every_conversation_turn(tmp_path, tiny_run):
-    port = free_port()
-    code = SERVER.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), run=str(tiny_run), port=port)
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):  # the subprocess imports torch and loads the model first
-            try:
-                httpx.get(base + "/auth/me", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+    with server_process(tmp_path, tiny_run) as (proc, base):
         c = httpx.Client(base_url=base, timeout=10)
         register(c, "root")
         h = login(c, "root")
@@ -246,9 +245,6 @@ def test_kill_9_right_after_chat_answers_keeps_every_conversation_turn(tmp_path,
             assert r.status_code == 200 and r.text.strip().endswith("[DONE]" if stream else "}")
             answers.append(r)
         os.kill(proc.pid, signal.SIGKILL)  # the moment the last answer arrived
-    finally:
-        proc.kill()
-        proc.wait()
     db = sqlite3.connect(tmp_path / "data" / "semilla.db")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     rows = db.execute(

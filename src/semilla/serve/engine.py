@@ -73,10 +73,6 @@ class Sequence:
         """Free the slot at the next step (the client left, or a stop string matched)."""
         self.cancelled.set()
 
-    def deliver(self, event: TokenEvent | BaseException) -> None:
-        """Called from the scheduler thread: put (self, event) on the request's queue."""
-        deliver_all([(self, event)])
-
 
 def _put_all(items: list[tuple[Sequence, TokenEvent | BaseException]]) -> None:
     for seq, event in items:

@@ -7,7 +7,7 @@ for); a known field with a bad value is a 400 naming it.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
@@ -130,22 +130,3 @@ class PredictRequest(Request):
     temperature: Temperature = 1.0
     stream: StrictBool = False
     seed: Seed | None = None
-
-
-# --- responses (plain dicts are built by the routes; these document the shapes) ----------
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "semilla"
-    context_length: int | None = None
-    parameters: int | None = None
-    meta: dict[str, Any] = Field(default_factory=dict)
