@@ -307,7 +307,8 @@ def stream(
             if done:
                 running[b] = False
             events.append(TokenEvent(b, tok, chosen_logprobs[b], alts, "length" if done else None))
-        mark_seen(seen, counts, emitted)
+        if params.any_repetition or params.any_frequency_presence:
+            mark_seen(seen, counts, emitted)
         yield events
         for b in stop_rows:
             running[b] = False
