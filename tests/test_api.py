@@ -57,6 +57,24 @@ def test_a_checkpoint_from_a_newer_semilla_is_refused(tmp_path, checkpoint):
         semilla.load(str(tmp_path / "new"), device="cpu")
 
 
+def test_dtype_bfloat16_holds_the_weights_in_bfloat16_and_follows_float32(checkpoint, lm):
+    half = semilla.load(str(checkpoint), device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    assert lm.model.lm_head.weight.dtype == torch.float32  # auto on a CPU
+    text = "the quick brown fox jumps over the lazy dog."
+    assert half.score(text)["log_likelihood"] == pytest.approx(lm.score(text)["log_likelihood"], rel=0.02)
+    (done,) = half.complete(
+        [half.encode_prompt("En un")], half.settings(max_new_tokens=12, ignore_eos=True, seed=3)
+    )
+    assert len(done.tokens) == 12 and math.isfinite(done.perplexity)
+    assert half.generate("En un", max_new_tokens=12, ignore_eos=True, seed=3) == done.text
+
+
+def test_an_unknown_dtype_is_refused(checkpoint):
+    with pytest.raises(ConfigError, match="dtype must be one of auto, float32, bfloat16, got 'half'"):
+        semilla.load(str(checkpoint), device="cpu", dtype="half")
+
+
 # --- generate and stream -------------------------------------------------------------------
 
 

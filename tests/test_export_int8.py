@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import run_cli, tiny_configs
+from helpers import assert_one_line_error, run_cli, tiny_configs
 
 from semilla.checkpoint import load_checkpoint
 from semilla.data import prepare
@@ -57,6 +57,12 @@ def test_generate_cli_loads_int8(shakespeare_run):
     proc = run_cli("generate", int8, "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)
+
+
+def test_an_int8_checkpoint_refuses_bfloat16(shakespeare_run):
+    _, int8 = shakespeare_run
+    proc = run_cli("generate", int8, "--dtype", "bfloat16", "--prompt", "ROMEO:")
+    assert_one_line_error(proc, "is an int8 checkpoint: it runs in float32, not bfloat16")
 
 
 def test_cli_int8_reports_size_and_perplexity(shakespeare_run, tmp_path):

@@ -104,6 +104,17 @@ def test_model_path_and_prompt_come_from_the_environment(checkpoint):
     assert all(s["finish_reason"] == "length" for s in out["samples"])
 
 
+def test_dtype_bfloat16_generates_what_the_api_does_in_bfloat16(checkpoint):
+    proc = run_cli(
+        "generate", checkpoint, "--prompt", "the", "--dtype", "bfloat16", "--max-new-tokens", "15",
+        "--seed", "2", "--ignore-eos", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lm = semilla.load(str(checkpoint), device="cpu", dtype="bfloat16")
+    expected = lm.generate("the", max_new_tokens=15, seed=2, ignore_eos=True)
+    assert json.loads(proc.stdout)["samples"][0]["text"] == expected
+
+
 def test_stream_prints_the_prompt_and_its_continuation(checkpoint):
     proc = run_cli(
         "generate", checkpoint, "--prompt", "the", "--stream", "--max-new-tokens", "20",

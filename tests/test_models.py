@@ -196,3 +196,28 @@ def test_fused_adamw_updates_are_seen_by_the_next_evaluation() -> None:
         with torch.no_grad():
             cached = model(idx)
         torch.testing.assert_close(cached, model(idx).detach(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gqa", "tied"])
+def test_a_bfloat16_copy_follows_the_float32_logits_with_and_without_the_cache(name: str) -> None:
+    """load(dtype="bfloat16") casts a model after its float32 weights were cached (and, on CPUs
+    with native bf16, prepacked for oneDNN): the cached weights must follow the cast, and the
+    logits stay within bfloat16 rounding of float32's, whole-sequence and token by token."""
+    model = make(VARIANTS[name])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)  # peaked logits: a wrong kernel changes them, not just noise
+    idx = torch.randint(0, VOCAB, (3, 12))
+    with torch.no_grad():
+        exact = model(idx)
+        model.to(torch.bfloat16)
+        full = model(idx)
+        cache = model.new_cache(3)
+        stepped = torch.cat([model(idx[:, t : t + 1], torch.tensor([t]), cache) for t in range(12)], dim=1)
+    assert full.dtype == stepped.dtype == torch.bfloat16
+    scale = exact.abs().max()
+    for got in (full, stepped):
+        error = (got.float() - exact).abs().max()
+        assert error < 0.08 * scale, (name, float(error), float(scale))
+    assert (full.float().argmax(-1) == exact.argmax(-1)).float().mean() > 0.9

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 
 import semilla
 from semilla.config import GenerateConfig
@@ -126,8 +127,6 @@ def test_the_output_filter_judges_whole_words_before_showing_them():
 def test_an_lstm_model_is_served_by_the_same_engine(lm):
     """The LSTM's (h, c) state plays the KV cache's part: joined late and moved between rows,
     a seeded sequence still equals the generation core alone."""
-    import torch
-
     from semilla.config import ModelConfig
     from semilla.models import build_model
 
@@ -137,3 +136,15 @@ def test_an_lstm_model_is_served_by_the_same_engine(lm):
     )
     cfgs = [GenerateConfig(max_new_tokens=n, temperature=0.9, seed=s) for n, s in ((5, 1), (12, 2), (3, 3))]
     assert_engine_equals_core_alone(lstm, lm, ["En un", "Había una vez", "El"], cfgs, slots=2)
+
+
+def test_a_bfloat16_model_is_served_like_it_generates_alone(tiny_run: Path):
+    """`semilla serve --dtype bfloat16`: the engine batches bfloat16 rows (prepacked oneDNN
+    kernels on CPUs with native bf16) and a seeded sequence still equals the core alone."""
+    from semilla.serve.registry import load_models
+
+    served = load_models([("m", str(tiny_run))], device="cpu", dtype="bfloat16")["m"]
+    lm = served.lm
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    cfgs = [GenerateConfig(max_new_tokens=n, temperature=0.9, seed=s) for n, s in ((6, 1), (20, 2), (3, 3))]
+    assert_engine_equals_core_alone(lm.model, lm, ["En un", "Había una vez", "El"], cfgs, slots=2)

@@ -178,9 +178,12 @@ def test_a_hundred_requests_against_a_queue_of_sixteen(server: str):
     assert post(server, chat(max_tokens=3)).status_code == 200
 
 
-@pytest.mark.parametrize("flag, field", [("--max-slots", "max_slots"), ("--threads", "threads")])
-def test_engine_settings_are_validated_at_start(tiny_run: Path, flag: str, field: str):
+@pytest.mark.parametrize(
+    "flag, value, field",
+    [("--max-slots", "0", "max_slots"), ("--threads", "0", "threads"), ("--dtype", "half", "dtype")],
+)
+def test_engine_settings_are_validated_at_start(tiny_run: Path, flag: str, value: str, field: str):
     from helpers import assert_one_line_error, run_cli
 
-    proc = run_cli("serve", str(tiny_run), flag, "0", "--port", "1")
+    proc = run_cli("serve", str(tiny_run), flag, value, "--port", "1")
     assert_one_line_error(proc, field)

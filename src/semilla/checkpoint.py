@@ -23,7 +23,7 @@ from torch import nn
 
 from semilla import __version__
 from semilla.atomic import atomic_directory, existing_dir
-from semilla.config import ModelConfig, TrainConfig, model_config_from_dict
+from semilla.config import DTYPES, ModelConfig, TrainConfig, model_config_from_dict
 from semilla.errors import CheckpointError, ConfigError
 from semilla.models import build_model
 from semilla.models.int8 import apply_int8, split_int8_state
@@ -203,19 +203,33 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is truncated or corrupt ({e}); use an earlier checkpoint") from e
 
 
+def inference_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """The dtype weights are held in for inference. auto: bfloat16 on CUDA, float32 elsewhere
+    (bfloat16 on a CPU pays off with native bf16, see models.transformer.prepacks)."""
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
 def load_checkpoint(
-    path: str | os.PathLike, device: str | torch.device = "cpu", prefer: str = "best"
+    path: str | os.PathLike, device: str | torch.device = "cpu", prefer: str = "best", dtype: str = "float32"
 ) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
     """(model in eval mode, tokenizer, config dict) from a checkpoint or run directory.
 
-    An int8 checkpoint (config.json has "quantization") always loads on the CPU."""
+    dtype: auto | float32 | bfloat16 (see inference_dtype). An int8 checkpoint (config.json
+    has "quantization") always loads on the CPU, its other weights in float32."""
     directory = resolve_checkpoint(path, prefer)
     config = read_config(directory)
     tensors = load_weights(directory)
     int8_layers = {}
     if config.get("quantization"):  # `semilla export int8`: CPU-only int8 layers
+        if dtype not in ("auto", "float32"):
+            raise CheckpointError(f"{directory} is an int8 checkpoint: it runs in float32, not {dtype}")
         tensors, int8_layers = split_int8_state(tensors)
         device = "cpu"
+    weights_dtype = inference_dtype(dtype, device)
     try:
         cfg = infer_shapes(model_config_from_dict(config["model"]), tensors)
     except (ConfigError, TypeError) as e:
@@ -235,6 +249,7 @@ def load_checkpoint(
         model.lm_head.weight = model.model.embed_tokens.weight
     if hasattr(model, "rebuild_buffers"):
         model.rebuild_buffers()  # RoPE tables and sinusoids are computed, not stored
+    model.to(weights_dtype)
     apply_int8(model, int8_layers)
     model.eval()
     config["model"] = asdict(cfg)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from semilla.config import (
+    DTYPES,
     PRESETS,
     GenerateConfig,
     ModelConfig,
@@ -176,19 +177,29 @@ def _generate_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def _load_model(path: str | None):
+def _load_model(path: str | None, dtype: str):
     from semilla.api import load
 
     path = path or os.environ.get("MODEL_PATH") or os.environ.get("BETA_MODEL_PATH")
     if not path:
         raise SemillaError("no checkpoint given: pass CHECKPOINT or set MODEL_PATH")
-    return load(path, device=None)
+    return load(path, device=None, dtype=dtype)
+
+
+def add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weights in float32 or bfloat16; auto: bfloat16 on CUDA, float32 on CPU (bfloat16 speeds up "
+        "batches on CPUs with AMX/AVX512-BF16)",
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    lm = _load_model(args.checkpoint)
+    lm = _load_model(args.checkpoint, args.dtype)
     prompt = args.prompt if args.prompt is not None else os.environ.get("PROMPT", "")
     cfg = lm.settings(**_generate_settings(args))
     if args.stream and args.num_samples == 1 and not args.json and cfg.num_beams == 1:
@@ -227,7 +238,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from semilla.repl import run_chat
 
-    lm = _load_model(args.checkpoint)
+    lm = _load_model(args.checkpoint, args.dtype)
     return run_chat(lm, lm.settings(**_generate_settings(args)), args.system)
 
 
@@ -257,7 +268,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     reports = []
     for path in paths:
-        lm = _load_model(path)
+        lm = _load_model(path, args.dtype)
         reports.append(evaluate(
             lm, data=args.data, split=args.split, stride=args.stride, max_tokens=args.max_tokens,
             prompts=_read_prompts(args.prompts), num_samples=args.num_samples, references=args.references,
@@ -283,7 +294,7 @@ def cmd_eval_human(args: argparse.Namespace) -> int:
     if not args.checkpoints:
         raise SemillaError("name the checkpoints to sample from (or --score SHEETS --key KEY)")
     prompts = _read_prompts(args.prompts) or [""]
-    models = {path: _load_model(path) for path in args.checkpoints}
+    models = {path: _load_model(path, args.dtype) for path in args.checkpoints}
     first = next(iter(models.values()))
     settings = {
         "max_new_tokens": 100,
@@ -399,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="JSON output with timing and tokens/s")
     add_dataclass_flags(p, GenerateConfig, "sampling", skip=("stop",))
+    add_dtype_flag(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
@@ -414,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(
         p, GenerateConfig, "sampling", skip=("stop",), defaults={"temperature": 0.8, "top_k": 40}
     )
+    add_dtype_flag(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser(
@@ -461,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sampling",
         skip=("stop", "stop_token_ids", "logprobs", "truncate", "use_cache"),
     )
+    add_dtype_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -480,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sampling",
         skip=("stop", "stop_token_ids", "logprobs", "truncate", "use_cache", "seed"),
     )
+    add_dtype_flag(p)
     p.set_defaults(func=cmd_eval_human)
 
     serve_cli.add_parser(sub)

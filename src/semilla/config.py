@@ -23,6 +23,7 @@ POSITIONS = ("rope", "learned", "sinusoidal")
 MLPS = ("swiglu", "gelu", "gelu_exact", "relu", "relu2")  # gelu: GPT-2 tanh form; gelu_exact: erf
 ARCHS = ("transformer", "lstm")
 SCHEDULES = ("cosine", "plateau", "constant")
+DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on CUDA (autocast when training), float32 elsewhere
 
 
 @dataclass
@@ -170,7 +171,7 @@ class TrainConfig:
             p.append(f"tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             p.append(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
+        if self.dtype not in DTYPES:
             p.append(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.early_stopping_patience < 0:
             p.append("early_stopping_patience must be >= 0")

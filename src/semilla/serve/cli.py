@@ -16,6 +16,13 @@ FLAGS = (  # flag, settings field, type, help
     ("--data-dir", "data_dir", str, "where the database and logs live (default: semilla-data)"),
     ("--device", "device", str, "cpu, cuda, mps (default: cuda when available)"),
     ("--threads", "threads", int, "CPU threads for the model (default: all cores but one, left to HTTP)"),
+    (
+        "--dtype",
+        "dtype",
+        str,
+        "float32 or bfloat16 weights (default auto: bfloat16 on CUDA, float32 on CPU; bfloat16 speeds up "
+        "batches on CPUs with AMX/AVX512-BF16)",
+    ),
     ("--max-slots", "max_slots", int, "sequences decoded together per model (default 16)"),
     ("--queue-size", "queue_size", int, "requests waiting for a slot before 503 (default 64)"),
     ("--request-timeout", "request_timeout_s", float, "seconds before a generation is cut (default 300)"),

@@ -88,12 +88,14 @@ def discover(models_dir: str) -> list[str]:
     return found
 
 
-def load_models(specs: list[tuple[str, str]], device: str | None = None) -> dict[str, ServedModel]:
+def load_models(
+    specs: list[tuple[str, str]], device: str | None = None, dtype: str = "auto"
+) -> dict[str, ServedModel]:
     """Load every model; a broken checkpoint is a start-up error naming it."""
     served = {}
     for name, path in specs:
         start = time.perf_counter()
-        lm = load(path, device=device)
+        lm = load(path, device=device, dtype=dtype)
         served[name] = ServedModel(name, str(resolve_checkpoint(path)), lm)
         log.info("loaded %s from %s in %.1f s", name, path, time.perf_counter() - start)
     return served

@@ -44,7 +44,7 @@ def serve(
     except StartupPolicyError as e:
         raise SemillaError(str(e)) from None
     torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 2) - 1))
-    models = load_models(specs, device=settings.device)
+    models = load_models(specs, device=settings.device, dtype=settings.dtype)
     try:
         app = create_app(settings, models)
     except (ValueError, OSError) as e:  # e.g. a content filter file that is missing or invalid

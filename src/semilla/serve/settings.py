@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -21,6 +23,7 @@ class ServerSettings(BaseSettings):
     data_dir: str = "semilla-data"  # database and logs
     device: str | None = None  # None: cuda when available, else cpu
     threads: int | None = Field(None, ge=1)  # torch threads; None: all cores but one (HTTP needs one)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
 
     # --- engine -------------------------------------------------------------------------
     max_slots: int = Field(16, ge=1)  # sequences decoded together per model
