@@ -221,3 +221,22 @@ def test_a_bfloat16_copy_follows_the_float32_logits_with_and_without_the_cache(n
         error = (got.float() - exact).abs().max()
         assert error < 0.08 * scale, (name, float(error), float(scale))
     assert (full.float().argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "relu2"])
+def test_prepacked_float32_weights_give_the_plain_matmuls_logits(name: str, monkeypatch) -> None:
+    """Off Intel CPUs inference runs float32 weights through oneDNN, prepacked (models.transformer.
+    prepacks); forced on or off here, so both paths are checked on any x86 machine."""
+    from semilla.models import transformer
+
+    model = make(VARIANTS[name])
+    idx = torch.randint(0, VOCAB, (3, 12))
+    logits = {}
+    for prepack in (False, True):
+        monkeypatch.setattr(transformer, "FLOAT32_PREPACK", prepack)
+        model.train().eval()  # forget the weights prepared under the other setting
+        with torch.no_grad():
+            logits[prepack] = model(idx)
+        packed = [fused.prepared[2] for fused in (model.head, model.model.layers[0].mlp.up)]
+        assert packed == [prepack and transformer.ONEDNN] * 2  # the path asked for was taken
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)

@@ -76,11 +76,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions (T,) or (B, T) -> cos, sin broadcastable to (B, nh, T, hs)
-        cos, sin = self.cos[positions], self.sin[positions]
-        if positions.dim() == 2:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return cos, sin
+        # positions (T,) or (B, T) -> cos, sin broadcastable to (B, T, heads, hs)
+        return self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +135,9 @@ class CacheStep:
 
     def store(self, cache: torch.Tensor, new: torch.Tensor) -> None:
         """Write new keys or values (B, nkv, T, hs) into a layer's cache (B, nkv, S_max, hs)."""
-        if new.size(2) == 1:
+        if new.size(2) == 1 and self.visible is None:  # every row at the same slot: a plain copy
+            cache[:, :, self.length - 1] = new[:, :, 0]
+        elif new.size(2) == 1:
             cache[self.rows, :, self.slot] = new[:, :, 0]
         else:
             cache.scatter_(2, self.slots, new)
@@ -163,17 +162,31 @@ def cached_attention(
 
 
 def prepacks(weight: torch.Tensor) -> bool:
-    """Whether inference runs this weight through oneDNN, prepacked once into its blocked layout:
-    float32 on any x86 CPU, bfloat16 on one with native bf16 (AVX512-BF16 or AMX). Measured on
-    the 2-core machines (bench/README.md): 1.7-1.9x faster single-stream decoding than
-    PyTorch's default float32 matmul on an AMD EPYC, and bf16 batches ~3.5x faster per matmul."""
-    if weight.device.type != "cpu" or not ONEDNN:
+    """Whether inference runs this weight through oneDNN, prepacked once into its blocked layout.
+
+    bfloat16 on a CPU with native bf16 (AVX512-BF16, AMX): 2-4x faster than an unpacked bf16
+    matmul. float32 on x86 CPUs other than Intel's, where PyTorch's default float32 matmul
+    (MKL) is slow: 2.1x faster single-stream matmuls on an AMD EPYC. On Intel MKL is faster
+    for one row (1.9 vs 2.5 ms for a 10M model's weights), so float32 stays on F.linear there.
+    Figures: bench/README.md."""
+    if weight.device.type != "cpu":
         return False
-    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and BF16_KERNELS)
+    if weight.dtype == torch.bfloat16:
+        return BF16_KERNELS
+    return weight.dtype == torch.float32 and FLOAT32_PREPACK
+
+
+def cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
 
 
 ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 BF16_KERNELS = ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+FLOAT32_PREPACK = ONEDNN and cpu_vendor() not in ("GenuineIntel", "")
 
 
 ACTIVATIONS = {
@@ -224,31 +237,33 @@ class FusedLinear:
             return torch.ops.mkldnn._reorder_linear_weight(weight, 32), bias, True
         return weight, bias, False
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        linears = [getattr(self.owner, name) for name in self.names]
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers' outputs side by side along the last dimension."""
+        linears = [self.owner._modules[name] for name in self.names]  # (a plain dict: no __getattr__)
         if any(type(lin) is not nn.Linear for lin in linears):  # int8 layers: one call each
-            return tuple(self._activate(lin(x)) for lin in linears)
+            outputs = [self._activate(lin(x)) for lin in linears]
+            return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         if torch.is_grad_enabled():
-            y = self._activate(F.linear(x, *self._stack(linears)))
-        else:
-            key = tuple(
-                (p.data_ptr(), p._version, p.dtype)
-                for lin in linears
-                for p in (lin.weight, lin.bias)
-                if p is not None
-            )
-            if key != self.key:
-                self.prepared, self.key = self._prepare(linears), key
-            weight, bias, packed = self.prepared
-            if packed and self.activation in FUSED_ACTIVATIONS:  # activation inside the kernel
-                y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, *FUSED_ACTIVATIONS[self.activation])
-            elif packed:
-                y = self._activate(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
-            else:
-                y = self._activate(F.linear(x, weight, bias))
-        if len(linears) == 1:
-            return (y,)
-        return y.split([lin.out_features for lin in linears], dim=-1)
+            return self._activate(F.linear(x, *self._stack(linears)))
+        key = tuple(
+            (p.data_ptr(), p._version, p.dtype)
+            for lin in linears
+            for p in (lin.weight, lin.bias)
+            if p is not None
+        )
+        if key != self.key:
+            self.prepared, self.key = self._prepare(linears), key
+        weight, bias, packed = self.prepared
+        if packed and self.activation in FUSED_ACTIVATIONS:  # activation inside the kernel
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *FUSED_ACTIVATIONS[self.activation])
+        if packed:
+            return self._activate(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
+        return self._activate(F.linear(x, weight, bias))
+
+    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each layer's output (views of one matmul's result)."""
+        sizes = [getattr(self.owner, name).out_features for name in self.names]
+        return self(x).split(sizes, dim=-1)
 
     def _activate(self, y: torch.Tensor) -> torch.Tensor:
         return ACTIVATIONS[self.activation](y) if self.activation else y
@@ -262,19 +277,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
-        self.qkv = FusedLinear(self, "q_proj", "k_proj", "v_proj")  # one matmul for q, k and v
+        self.qkv = FusedLinear(self, "q_proj", "k_proj", "v_proj")
         self.out = FusedLinear(self, "o_proj")
         self.dropout = cfg.dropout
 
     def forward(self, x, rope, cache: KVCache | None, step: CacheStep | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, nkv = self.n_head, self.n_kv_head
+        qkv = self.qkv(x).view(B, T, nh + 2 * nkv, self.head_dim)  # one matmul for q, k and v
+        qk = apply_rope(qkv[:, :, : nh + nkv], *rope) if rope is not None else qkv  # q and k rotated at once
+        q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
+        k = qk[:, :, nh : nh + nkv].transpose(1, 2)  # (B, nkv, T, hs)
+        v = qkv[:, :, nh + nkv :].transpose(1, 2)
         gqa = self.n_kv_head != self.n_head
         dropout = self.dropout if self.training else 0.0
         if cache is None:
@@ -288,7 +302,7 @@ class Attention(nn.Module):
             else:
                 y = cached_attention(q, keys, values, step.visible)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.out(y)[0]
+        return self.out(y)
 
 
 class MLP(nn.Module):
@@ -308,11 +322,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
-            gate, up = self.up(x)
+            gate, up = self.up.parts(x)
             h = F.silu(gate) * up
         else:
-            (h,) = self.up(x)  # the activation is applied by self.up
-        return self.down(h)[0]
+            h = self.up(x)  # the activation is applied by self.up
+        return self.down(h)
 
 
 class DecoderLayer(nn.Module):
@@ -322,11 +336,12 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x, rope, cache, step, layer) -> torch.Tensor:
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, cache, step, layer))
-        x = x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+        attended = self.self_attn(self.input_layernorm(x), rope, cache, step, layer)
+        x = x + F.dropout(attended, self.dropout, self.training)
+        x = x + F.dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
         return x
 
 
@@ -341,7 +356,7 @@ class TransformerBody(nn.Module):
         elif cfg.pos == "sinusoidal":
             self.register_buffer("sinusoidal", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
         self.rotary = RotaryEmbedding(cfg) if cfg.pos == "rope" else None
-        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.pos = cfg.pos
@@ -413,9 +428,9 @@ class Transformer(nn.Module):
             x = x + body.embed_positions(positions)
         elif body.pos == "sinusoidal":
             x = x + body.sinusoidal[positions]
-        x = body.embed_dropout(x)
+        x = F.dropout(x, body.dropout, self.training)
         rope = body.rotary(positions) if body.rotary is not None else None
         step = CacheStep(self.config, positions, B) if cache is not None else None
         for i, layer in enumerate(body.layers):
             x = layer(x, rope, cache, step, i)
-        return self.head(body.norm(x))[0]
+        return self.head(body.norm(x))
