@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), action="append")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    dtypes = args.dtype or (["float32", "bfloat16"] if BF16_KERNELS else ["float32"])
+    dtypes = list(dict.fromkeys(args.dtype or (["float32", "bfloat16"] if BF16_KERNELS else ["float32"])))
     results = [bench_shape(name, dtypes, args.repeats) for name in args.shape or SHAPES]
     for r in results:
         print(json.dumps(r))

@@ -240,3 +240,56 @@ def test_prepacked_float32_weights_give_the_plain_matmuls_logits(name: str, monk
         packed = [fused.prepared[2] for fused in (model.head, model.model.layers[0].mlp.up)]
         assert packed == [prepack and transformer.ONEDNN] * 2  # the path asked for was taken
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+def test_inference_under_cpu_autocast_follows_the_float32_logits() -> None:
+    """Evaluation during `train --dtype bfloat16` runs without grad inside CPU autocast: the
+    matmuls must take autocast's dtypes, not the float32 weights prepared for plain inference."""
+    model = make(VARIANTS["llama"])
+    idx = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        exact = model(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(idx)
+    assert (mixed.float() - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_a_model_used_for_inference_still_deep_copies_and_pickles(tmp_path) -> None:
+    import copy
+
+    model = make(VARIANTS["gpt2"])
+    idx = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        expected = model(idx)  # prepares (and on x86 prepacks) every weight
+        twin = copy.deepcopy(model)
+        torch.save(model, tmp_path / "model.pt")
+        loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+        torch.testing.assert_close(twin(idx), expected, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(idx), expected, rtol=0, atol=0)
+
+
+def test_forward_hooks_on_the_linear_layers_still_fire() -> None:
+    model = make(VARIANTS["llama"])
+    seen = []
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        model.model.layers[0].get_submodule(name).register_forward_hook(
+            lambda m, i, o, n=name: seen.append(n)
+        )
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.append("lm_head"))
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, 5)))
+    assert sorted(seen) == ["lm_head", "mlp.down_proj", "self_attn.o_proj", "self_attn.q_proj"]
+
+
+def test_eval_on_a_model_already_in_eval_keeps_the_prepared_weights() -> None:
+    """generate() calls model.eval() every time; repacking every weight on each call would
+    cost more than a short generation."""
+    model = make(VARIANTS["llama"])
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, 5)))
+        prepared = model.head.prepared
+        model.eval()
+        model(torch.randint(0, VOCAB, (1, 5)))
+    assert prepared is not None and model.head.prepared is prepared
+    model.train()
+    assert model.head.prepared is None  # a real switch forgets (fused optimizers, see FusedLinear)

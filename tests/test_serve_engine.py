@@ -136,6 +136,10 @@ def test_an_lstm_model_is_served_by_the_same_engine(lm):
     )
     cfgs = [GenerateConfig(max_new_tokens=n, temperature=0.9, seed=s) for n, s in ((5, 1), (12, 2), (3, 3))]
     assert_engine_equals_core_alone(lstm, lm, ["En un", "Había una vez", "El"], cfgs, slots=2)
+    # in bfloat16 too (`serve --dtype bfloat16`, and the default on CUDA): the (h, c) slots follow
+    assert_engine_equals_core_alone(
+        lstm.to(torch.bfloat16), lm, ["En un", "Había una vez"], cfgs[:2], slots=1
+    )
 
 
 def test_a_bfloat16_model_is_served_like_it_generates_alone(tiny_run: Path):

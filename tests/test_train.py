@@ -151,6 +151,16 @@ def test_training_lowers_the_loss(tmp_path: Path, prepared_dir: Path) -> None:
     assert result["val_loss"] < math.log(vocab)  # better than a uniform guess
 
 
+def test_bfloat16_autocast_on_cpu_trains_and_evaluates(tmp_path: Path, prepared_dir: Path) -> None:
+    """`--dtype bfloat16` on a CPU: training steps and the no-grad evaluations in autocast."""
+    result = train(
+        *tiny_configs(prepared_dir, tmp_path / "run", max_iters=20, learning_rate=1e-2, dtype="bfloat16")
+    )
+    rows = metrics(tmp_path / "run")
+    assert rows[20]["loss"] < rows[1]["loss"] - 0.3
+    assert math.isfinite(result["val_loss"])
+
+
 def test_grad_accumulation_counts_tokens(tmp_path: Path, prepared_dir: Path) -> None:
     train(*tiny_configs(prepared_dir, tmp_path / "run", max_iters=2, grad_accum=3, label_smoothing=0.1))
     state = json.loads((tmp_path / "run" / "last" / "trainer_state.json").read_text())

@@ -220,6 +220,7 @@ def load_checkpoint(
 
     dtype: auto | float32 | bfloat16 (see inference_dtype). An int8 checkpoint (config.json
     has "quantization") always loads on the CPU, its other weights in float32."""
+    inference_dtype(dtype, device)  # a bad name is refused before anything is read
     directory = resolve_checkpoint(path, prefer)
     config = read_config(directory)
     tensors = load_weights(directory)

@@ -185,7 +185,11 @@ def cpu_vendor() -> str:
         return ""
 
 
-ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+ONEDNN = (
+    torch.backends.mkldnn.is_available()
+    and platform.machine().lower() in ("x86_64", "amd64")
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")  # private ops: absent, plain F.linear
+)
 BF16_KERNELS = ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 FLOAT32_PREPACK = ONEDNN and cpu_vendor() not in ("GenuineIntel", "")
 
@@ -225,6 +229,9 @@ class FusedLinear:
     def forget(self) -> None:
         self.key = self.prepared = None
 
+    def __getstate__(self) -> dict:  # copy.deepcopy, pickle: packed oneDNN tensors have no storage
+        return {**vars(self), "key": None, "prepared": None}
+
     def _stack(self, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if len(linears) == 1:
             return linears[0].weight, linears[0].bias
@@ -241,15 +248,20 @@ class FusedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The layers' outputs side by side along the last dimension."""
         linears = [self.owner._modules[name] for name in self.names]  # (a plain dict: no __getattr__)
-        if any(type(lin) is not nn.Linear for lin in linears):  # int8 layers: one call each
-            outputs = [self._activate(lin(x)) for lin in linears]
+        if any(type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks for lin in linears):
+            outputs = [self._activate(lin(x)) for lin in linears]  # int8 layers, hooks: one call each
             return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-        if torch.is_grad_enabled():
+        if (
+            torch.is_grad_enabled()
+            or self.owner.training  # weights change under fused optimizers without a version bump
+            or torch.is_autocast_enabled(x.device.type)  # autocast chooses the dtypes: plain F.linear
+            or torch.compiler.is_compiling()  # the compiler fuses by itself, and a cache would break graphs
+        ):
             return self._activate(F.linear(x, *self._stack(linears)))
         key = tuple(
             (p.data_ptr(), p._version, p.dtype)
             for lin in linears
-            for p in (lin.weight, lin.bias)
+            for p in lin._parameters.values()
             if p is not None
         )
         if key != self.key:
@@ -381,10 +393,11 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def train(self, mode: bool = True) -> Transformer:
-        for module in self.modules():  # weights may have changed without a version bump
-            for fused in vars(module).values():
-                if isinstance(fused, FusedLinear):
-                    fused.forget()
+        if mode != self.training:  # a switch: weights may have changed without a version bump
+            for module in self.modules():
+                for fused in vars(module).values():
+                    if isinstance(fused, FusedLinear):
+                        fused.forget()
         return super().train(mode)
 
     @staticmethod

@@ -105,7 +105,7 @@ class SlotCache:
         if self.lstm:
             cfg, p = model.config, model.lm_head.weight
             shape = (cfg.n_layer, max_slots, cfg.lstm_hidden)
-            self.full.hc = (torch.zeros(shape, device=p.device), torch.zeros(shape, device=p.device))
+            self.full.hc = tuple(torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(2))
 
     def view(self, start: int, end: int):
         cache = type(self.full).__new__(type(self.full))
