@@ -220,17 +220,16 @@ def load_checkpoint(
 
     dtype: auto | float32 | bfloat16 (see inference_dtype). An int8 checkpoint (config.json
     has "quantization") always loads on the CPU, its other weights in float32."""
-    inference_dtype(dtype, device)  # a bad name is refused before anything is read
+    weights_dtype = inference_dtype(dtype, device)  # a bad name is refused before anything is read
     directory = resolve_checkpoint(path, prefer)
     config = read_config(directory)
     tensors = load_weights(directory)
     int8_layers = {}
     if config.get("quantization"):  # `semilla export int8`: CPU-only int8 layers
-        if dtype not in ("auto", "float32"):
+        if dtype == "bfloat16":
             raise CheckpointError(f"{directory} is an int8 checkpoint: it runs in float32, not {dtype}")
         tensors, int8_layers = split_int8_state(tensors)
-        device = "cpu"
-    weights_dtype = inference_dtype(dtype, device)
+        device, weights_dtype = "cpu", torch.float32
     try:
         cfg = infer_shapes(model_config_from_dict(config["model"]), tensors)
     except (ConfigError, TypeError) as e:

@@ -49,9 +49,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            not torch.is_grad_enabled() and x.dtype == self.weight.dtype
-        ):  # inference: one fused kernel, 2x faster
+        if not torch.is_grad_enabled() and x.dtype == self.weight.dtype:  # inference: one fused kernel
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return RMSNormFunction.apply(x, self.weight, self.eps)
 
@@ -200,7 +198,7 @@ ACTIVATIONS = {
     "relu": F.relu,
     "relu2": lambda x: F.relu(x).square(),
 }
-FUSED_ACTIVATIONS = {  # oneDNN post-ops for the packed bf16 kernel: (attr, scalars, algorithm)
+FUSED_ACTIVATIONS = {  # oneDNN post-ops of the prepacked kernel: (attr, scalars, algorithm)
     "gelu_exact": ("gelu", [], "none"),
     "gelu": ("gelu", [], "tanh"),
     "relu": ("relu", [], ""),
@@ -212,13 +210,13 @@ class FusedLinear:
     along outputs): q/k/v, gate/up, or a single layer.
 
     The layers keep their own parameters (and so Hugging Face's names); they are looked up by
-    name on every call, so layers swapped for int8 ones (models/int8.py) are simply called one
-    by one. When no gradient is recorded (generation, evaluation) the stacked weight is
-    cached, prepacked for oneDNN on a CPU (see prepacks). It is rebuilt when a
-    weight is replaced or changed in place by a versioned op (a load, a plain optimizer, a
-    dtype change), and forgotten whenever the model switches between train() and eval():
-    PyTorch's fused AdamW updates weights without bumping their version counters, and a
-    training loop always switches to eval() before it evaluates.
+    name on every call, so layers swapped for int8 ones (models/int8.py), or with hooks, are
+    simply called one by one. In eval mode with no gradient recorded (generation,
+    evaluation) the stacked weight is cached, prepacked for oneDNN on a CPU (see prepacks).
+    It is rebuilt when a weight is replaced or changed in place by a versioned op (a load, a
+    plain optimizer, a dtype change), and forgotten when the model switches between train()
+    and eval(): PyTorch's fused AdamW updates weights without bumping their version counters,
+    and a training loop always switches to eval() before it evaluates.
     """
 
     def __init__(self, owner: nn.Module, *names: str, activation: str | None = None):
@@ -275,7 +273,7 @@ class FusedLinear:
 
     def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each layer's output (views of one matmul's result)."""
-        sizes = [getattr(self.owner, name).out_features for name in self.names]
+        sizes = [self.owner._modules[name].out_features for name in self.names]
         return self(x).split(sizes, dim=-1)
 
     def _activate(self, y: torch.Tensor) -> torch.Tensor:
