@@ -51,7 +51,7 @@ def bench_shape(name: str, dtypes: list[str], repeats: int) -> dict:
     result = {"shape": name, "parameters": count_parameters(model)}
     for dtype in dtypes:
         model.to(getattr(torch, dtype))
-        timed(model, 1, True)  # warm-up (and the bf16 weights' prepacking)
+        timed(model, 1, True)  # warm-up (and the weights' prepacking)
         suffix = "" if dtype == "float32" else "_bf16"
         for label, rows, cache in (
             ("single_cached", 1, True),
