@@ -195,7 +195,8 @@ def test_fused_adamw_updates_are_seen_by_the_next_evaluation() -> None:
         model.eval()
         with torch.no_grad():
             cached = model(idx)
-        torch.testing.assert_close(cached, model(idx).detach(), rtol=0, atol=1e-6)
+        # stale weights would be off by ~0.1; inference kernels sum in another order (~1e-6)
+        torch.testing.assert_close(cached, model(idx).detach(), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gqa", "tied"])

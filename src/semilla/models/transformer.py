@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semilla.config import ModelConfig
+from semilla.models import kernels
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -49,7 +50,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and x.dtype == self.weight.dtype:  # inference: one fused kernel
+        if not torch.is_grad_enabled() and x.dtype == self.weight.dtype:  # inference
+            kernel = kernels.rms_norm(x, self.weight)
+            if kernel is not None and x.is_contiguous():
+                return kernel(x, self.weight, self.eps)
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return RMSNormFunction.apply(x, self.weight, self.eps)
 
@@ -117,11 +121,16 @@ class CacheStep:
 
     positions (B, T) -> where each row's keys go; length S = furthest position + 1; visible
     (B, T, S), or None when every query sees every slot (rows decoding at the same position).
+    A decode step (T = 1) on CPU runs the compiled kernel instead (`kernel`, with the slots).
     """
 
-    def __init__(self, cfg: ModelConfig, positions: torch.Tensor, batch_size: int):
+    def __init__(self, cfg: ModelConfig, positions: torch.Tensor, cache: KVCache, batch_size: int):
         B, T = batch_size, positions.size(-1)
         pos = positions if positions.dim() == 2 else positions.expand(B, T)  # (B, T)
+        self.kernel = kernels.decode_attention(cache.k[0], cfg.head_dim) if T == 1 else None
+        if self.kernel is not None:  # it needs no mask: each row attends up to its own slot
+            self.slot = pos[:, 0].contiguous()
+            return
         self.length = int(pos.max()) + 1  # slots beyond the furthest position are never visible
         if T == 1:  # decode: row b writes slot pos[b] (an indexed copy, cheaper than a scatter)
             self.rows, self.slot = torch.arange(B, device=pos.device), pos[:, 0]
@@ -221,7 +230,7 @@ class FusedLinear:
 
     def __init__(self, owner: nn.Module, *names: str, activation: str | None = None):
         self.owner, self.names, self.activation = owner, names, activation
-        self.key: tuple | None = None
+        self.key: list | None = None
         self.prepared: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None
 
     def forget(self) -> None:
@@ -245,10 +254,17 @@ class FusedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The layers' outputs side by side along the last dimension."""
-        linears = [self.owner._modules[name] for name in self.names]  # (a plain dict: no __getattr__)
-        if any(type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks for lin in linears):
-            outputs = [self._activate(lin(x)) for lin in linears]  # int8 layers, hooks: one call each
-            return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        modules = self.owner._modules  # a plain dict: no nn.Module.__getattr__ on this hot path
+        linears = [modules[name] for name in self.names]
+        for lin in linears:
+            if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
+                outputs = [self._activate(lin(x)) for lin in linears]  # int8 layers, hooks: one call each
+                return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        kernel = kernels.linear_rows(x, linears[0].weight)
+        if kernel is not None:  # a single stream: weights read at the memory's speed, as they are
+            weights = [lin._parameters["weight"] for lin in linears]
+            if all(w.is_contiguous() for w in weights):
+                return self._activate(kernel(x, weights, [lin._parameters["bias"] for lin in linears]))
         if (
             torch.is_grad_enabled()
             or self.owner.training  # weights change under fused optimizers without a version bump
@@ -256,12 +272,12 @@ class FusedLinear:
             or torch.compiler.is_compiling()  # the compiler fuses by itself, and a cache would break graphs
         ):
             return self._activate(F.linear(x, *self._stack(linears)))
-        key = tuple(
+        key = [
             (p.data_ptr(), p._version, p.dtype)
             for lin in linears
             for p in lin._parameters.values()
             if p is not None
-        )
+        ]
         if key != self.key:
             self.prepared, self.key = self._prepare(linears), key
         weight, bias, packed = self.prepared
@@ -296,6 +312,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         nh, nkv = self.n_head, self.n_kv_head
         qkv = self.qkv(x).view(B, T, nh + 2 * nkv, self.head_dim)  # one matmul for q, k and v
+        if step is not None and step.kernel is not None:  # a decode step: rotates q, k and writes k, v
+            q, k, v = qkv[:, 0, :nh], qkv[:, 0, nh : nh + nkv], qkv[:, 0, nh + nkv :]
+            y = step.kernel(q, k, v, cache.k[layer], cache.v[layer], step.slot, *(rope or (None, None)))
+            return self.out(y.view(B, 1, nh * self.head_dim))
         qk = apply_rope(qkv[:, :, : nh + nkv], *rope) if rope is not None else qkv  # q and k rotated at once
         q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
         k = qk[:, :, nh : nh + nkv].transpose(1, 2)  # (B, nkv, T, hs)
@@ -351,9 +371,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rope, cache, step, layer) -> torch.Tensor:
         attended = self.self_attn(self.input_layernorm(x), rope, cache, step, layer)
-        x = x + F.dropout(attended, self.dropout, self.training)
-        x = x + F.dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
-        return x
+        dropout = self.dropout if self.training else 0.0  # (a call less per layer at inference)
+        x = x + (F.dropout(attended, dropout) if dropout else attended)
+        mixed = self.mlp(self.post_attention_layernorm(x))
+        return x + (F.dropout(mixed, dropout) if dropout else mixed)
 
 
 class TransformerBody(nn.Module):
@@ -442,7 +463,7 @@ class Transformer(nn.Module):
             x = x + body.sinusoidal[positions]
         x = F.dropout(x, body.dropout, self.training)
         rope = body.rotary(positions) if body.rotary is not None else None
-        step = CacheStep(self.config, positions, B) if cache is not None else None
+        step = CacheStep(self.config, positions, cache, B) if cache is not None else None
         for i, layer in enumerate(body.layers):
             x = layer(x, rope, cache, step, i)
         return self.head(body.norm(x))

@@ -38,6 +38,7 @@ from semilla.generate import (
     process_logits,
     top_alternatives,
 )
+from semilla.models import kernels
 from semilla.serve import metrics
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,8 @@ class ModelWorker:
         self.max_slots, self.queue_size = max_slots, queue_size
         self.limit = context_limit(model)
         self.device = model.lm_head.weight.device
+        if self.device.type == "cpu":
+            kernels.compiled()  # built (once per machine) at start-up, not on the first request
         V = model.config.vocab_size
         self.cache = SlotCache(model, max_slots)
         self.seen = torch.zeros(max_slots, V, dtype=torch.bool, device=self.device)

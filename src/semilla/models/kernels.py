@@ -1,0 +1,118 @@
+"""semilla's compiled CPU kernels for inference (`cpu_kernels.cpp`): a decode step of attention
+over the KV cache, the matmuls of a single stream (a few rows), and RMSNorm. They are built from source with the machine's C++ compiler the
+first time a model runs inference (about 20 s, once per machine, PyTorch and CPU; cached under
+`~/.cache/semilla/kernels`). Where they cannot be built (no compiler) or `SEMILLA_KERNELS=0`,
+the model runs PyTorch's own operators instead, with the same results.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # OpenMP: PyTorch's own threads
+DTYPES = (torch.float32, torch.bfloat16)
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "semilla" / "kernels"
+
+
+def build_name() -> str:
+    """One build per source, PyTorch, Python and CPU: `-march=native` code must not travel to
+    another machine through a shared home directory."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        cpu = ""
+    key = "|".join([SOURCE.read_text(), torch.__version__, sys.version, platform.machine(), cpu, *FLAGS])
+    return "semilla_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@functools.cache
+def compiled():
+    """The built extension module, or None where it is disabled or cannot be built."""
+    if os.environ.get("SEMILLA_KERNELS", "1") == "0":
+        return None
+    name = build_name()
+    directory = cache_dir() / name
+    try:
+        from torch.utils.cpp_extension import load
+
+        if shutil.which("ninja") is None:  # PyTorch runs `ninja` from PATH: the pip package's
+            import ninja  # binary sits beside the venv's python, which is not always on PATH
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        directory.mkdir(parents=True, exist_ok=True)
+        if not any(directory.glob(f"{name}*.so")):
+            log.info("semilla: building the CPU kernels (once per machine, about 20 s)")
+        return load(
+            name,
+            [str(SOURCE)],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+        )
+    except Exception as e:  # no compiler, no ninja, a read-only cache: PyTorch's attention instead
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("semilla: CPU kernels not built (%s); using PyTorch's operators", reason)
+        return None
+
+
+def inference_on_cpu(t: torch.Tensor) -> bool:
+    """Whether this forward may call a kernel: a CPU tensor, no autograd, no autocast, not under
+    torch.compile, torch.export or the ONNX exporters (they see only PyTorch operators). Called
+    by every layer of every decode step: the cheapest checks first."""
+    return not (
+        torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.is_autocast_enabled("cpu")
+        or t.device.type != "cpu"
+    )
+
+
+def decode_attention(cache: torch.Tensor, head_dim: int):
+    """The decode-attention kernel where a decode step over this cache may use it, else None."""
+    if cache.dtype not in DTYPES or head_dim % 8 or head_dim > 256 or not inference_on_cpu(cache):
+        return None
+    module = compiled()
+    return module.decode_attention if module is not None else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor):
+    """The RMSNorm kernel where it applies (float32 inference on CPU), else None."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not inference_on_cpu(x):
+        return None
+    module = compiled()
+    return module.rms_norm if module is not None else None
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor):
+    """The few-rows matmul kernel where it applies to x against this weight, else None: 1 to 4
+    rows (a single stream's decode step), a contiguous input, K a multiple of 16, one dtype."""
+    K = x.size(-1)
+    if (
+        x.numel() > 4 * K
+        or K % 16
+        or x.dtype not in DTYPES
+        or weight.dtype != x.dtype
+        or not x.is_contiguous()
+        or not inference_on_cpu(x)
+    ):
+        return None
+    module = compiled()
+    return module.linear_rows if module is not None else None

@@ -1,0 +1,225 @@
+"""The compiled CPU kernels (models/cpu_kernels.cpp) against PyTorch's own operators.
+
+Each kernel must give what the operators it replaces give: decode attention (with RoPE, GQA,
+rows at different positions, bf16), the few-rows matmul, RMSNorm; and a model must generate
+the same tokens with the kernels as without them. The build itself: it happens here (the CI
+machine has a compiler), a broken source falls back with one warning, SEMILLA_KERNELS=0 skips it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from generation_helpers import FAMILIES, char_tokenizer, tiny_model
+
+from semilla.config import GenerateConfig, ModelConfig
+from semilla.generate import beam_search, generate
+from semilla.models import build_model, kernels
+from semilla.models.transformer import RotaryEmbedding, apply_rope, cached_attention
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    module = kernels.compiled()
+    assert module is not None, "the CPU kernels must build here (setup installs g++ and ninja)"
+    return module
+
+
+@pytest.fixture
+def two_threads():
+    """The kernels split rows over PyTorch's threads; the suite runs on one (conftest)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def reference_decode(q, k, v, k_cache, v_cache, slots, cos=None, sin=None):
+    """What the model does without the kernel: rotate, write the slots, masked attention."""
+    if cos is not None:
+        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+    rows = torch.arange(q.size(0))
+    k_cache[rows, :, slots] = k
+    v_cache[rows, :, slots] = v
+    length = int(slots.max()) + 1
+    visible = (torch.arange(length)[None, :] <= slots[:, None])[:, None, :]  # (B, 1, S)
+    y = cached_attention(
+        q[:, :, None].float(),
+        k_cache[:, :, :length].float(),
+        v_cache[:, :, :length].float(),
+        visible,
+    )
+    return y[:, :, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize(("n_head", "n_kv_head", "head_dim"), [(4, 4, 16), (6, 2, 40), (2, 1, 64)])
+def test_decode_attention_matches_masked_attention(
+    compiled, two_threads, dtype, rope, n_head, n_kv_head, head_dim
+):
+    torch.manual_seed(0)
+    B, S = 5, 24
+    slots = torch.tensor([0, 3, 23, 11, 11])  # a fresh row, short and long rows, a tie
+    q = torch.randn(B, n_head, head_dim, dtype=dtype)
+    k = torch.randn(B, n_kv_head, head_dim, dtype=dtype)
+    v = torch.randn(B, n_kv_head, head_dim, dtype=dtype)
+    cache_k = torch.randn(B, n_kv_head, S, head_dim, dtype=dtype)
+    cache_v = torch.randn(B, n_kv_head, S, head_dim, dtype=dtype)
+    cos = sin = None
+    if rope:
+        cfg = ModelConfig(vocab_size=8, n_head=n_head, n_embd=n_head * head_dim, block_size=S)
+        table = RotaryEmbedding(cfg)
+        cos, sin = table.cos[slots].to(dtype), table.sin[slots].to(dtype)
+    ref_k, ref_v = cache_k.clone(), cache_v.clone()
+    expected = reference_decode(q, k, v, ref_k, ref_v, slots, cos, sin)
+    got = compiled.decode_attention(q, k, v, cache_k, cache_v, slots, cos, sin)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), expected, **tol)
+    torch.testing.assert_close(cache_k, ref_k, **tol)  # rotated keys written to their slots
+    torch.testing.assert_close(cache_v, ref_v, rtol=0, atol=0)
+
+
+def test_decode_attention_reads_strided_views_and_cache_rows(compiled) -> None:
+    """The model passes q, k, v as views of one qkv matmul and a row slice of the serving cache."""
+    torch.manual_seed(1)
+    qkv = torch.randn(3, 8, 16)  # (B, nh + 2 nkv, hs) with nh = 4, nkv = 2
+    full_k, full_v = torch.randn(6, 2, 10, 16), torch.randn(6, 2, 10, 16)
+    k_cache, v_cache = full_k[2:5], full_v[2:5]  # rows 2..4 of a 6-row cache
+    slots = torch.tensor([4, 9, 0])
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    expected = reference_decode(qkv[:, :4], qkv[:, 4:6], qkv[:, 6:], ref_k, ref_v, slots)
+    got = compiled.decode_attention(qkv[:, :4], qkv[:, 4:6], qkv[:, 6:], k_cache, v_cache, slots, None, None)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(full_k[2:5], ref_k, rtol=0, atol=0)
+
+
+def test_decode_attention_refuses_what_it_cannot_do(compiled) -> None:
+    q, kv = torch.randn(1, 2, 16), torch.randn(1, 2, 16)
+    cache = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        compiled.decode_attention(q, kv, kv, cache, cache.clone(), torch.tensor([8]), None, None)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        compiled.decode_attention(q[..., :12], kv[..., :12], kv[..., :12], cache[..., :12], cache[..., :12], torch.tensor([0]), None, None)  # fmt: skip
+    with pytest.raises(RuntimeError, match="dtype mismatch"):
+        compiled.decode_attention(q, kv, kv, cache.double(), cache.double(), torch.tensor([0]), None, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_linear_rows_matches_f_linear_side_by_side(compiled, two_threads, dtype, rows) -> None:
+    torch.manual_seed(2)
+    x = torch.randn(rows, 1, 48, dtype=dtype)
+    weights = [torch.randn(n, 48, dtype=dtype) for n in (37, 64, 3)]  # row counts not multiples of 4
+    biases = [torch.randn(37, dtype=dtype), None, torch.randn(3, dtype=dtype)]
+    expected = torch.cat([F.linear(x.float(), w.float(), None if b is None else b.float()) for w, b in zip(weights, biases, strict=True)], -1)  # fmt: skip
+    got = compiled.linear_rows(x, weights, biases)
+    assert got.shape == (rows, 1, 104) and got.dtype == dtype
+    tol = dict(rtol=0, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.1)
+    torch.testing.assert_close(got.float(), expected, **tol)
+
+
+def test_linear_rows_refuses_what_it_cannot_do(compiled) -> None:
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        compiled.linear_rows(torch.randn(5, 16), [torch.randn(4, 16)], [None])
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        compiled.linear_rows(torch.randn(1, 12), [torch.randn(4, 12)], [None])
+    with pytest.raises(RuntimeError, match=r"\(N, K\)"):
+        compiled.linear_rows(torch.randn(1, 16), [torch.randn(16, 4).t()], [None])
+    assert kernels.linear_rows(torch.randn(5, 16), torch.randn(4, 16)) is None  # the model's guard
+    assert kernels.linear_rows(torch.randn(1, 16, requires_grad=True), torch.randn(4, 16)) is None
+
+
+def test_rms_norm_matches_pytorch(compiled, two_threads) -> None:
+    torch.manual_seed(3)
+    x, w = torch.randn(3, 7, 40) * 3, torch.randn(40)
+    torch.testing.assert_close(
+        compiled.rms_norm(x, w, 1e-5), F.rms_norm(x, (40,), w, 1e-5), rtol=0, atol=1e-5
+    )
+
+
+def without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "compiled", lambda: None)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gqa", "sinusoidal"])
+def test_generation_is_the_same_with_and_without_kernels(compiled, family, monkeypatch) -> None:
+    """Greedy tokens and log-probabilities of 1 row (the few-rows matmul), 6 rows of different
+    prompt lengths (decode attention with per-row positions) and of beam search."""
+    tok = char_tokenizer()
+    model = tiny_model(tok, seed=4, **FAMILIES[family])
+    prompts = [tok.encode(p) for p in ("the quick", "En un", "t", "lugar de la Mancha", "dog", "fox. ")]
+    cfg = GenerateConfig(max_new_tokens=20, temperature=0.0, logprobs=2)
+    beam = GenerateConfig(max_new_tokens=12, num_beams=3)
+    runs = {}
+    for label in ("kernels", "pytorch"):
+        if label == "pytorch":
+            without_kernels(monkeypatch)
+        runs[label] = generate(model, prompts[:1], cfg) + generate(model, prompts, cfg)
+        runs[label + " beams"] = beam_search(model, prompts[3], beam)
+    for a, b in zip(runs["kernels"], runs["pytorch"], strict=True):
+        assert a.tokens == b.tokens
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    for (tokens_a, score_a), (tokens_b, score_b) in zip(
+        runs["kernels beams"], runs["pytorch beams"], strict=True
+    ):
+        assert tokens_a == tokens_b and score_a == pytest.approx(score_b, abs=1e-4)
+
+
+def test_model_forward_uses_the_kernels_only_for_inference(compiled, monkeypatch) -> None:
+    """Autograd (training) and autocast never reach a kernel; no_grad decode steps do."""
+    calls = []
+    module = kernels.compiled()
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*args):
+                calls.append(name)
+                return getattr(module, name)(*args)
+
+            return call
+
+    monkeypatch.setattr(kernels, "compiled", lambda: Spy())
+    torch.manual_seed(5)
+    model = build_model(ModelConfig(vocab_size=20, n_layer=1, n_head=2, n_embd=32, block_size=16))
+    idx = torch.randint(0, 20, (1, 1))
+    cache = model.new_cache(1)
+    model.train()
+    model(torch.randint(0, 20, (1, 4))).sum().backward()  # 4 rows: the few-rows matmul's size
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.eval()(idx, torch.tensor([[0]]), model.new_cache(1))
+    assert calls == []
+    with torch.no_grad():
+        model(idx, torch.tensor([[0]]), cache)
+    assert set(calls) == {"decode_attention", "linear_rows", "rms_norm"}
+
+
+def test_a_broken_build_falls_back_with_one_warning(tmp_path, monkeypatch, caplog) -> None:
+    broken = tmp_path / "cpu_kernels.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(kernels, "SOURCE", broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    kernels.compiled.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="semilla.models.kernels"):
+            assert kernels.compiled() is None
+            assert kernels.decode_attention(torch.zeros(1, 1, 4, 16), 16) is None
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "CPU kernels not built" in warnings[0]
+        assert "\n" not in warnings[0]
+    finally:
+        kernels.compiled.cache_clear()
+
+
+def test_semilla_kernels_0_turns_them_off(monkeypatch) -> None:
+    monkeypatch.setenv("SEMILLA_KERNELS", "0")
+    kernels.compiled.cache_clear()
+    try:
+        assert kernels.compiled() is None
+        with torch.no_grad():
+            assert kernels.rms_norm(torch.zeros(2, 16), torch.ones(16)) is None
+    finally:
+        kernels.compiled.cache_clear()
