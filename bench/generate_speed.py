@@ -5,7 +5,8 @@
 
 Shapes: `datashark-10m` (gpt2 family, 8 x 320, 38-token vocab) and `llama-50m` (llama family,
 8 layers x 640, 10 heads, 8192 vocab, ~50M parameters). Weights are random: speed does not
-depend on them. Prompt 64 tokens, 256 new tokens, greedy, end-of-sequence ignored.
+depend on them. Prompt 64 tokens, 256 new tokens, greedy, end-of-sequence ignored. Each repeat
+is one round of every case (so a slow spell of a shared machine hits them all); medians.
 float32 always; bfloat16 (what `--dtype bfloat16` loads) by default only where the CPU has
 native bf16 (AMX / AVX512-BF16: prepacked oneDNN kernels), elsewhere on request.
 Writes bench/results/generate_speed.json.
@@ -53,14 +54,18 @@ def bench_shape(name: str, dtypes: list[str], repeats: int) -> dict:
         model.to(getattr(torch, dtype))
         timed(model, 1, True)  # warm-up (and the weights' prepacking)
         suffix = "" if dtype == "float32" else "_bf16"
-        for label, rows, cache in (
-            ("single_cached", 1, True),
-            ("single_uncached", 1, False),
-            ("batch8", 8, True),
-            ("batch32", 32, True),
-        ):
-            runs = [timed(model, rows, cache) for _ in range(repeats)]
-            result[f"{label}{suffix}_tokens_per_s"] = round(rows * NEW / statistics.median(runs), 1)
+        cases = {
+            "single_cached": (1, True),
+            "single_uncached": (1, False),
+            "batch8": (8, True),
+            "batch32": (32, True),
+        }
+        runs = {label: [] for label in cases}
+        for _ in range(repeats):  # rounds of every case: a slow spell of the machine hits them all
+            for label, (rows, cache) in cases.items():
+                runs[label].append(timed(model, rows, cache))
+        for label, (rows, _) in cases.items():
+            result[f"{label}{suffix}_tokens_per_s"] = round(rows * NEW / statistics.median(runs[label]), 1)
         result[f"cache_speedup{suffix}"] = ratio(result, f"single_cached{suffix}", f"single_uncached{suffix}")
         result[f"batch32_vs_single{suffix}"] = ratio(result, f"batch32{suffix}", f"single_cached{suffix}")
     if len(dtypes) == 2:  # the fastest batch against the fastest single stream, any dtype

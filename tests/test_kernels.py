@@ -9,6 +9,8 @@ machine has a compiler), a broken source falls back with one warning, SEMILLA_KE
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -222,4 +224,21 @@ def test_semilla_kernels_0_turns_them_off(monkeypatch) -> None:
         with torch.no_grad():
             assert kernels.rms_norm(torch.zeros(2, 16), torch.ones(16)) is None
     finally:
+        kernels.compiled.cache_clear()
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(monkeypatch) -> None:
+    """PyTorch waits for its build lock without a timeout; a stale one is removed first."""
+    kernels.compiled.cache_clear()
+    directory = kernels.cache_dir() / kernels.build_name()
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / "lock"
+    lock.touch()
+    old = time.time() - kernels.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    try:
+        assert kernels.compiled() is not None
+        assert not lock.exists()
+    finally:
+        lock.unlink(missing_ok=True)
         kernels.compiled.cache_clear()

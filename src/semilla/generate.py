@@ -135,12 +135,18 @@ def process_logits(
 def choose_tokens(
     logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator | None]
 ) -> torch.Tensor:
-    """One token per row: argmax for temperature 0, else a draw with the row's own generator."""
+    """One token per row: argmax for temperature 0, else a draw with the row's own generator
+    (rows without a seed draw together from the global one: one call for a busy server)."""
     tokens = logits.argmax(-1)
     if params.sampled_rows:
         probs = logits.float().softmax(-1)
+        unseeded = [b for b in params.sampled_rows if generators[b] is None]
+        if unseeded:
+            rows = torch.tensor(unseeded, device=logits.device)
+            tokens[rows] = torch.multinomial(probs[rows], 1).squeeze(1)
         for b in params.sampled_rows:
-            tokens[b] = torch.multinomial(probs[b], 1, generator=generators[b])[0]
+            if generators[b] is not None:
+                tokens[b] = torch.multinomial(probs[b], 1, generator=generators[b])[0]
     return tokens
 
 

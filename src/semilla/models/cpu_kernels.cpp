@@ -323,8 +323,11 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
+// The GIL is released while a kernel runs, as PyTorch's own operators do: a server's HTTP
+// threads go on while the engine thread decodes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "one decode step of attention over a KV cache");
-  m.def("rms_norm", &rms_norm, "RMSNorm of each row, float32");
-  m.def("linear_rows", &linear_rows, "x W^T + b for 1 to 4 rows of x, several layers side by side");
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("decode_attention", &decode_attention, "one decode step of attention over a KV cache", release());
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row, float32", release());
+  m.def("linear_rows", &linear_rows, "x W^T + b for 1 to 4 rows of x, several layers side by side", release());
 }

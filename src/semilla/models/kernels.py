@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # OpenMP: PyTorch's own threads
 DTYPES = (torch.float32, torch.bfloat16)
+STALE_LOCK_S = 600  # a build takes ~20 s; a lock this old belongs to a process that died
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ def compiled():
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         directory.mkdir(parents=True, exist_ok=True)
+        lock = directory / "lock"  # PyTorch waits for it forever: a build killed outright leaves it
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
         if not any(directory.glob(f"{name}*.so")):
             log.info("semilla: building the CPU kernels (once per machine, about 20 s)")
         return load(
@@ -66,7 +71,7 @@ def compiled():
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
         )
-    except Exception as e:  # no compiler, no ninja, a read-only cache: PyTorch's attention instead
+    except Exception as e:  # no compiler, no ninja, a read-only cache: PyTorch's operators instead
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("semilla: CPU kernels not built (%s); using PyTorch's operators", reason)
         return None

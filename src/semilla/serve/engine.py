@@ -270,9 +270,12 @@ class ModelWorker:
         active = self.active
         n = len(active)
         logprobs = logits.log_softmax(-1)
-        for row, seq in enumerate(active):  # no stop before min_new_tokens
-            if seq.produced < seq.cfg.min_new_tokens and seq.stop_ids:
-                logits[row, list(seq.stop_ids)] = -math.inf
+        held = [
+            (row, t) for row, s in enumerate(active) if s.produced < s.cfg.min_new_tokens for t in s.stop_ids
+        ]
+        if held:  # no stop before min_new_tokens: one indexed write for every such row
+            rows, stops = zip(*held, strict=True)
+            logits[list(rows), list(stops)] = -math.inf
         if self.params is None:
             self.params = SamplingParams.from_configs([s.cfg for s in active], self.device)
         filtered = process_logits(logits, self.params, self.seen[:n], self.counts[:n])
@@ -303,7 +306,8 @@ class ModelWorker:
             if done:
                 finished.append(row)
         deliver_all(events)
-        mark_seen(self.seen, self.counts, emitted)
+        if self.params.any_repetition or self.params.any_frequency_presence:  # rows without
+            mark_seen(self.seen, self.counts, emitted)  # penalties never read seen and counts
         self.generated.inc(len(emitted))
         self._remove(finished)
 
