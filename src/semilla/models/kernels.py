@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # OpenMP: PyTorch's own threads
 DTYPES = (torch.float32, torch.bfloat16)
+BUILD_LOCK = threading.Lock()
 STALE_LOCK_S = 600  # a build takes ~20 s; a lock this old belongs to a process that died
 
 log = logging.getLogger(__name__)
@@ -46,9 +48,16 @@ def build_name() -> str:
 
 @functools.cache
 def compiled():
-    """The built extension module, or None where it is disabled or cannot be built."""
+    """The built extension module, or None where it is disabled or cannot be built. One build
+    at a time in a process (a server's engine and a request may ask at once); PyTorch's lock
+    file keeps processes apart."""
     if os.environ.get("SEMILLA_KERNELS", "1") == "0":
         return None
+    with BUILD_LOCK:
+        return _build()
+
+
+def _build():
     name = build_name()
     directory = cache_dir() / name
     try:
@@ -63,7 +72,7 @@ def compiled():
         if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
             lock.unlink(missing_ok=True)
         if not any(directory.glob(f"{name}*.so")):
-            log.info("semilla: building the CPU kernels (once per machine, about 20 s)")
+            log.info("building the CPU kernels (once per machine, about 20 s)")
         return load(
             name,
             [str(SOURCE)],
@@ -72,9 +81,17 @@ def compiled():
             build_directory=str(directory),
         )
     except Exception as e:  # no compiler, no ninja, a read-only cache: PyTorch's operators instead
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning("semilla: CPU kernels not built (%s); using PyTorch's operators", reason)
+        log.warning("CPU kernels not built (%s); using PyTorch's operators", build_failure(e))
         return None
+
+
+def build_failure(e: Exception) -> str:
+    """One short line for what went wrong (PyTorch's message holds the whole compiler command)."""
+    text = str(e).strip()
+    if text.startswith("Error building extension"):
+        return "the C++ compiler failed on cpu_kernels.cpp"
+    first = text.splitlines()[0] if text else type(e).__name__
+    return first if len(first) <= 160 else first[:157] + "..."
 
 
 def inference_on_cpu(t: torch.Tensor) -> bool:
