@@ -8,7 +8,8 @@ depend on what was learned) and the tinyshakespeare character vocabulary.
     .venv/bin/python bench/inference_compare.py [--threads 1] [--repeats 3] [--shape 50m]
 
 Shapes: `10m` (6 layers x 384, DataShark-sized) and `50m` (8 layers x 640, 10 heads).
-Prints tokens/s side by side and writes bench/results/inference_compare[-SHAPE].json.
+Each repeat is one round of every runtime (a slow spell of a shared machine hits them all);
+medians. Prints tokens/s side by side and writes bench/results/inference_compare[-SHAPE].json.
 """
 
 from __future__ import annotations
@@ -128,16 +129,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="semilla-bench-") as tmp:
         paths = build(Path(tmp), args.threads)
         prompt = [2] + list(range(10, 26))  # <bos> and 16 characters
-        results = {}
-        for name, run in runners(paths, args.threads, prompt).items():
+        runs = runners(paths, args.threads, prompt)
+        for run in runs.values():
             run()  # warm-up: first-call allocations, lazy initialization
-            rates = []
-            for _ in range(args.repeats):
+        rates = {name: [] for name in runs}
+        for _ in range(args.repeats):  # rounds of every runtime: a slow spell hits them all
+            for name, run in runs.items():
                 start = time.perf_counter()
                 n = run()
-                rates.append(n / (time.perf_counter() - start))
-            results[name] = {"tokens_per_s": statistics.median(rates), "runs": rates}
-            print(f"{name:<28} {statistics.median(rates):8.1f} tokens/s", flush=True)
+                rates[name].append(n / (time.perf_counter() - start))
+        results = {}
+        for name, r in rates.items():
+            results[name] = {"tokens_per_s": statistics.median(r), "runs": r}
+            print(f"{name:<28} {statistics.median(r):8.1f} tokens/s", flush=True)
     base = results["llama.cpp F32"]["tokens_per_s"]
     ours = results["semilla (KV cache)"]["tokens_per_s"]
     summary = {
