@@ -220,7 +220,9 @@ class FusedLinear:
 
     The layers keep their own parameters (and so Hugging Face's names); they are looked up by
     name on every call, so layers swapped for int8 ones (models/int8.py), or with hooks, are
-    simply called one by one. In eval mode with no gradient recorded (generation,
+    simply called one by one. At inference on a CPU, 1 to 4 rows (a single stream's decode
+    step) go through semilla's few-rows kernel, which reads the layers' own weights (see
+    models/kernels.py). Otherwise, in eval mode with no gradient recorded (generation,
     evaluation) the stacked weight is cached, prepacked for oneDNN on a CPU (see prepacks).
     It is rebuilt when a weight is replaced or changed in place by a versioned op (a load, a
     plain optimizer, a dtype change), and forgotten when the model switches between train()
