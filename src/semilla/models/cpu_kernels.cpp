@@ -169,6 +169,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "caches must be (B, nkv, S, hs)");
   const int64_t B = q.size(0), nh = q.size(1), hs = q.size(2), nkv = k_cache.size(1);
   const auto dtype = q.scalar_type();
+  TORCH_CHECK(B > 0 && nh > 0 && nkv > 0, "nothing to attend: no rows or no heads");
+  TORCH_CHECK(k_cache.stride(0) != 0 || B == 1, "cache rows must not be expanded views of one row");
   TORCH_CHECK(hs % 8 == 0 && hs <= 256, "head size must be a multiple of 8, at most 256");
   TORCH_CHECK(k.size(0) == B && k.size(1) == nkv && k.size(2) == hs && k.sizes() == v.sizes(),
               "k and v must be (B, nkv, hs)");

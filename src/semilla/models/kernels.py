@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # OpenMP: PyTorch's own threads
@@ -68,9 +69,7 @@ def _build():
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         directory.mkdir(parents=True, exist_ok=True)
-        lock = directory / "lock"  # PyTorch waits for it forever: a build killed outright leaves it
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink(missing_ok=True)
+        remove_stale_lock(directory / "lock")
         if not any(directory.glob(f"{name}*.so")):
             log.info("building the CPU kernels (once per machine, about 20 s)")
         return load(
@@ -85,6 +84,15 @@ def _build():
         return None
 
 
+def remove_stale_lock(lock: Path) -> None:
+    """PyTorch waits for its build lock without a timeout: a build killed outright leaves one."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+    except FileNotFoundError:  # none, or its build just finished
+        pass
+
+
 def build_failure(e: Exception) -> str:
     """One short line for what went wrong (PyTorch's message holds the whole compiler command)."""
     text = str(e).strip()
@@ -94,22 +102,45 @@ def build_failure(e: Exception) -> str:
     return first if len(first) <= 160 else first[:157] + "..."
 
 
+def plain(t: torch.Tensor) -> bool:
+    """A tensor with its own memory: not a subclass (quantized weights, fake tensors) nor a
+    torch.func (vmap, grad) wrapper, whose data a kernel cannot read."""
+    return type(t) in (torch.Tensor, nn.Parameter) and not is_functorch_wrapped(t)
+
+
+def is_functorch_wrapped(t: torch.Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)  # private: may go
+    return bool(check(t)) if check is not None else False
+
+
 def inference_on_cpu(t: torch.Tensor) -> bool:
-    """Whether this forward may call a kernel: a CPU tensor, no autograd, no autocast, not under
-    torch.compile, torch.export or the ONNX exporters (they see only PyTorch operators). Called
-    by every layer of every decode step: the cheapest checks first."""
+    """Whether this forward may call a kernel: a plain CPU tensor, no autograd, no autocast, not
+    under torch.compile, torch.export or the ONNX exporters (they see only PyTorch operators).
+    Called by every layer of every decode step: the cheapest checks first."""
     return not (
         torch.is_grad_enabled()
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or torch.is_autocast_enabled("cpu")
         or t.device.type != "cpu"
+        or not plain(t)
     )
 
 
-def decode_attention(cache: torch.Tensor, head_dim: int):
-    """The decode-attention kernel where a decode step over this cache may use it, else None."""
-    if cache.dtype not in DTYPES or head_dim % 8 or head_dim > 256 or not inference_on_cpu(cache):
+def decode_attention(cache: torch.Tensor, head_dim: int, positions: torch.Tensor):
+    """The decode-attention kernel where a decode step over this cache may use it, else None:
+    a cache laid out (B, nkv, S, hs) with real rows (not expanded), plain tensors."""
+    if (
+        cache.dtype not in DTYPES
+        or head_dim % 8
+        or head_dim > 256
+        or not inference_on_cpu(cache)
+        or not plain(positions)
+        or cache.stride(3) != 1
+        or cache.stride(2) != head_dim
+        or cache.stride(1) != cache.size(2) * head_dim
+        or (cache.stride(0) == 0 and cache.size(0) > 1)
+    ):
         return None
     module = compiled()
     return module.decode_attention if module is not None else None

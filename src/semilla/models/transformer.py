@@ -126,8 +126,8 @@ class CacheStep:
 
     def __init__(self, cfg: ModelConfig, positions: torch.Tensor, cache: KVCache, batch_size: int):
         B, T = batch_size, positions.size(-1)
-        pos = positions if positions.dim() == 2 else positions.expand(B, T)  # (B, T)
-        self.kernel = kernels.decode_attention(cache.k[0], cfg.head_dim) if T == 1 else None
+        pos = positions.expand(B, T)  # (T,), (1, T) or (B, T): one row of positions per row
+        self.kernel = kernels.decode_attention(cache.k[0], cfg.head_dim, positions) if T == 1 else None
         if self.kernel is not None:  # it needs no mask: each row attends up to its own slot
             self.slot = pos[:, 0].contiguous()
             return
@@ -265,7 +265,7 @@ class FusedLinear:
         kernel = kernels.linear_rows(x, linears[0].weight)
         if kernel is not None:  # a single stream: weights read at the memory's speed, as they are
             weights = [lin._parameters["weight"] for lin in linears]
-            if all(w.is_contiguous() for w in weights):
+            if all(kernels.plain(w) and w.is_contiguous() for w in weights):
                 return self._activate(kernel(x, weights, [lin._parameters["bias"] for lin in linears]))
         if (
             torch.is_grad_enabled()
