@@ -335,7 +335,13 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="semilla", description="Grow your own language model from seed.")
+    parser = OneLineErrorParser(
+        prog="semilla",
+        description="Grow your own language model from seed.",
+        epilog="On a CPU, inference runs semilla's own kernels, compiled with the machine's C++ compiler "
+        "the first time (~25 s, cached under ~/.cache/semilla/kernels); SEMILLA_KERNELS=0 runs "
+        "PyTorch's operators instead.",
+    )
     parser.add_argument("--version", action="version", version=f"semilla {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
