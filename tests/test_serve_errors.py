@@ -167,7 +167,9 @@ def test_a_hundred_requests_against_a_queue_of_sixteen(server: str):
     responses = asyncio.run(burst())
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 503}, set(statuses)
-    assert statuses.count(200) >= 4 + 16 and statuses.count(503) > 0
+    # 16 wait in the queue whatever the timing; how many of the 4 slots fill before the burst
+    # ends depends on when the engine thread next admits (the HTTP side runs while it decodes)
+    assert statuses.count(200) >= 16 and statuses.count(503) > 0
     for r in responses:
         if r.status_code == 503:
             assert_error(r, 503)
