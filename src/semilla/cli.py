@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="semilla",
         description="Grow your own language model from seed.",
         epilog="On a CPU, inference runs semilla's own kernels, compiled with the machine's C++ compiler "
-        "the first time (~25 s, cached under ~/.cache/semilla/kernels); SEMILLA_KERNELS=0 runs "
+        "the first time (20-25 s, cached under ~/.cache/semilla/kernels); SEMILLA_KERNELS=0 runs "
         "PyTorch's operators instead.",
     )
     parser.add_argument("--version", action="version", version=f"semilla {_version()}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -148,6 +148,15 @@ def choose_tokens(
             if generators[b] is not None:
                 tokens[b] = torch.multinomial(probs[b], 1, generator=generators[b])[0]
     return tokens
+
+
+def hold_stop_tokens(logits: torch.Tensor, held: Iterable[tuple[int, Iterable[int]]]) -> None:
+    """No stop before min_new_tokens: -inf on the stop tokens of each (row, stop ids), in one
+    indexed write for every such row."""
+    pairs = [(row, token) for row, stops in held for token in stops]
+    if pairs:
+        rows, tokens = zip(*pairs, strict=True)
+        logits[list(rows), list(tokens)] = -math.inf
 
 
 def top_alternatives(top, row: int, n: int) -> list[tuple[int, float]]:
@@ -289,9 +298,9 @@ def stream(
         # 1. choose this step's tokens (stop tokens are masked until min_new_tokens; the
         #    reported log-probabilities are the model's own, before any masking)
         logprobs = logits.log_softmax(-1)
-        for b in range(B):
-            if produced[b] < cfgs[b].min_new_tokens and row_stops[b]:
-                logits[b, list(row_stops[b])] = -math.inf
+        hold_stop_tokens(
+            logits, ((b, row_stops[b]) for b in range(B) if produced[b] < cfgs[b].min_new_tokens)
+        )
         tokens = choose_tokens(process_logits(logits, params, seen, counts), params, generators)
         chosen_logprobs = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
         top = logprobs.topk(want_logprobs, dim=-1) if want_logprobs else None

@@ -1,8 +1,11 @@
 """semilla's compiled CPU kernels for inference (`cpu_kernels.cpp`): a decode step of attention
-over the KV cache, the matmuls of a single stream (a few rows), and RMSNorm. They are built from source with the machine's C++ compiler the
-first time a model runs inference (about 20 s, once per machine, PyTorch and CPU; cached under
+over the KV cache, the matmuls of a single stream (a few rows), and RMSNorm.
+
+They are built from source with the machine's C++ compiler the first time a model runs
+inference (20-25 s, once per machine, PyTorch and Python; cached under
 `~/.cache/semilla/kernels`). Where they cannot be built (no compiler) or `SEMILLA_KERNELS=0`,
-the model runs PyTorch's own operators instead, with the same results.
+the model runs PyTorch's own operators instead, with the same results up to float rounding.
+The functions below return a kernel where it applies to the given tensors, else None.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def _build():
         directory.mkdir(parents=True, exist_ok=True)
         remove_stale_lock(directory / "lock")
         if not any(directory.glob(f"{name}*.so")):
-            log.info("building the CPU kernels (once per machine, about 20 s)")
+            log.info("building the CPU kernels (once per machine, 20-25 s)")
         return load(
             name,
             [str(SOURCE)],
@@ -102,15 +105,15 @@ def build_failure(e: Exception) -> str:
     return first if len(first) <= 160 else first[:157] + "..."
 
 
+_FUNCTORCH_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)  # private
+
+
 def plain(t: torch.Tensor) -> bool:
     """A tensor with its own memory: not a subclass (quantized weights, fake tensors) nor a
     torch.func (vmap, grad) wrapper, whose data a kernel cannot read."""
-    return type(t) in (torch.Tensor, nn.Parameter) and not is_functorch_wrapped(t)
-
-
-def is_functorch_wrapped(t: torch.Tensor) -> bool:
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)  # private: may go
-    return bool(check(t)) if check is not None else False
+    if type(t) not in (torch.Tensor, nn.Parameter):
+        return False
+    return _FUNCTORCH_WRAPPED is None or not _FUNCTORCH_WRAPPED(t)
 
 
 def inference_on_cpu(t: torch.Tensor) -> bool:
@@ -142,16 +145,21 @@ def decode_attention(cache: torch.Tensor, head_dim: int, positions: torch.Tensor
         or (cache.stride(0) == 0 and cache.size(0) > 1)
     ):
         return None
-    module = compiled()
-    return module.decode_attention if module is not None else None
+    return kernel("decode_attention")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor):
-    """The RMSNorm kernel where it applies (float32 inference on CPU), else None."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not inference_on_cpu(x):
+    """The RMSNorm kernel: float32 inference on CPU, contiguous tensors."""
+    if (
+        x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or not x.is_contiguous()
+        or not weight.is_contiguous()
+        or not plain(weight)
+        or not inference_on_cpu(x)
+    ):
         return None
-    module = compiled()
-    return module.rms_norm if module is not None else None
+    return kernel("rms_norm")
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor):
@@ -159,7 +167,7 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor):
     rows (a single stream's decode step), a contiguous input, K a multiple of 16, one dtype."""
     K = x.size(-1)
     if (
-        x.numel() > 4 * K
+        not 0 < x.numel() <= 4 * K
         or K % 16
         or x.dtype not in DTYPES
         or weight.dtype != x.dtype
@@ -167,5 +175,9 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor):
         or not inference_on_cpu(x)
     ):
         return None
+    return kernel("linear_rows")
+
+
+def kernel(name: str):
     module = compiled()
-    return module.linear_rows if module is not None else None
+    return getattr(module, name) if module is not None else None

@@ -52,7 +52,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() and x.dtype == self.weight.dtype:  # inference
             kernel = kernels.rms_norm(x, self.weight)
-            if kernel is not None and x.is_contiguous():
+            if kernel is not None:
                 return kernel(x, self.weight, self.eps)
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return RMSNormFunction.apply(x, self.weight, self.eps)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -33,6 +32,7 @@ from semilla.generate import (
     TokenEvent,
     choose_tokens,
     context_limit,
+    hold_stop_tokens,
     mark_seen,
     prefill,
     process_logits,
@@ -270,12 +270,9 @@ class ModelWorker:
         active = self.active
         n = len(active)
         logprobs = logits.log_softmax(-1)
-        held = [
-            (row, t) for row, s in enumerate(active) if s.produced < s.cfg.min_new_tokens for t in s.stop_ids
-        ]
-        if held:  # no stop before min_new_tokens: one indexed write for every such row
-            rows, stops = zip(*held, strict=True)
-            logits[list(rows), list(stops)] = -math.inf
+        hold_stop_tokens(
+            logits, ((row, s.stop_ids) for row, s in enumerate(active) if s.produced < s.cfg.min_new_tokens)
+        )
         if self.params is None:
             self.params = SamplingParams.from_configs([s.cfg for s in active], self.device)
         filtered = process_logits(logits, self.params, self.seen[:n], self.counts[:n])
