@@ -131,8 +131,8 @@ def test_linear_rows_refuses_what_it_cannot_do(compiled) -> None:
         compiled.linear_rows(torch.randn(1, 12), [torch.randn(4, 12)], [None])
     with pytest.raises(RuntimeError, match=r"\(N, K\)"):
         compiled.linear_rows(torch.randn(1, 16), [torch.randn(16, 4).t()], [None])
-    assert kernels.linear_rows(torch.randn(5, 16), torch.randn(4, 16)) is None  # the model's guard
-    assert kernels.linear_rows(torch.randn(1, 16, requires_grad=True), torch.randn(4, 16)) is None
+    assert kernels.linear_rows(torch.randn(5, 16), [torch.randn(4, 16)]) is None  # the model's guard
+    assert kernels.linear_rows(torch.randn(1, 16, requires_grad=True), [torch.randn(4, 16)]) is None
 
 
 def test_bfloat16_outputs_are_rounded_to_nearest(compiled) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from semilla.config import (
+    DTYPE_HELP,
     DTYPES,
     PRESETS,
     GenerateConfig,
@@ -191,8 +192,7 @@ def add_dtype_flag(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="weights in float32 or bfloat16 (half the memory; with Intel AMX ~1.9x faster batches); "
-        "auto: bfloat16 on CUDA, float32 on CPU",
+        help=DTYPE_HELP,
     )
 
 

@@ -24,6 +24,10 @@ MLPS = ("swiglu", "gelu", "gelu_exact", "relu", "relu2")  # gelu: GPT-2 tanh for
 ARCHS = ("transformer", "lstm")
 SCHEDULES = ("cosine", "plateau", "constant")
 DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on CUDA (autocast when training), float32 elsewhere
+DTYPE_HELP = (
+    "float32 or bfloat16 weights (half the memory; with Intel AMX ~1.9x faster batches); "
+    "auto: bfloat16 on CUDA, float32 on CPU"
+)
 
 
 @dataclass
@@ -172,7 +176,7 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             p.append(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
         if self.dtype not in DTYPES:
-            p.append(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+            p.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.early_stopping_patience < 0:
             p.append("early_stopping_patience must be >= 0")
         return p

@@ -38,14 +38,21 @@ def cache_dir() -> Path:
     return Path(root) / "semilla" / "kernels"
 
 
+def cpuinfo(*fields: str) -> str:
+    """The value of the first of these /proc/cpuinfo fields present ('' where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(
+                (line.split(":", 1)[1].strip() for line in f if line.split(":")[0].strip() in fields), ""
+            )
+    except OSError:  # not Linux
+        return ""
+
+
 def build_name() -> str:
     """One build per source, PyTorch, Python and CPU: `-march=native` code must not travel to
     another machine through a shared home directory."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        cpu = ""
+    cpu = cpuinfo("flags", "Features")  # x86, ARM
     key = "|".join([SOURCE.read_text(), torch.__version__, sys.version, platform.machine(), cpu, *FLAGS])
     return "semilla_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -162,17 +169,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor):
     return kernel("rms_norm")
 
 
-def linear_rows(x: torch.Tensor, weight: torch.Tensor):
-    """The few-rows matmul kernel where it applies to x against this weight, else None: 1 to 4
-    rows (a single stream's decode step), a contiguous input, K a multiple of 16, one dtype."""
+def linear_rows(x: torch.Tensor, weights: list[torch.Tensor]):
+    """The few-rows matmul kernel where it applies to x against these weights, else None: 1 to
+    4 rows (a single stream's decode step), K a multiple of 16, contiguous plain tensors of one
+    dtype."""
     K = x.size(-1)
     if (
         not 0 < x.numel() <= 4 * K
         or K % 16
         or x.dtype not in DTYPES
-        or weight.dtype != x.dtype
         or not x.is_contiguous()
         or not inference_on_cpu(x)
+        or not all(w.dtype == x.dtype and w.is_contiguous() and plain(w) for w in weights)
     ):
         return None
     return kernel("linear_rows")

@@ -184,21 +184,13 @@ def prepacks(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 and FLOAT32_PREPACK
 
 
-def cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-
-
 ONEDNN = (
     torch.backends.mkldnn.is_available()
     and platform.machine().lower() in ("x86_64", "amd64")
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")  # private ops: absent, plain F.linear
 )
 BF16_KERNELS = ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-FLOAT32_PREPACK = ONEDNN and cpu_vendor() not in ("GenuineIntel", "")
+FLOAT32_PREPACK = ONEDNN and kernels.cpuinfo("vendor_id") not in ("GenuineIntel", "")
 
 
 ACTIVATIONS = {
@@ -262,11 +254,10 @@ class FusedLinear:
             if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
                 outputs = [self._activate(lin(x)) for lin in linears]  # int8 layers, hooks: one call each
                 return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-        kernel = kernels.linear_rows(x, linears[0].weight)
+        weights = [lin._parameters["weight"] for lin in linears]
+        kernel = kernels.linear_rows(x, weights)
         if kernel is not None:  # a single stream: weights read at the memory's speed, as they are
-            weights = [lin._parameters["weight"] for lin in linears]
-            if all(kernels.plain(w) and w.is_contiguous() for w in weights):
-                return self._activate(kernel(x, weights, [lin._parameters["bias"] for lin in linears]))
+            return self._activate(kernel(x, weights, [lin._parameters["bias"] for lin in linears]))
         if (
             torch.is_grad_enabled()
             or self.owner.training  # weights change under fused optimizers without a version bump

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from semilla.config import DTYPE_HELP
+
 FLAGS = (  # flag, settings field, type, help
     ("--host", "host", str, "address to bind (default 127.0.0.1; $SEMILLA_HOST)"),
     ("--port", "port", int, "port (default 8000, or $PORT / $SEMILLA_PORT)"),
@@ -16,13 +18,7 @@ FLAGS = (  # flag, settings field, type, help
     ("--data-dir", "data_dir", str, "where the database and logs live (default: semilla-data)"),
     ("--device", "device", str, "cpu, cuda, mps (default: cuda when available)"),
     ("--threads", "threads", int, "CPU threads for the model (default: all cores but one, left to HTTP)"),
-    (
-        "--dtype",
-        "dtype",
-        str,
-        "float32 or bfloat16 weights (half the memory; with Intel AMX ~1.9x faster batches; "
-        "default auto: bfloat16 on CUDA, float32 on CPU)",
-    ),
+    ("--dtype", "dtype", str, f"{DTYPE_HELP} (default auto)"),
     ("--max-slots", "max_slots", int, "sequences decoded together per model (default 16)"),
     ("--queue-size", "queue_size", int, "requests waiting for a slot before 503 (default 64)"),
     ("--request-timeout", "request_timeout_s", float, "seconds before a generation is cut (default 300)"),
