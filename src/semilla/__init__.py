@@ -4,9 +4,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # `semilla.load` without importing torch at `import semilla` time
+    # `semilla.load`, `semilla.grow` without importing torch at `import semilla` time
     if name == "load":
         from semilla.api import load
 
         return load
+    if name == "grow":
+        from semilla.models.grow import grow_checkpoint
+
+        return grow_checkpoint
     raise AttributeError(f"module 'semilla' has no attribute {name!r}")
