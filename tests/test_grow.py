@@ -4,6 +4,7 @@ export to Hugging Face and GGUF and serve; bad input is one line and exit code 2
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -149,17 +150,30 @@ def test_gpt2_depth_mlp_and_context_are_exact():
 
 
 def test_gpt2_width_and_heads_are_exact_with_layernorm():
-    """Zero padding would move LayerNorm's mean and variance; new residual coordinates that
-    carry the old ones' mean keep it exact. The residual stream here has a clear mean (0.5)."""
+    """New residual coordinates that carry the old ones' mean keep LayerNorm exact; zeros there
+    (Llama's recipe) would not. The residual stream here has a clear mean (0.5)."""
     source = random_model(**GPT2)
     with torch.no_grad():
         source.model.embed_tokens.weight += 0.5
     for dims in (dict(n_embd=48), dict(n_embd=64, n_layer=3, intermediate_size=192)):
         target = target_config(source.config, **dims)
-        assert plan_growth(source.config, target).exact
+        plan = plan_growth(source.config, target)
+        assert plan.exact
         grown = grow_model(source, target, insert="interleave")
-        print(f"gpt2 {dims}: max |logit change| {probe_deviation(source, grown):.1e}")
         assert_same_function(source, grown)
+        zero_padded = copy.deepcopy(grown)
+        state = zero_padded.state_dict()
+        with torch.no_grad():
+            for name, m in plan.maps.items():
+                if m.mean_dim is not None or name.endswith("norm.weight"):
+                    state[name][m.masks()[0]] = 0.0
+            magnitude = float(source(batch()[:, :-1]).abs().max())
+        exact, padded = probe_deviation(source, grown), probe_deviation(source, zero_padded)
+        print(
+            f"gpt2 {dims}: max |logit change| / max |logit| {exact / magnitude:.1e} with the mean, "
+            f"{padded / magnitude:.1e} with zero padding"
+        )
+        assert padded / magnitude > 1e-2
 
 
 @pytest.mark.parametrize("family", [dict(n_head=4, n_kv_head=2), GPT2], ids=["llama-gqa", "gpt2"])
