@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer-from",
         metavar="DIR",
-        help="reuse the tokenizer of a prepared dataset or checkpoint",
+        help="reuse the tokenizer of a prepared dataset, a checkpoint or a run directory",
     )
     p.add_argument(
         "--scrub-pii", action="store_true", help="mask emails, phones, cards, IBANs and IPs in the corpus"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semilla.atomic import atomic_directory
+from semilla.atomic import atomic_directory, existing_dir
 from semilla.errors import DataError
 from semilla.tokenizer import Tokenizer
 
@@ -253,6 +253,16 @@ class ShardWriter:
         self._files = []
 
 
+def tokenizer_dir(path: str | os.PathLike) -> Path:
+    """Where the tokenizer of a prepared dataset, a checkpoint or a run directory (its best/,
+    else last/ checkpoint) lies."""
+    p = Path(path)
+    for candidate in (p, existing_dir(p / "best"), existing_dir(p / "last")):
+        if candidate is not None and (candidate / "tokenizer.json").is_file():
+            return candidate
+    return p  # Tokenizer.load names what is missing
+
+
 def prepare(
     inputs: list[str],
     out_dir: str,
@@ -290,7 +300,7 @@ def prepare(
                 yield _document_text(doc)
 
     if tokenizer_from:
-        tok = Tokenizer.load(tokenizer_from)
+        tok = Tokenizer.load(tokenizer_dir(tokenizer_from))
     elif tokenizer == "char":
         tok = Tokenizer.train_char(all_texts())
     else:
