@@ -381,6 +381,17 @@ def test_mixture_with_raw_text_and_exact_resume(
     assert_same_training(straight, halves, 2 * n)
 
 
+def test_a_mixture_of_raw_text_gets_one_tokenizer_trained_on_all_of_it(tmp_path: Path) -> None:
+    for name, text in (("ab.txt", "abba baab\n" * 100), ("xy.txt", "xyyx yxxy\n" * 100)):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    spec = f"{tmp_path / 'ab.txt'}:2,{tmp_path / 'xy.txt'}:1"
+    t = setup(*tiny_configs(spec, tmp_path / "run", block_size=8))
+    tok = Tokenizer.load(tmp_path / "run" / "data_0")
+    assert tok.same_encoding(Tokenizer.load(tmp_path / "run" / "data_1")) and tok.same_encoding(t.tokenizer)
+    assert tok.unk_id not in tok.encode("abxy ")
+    assert isinstance(t.train_data, MixtureDataset) and t.train_data.weights.tolist() == [2.0, 1.0]
+
+
 @pytest.mark.parametrize(
     ("spec", "needle"),
     [

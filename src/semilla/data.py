@@ -253,6 +253,21 @@ class ShardWriter:
         self._files = []
 
 
+def _train_tokenizer(pieces: list[Piece], kind: str, vocab_size: int, inputs: list[str]) -> Tokenizer:
+    texts = (_document_text(doc) for p in pieces for doc in read_piece(p))
+    tok = Tokenizer.train_char(texts) if kind == "char" else Tokenizer.train_bpe(texts, vocab_size)
+    if tok.vocab_size <= 8:
+        raise DataError(f"the corpus is empty: {', '.join(inputs)} has no characters")
+    return tok
+
+
+def train_tokenizer(inputs: list[str], kind: str = "char", vocab_size: int = 8192) -> Tokenizer:
+    """A new tokenizer (char | bpe) trained on every document of `inputs` (files, folders, globs)."""
+    if kind not in ("char", "bpe"):
+        raise DataError(f"tokenizer must be 'char' or 'bpe', got {kind!r}")
+    return _train_tokenizer(list_pieces(find_files(inputs)), kind, vocab_size, inputs)
+
+
 def tokenizer_dir(path: str | os.PathLike) -> Path:
     """Where the tokenizer of a prepared dataset, a checkpoint or a run directory (its best/,
     else last/ checkpoint) lies."""
@@ -271,12 +286,13 @@ def prepare(
     split: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 42,
     shuffle: bool = True,
-    tokenizer_from: str | None = None,
+    tokenizer_from: str | Tokenizer | None = None,
     chunk_bytes: int | None = None,
     progress: bool = False,
     scrub_pii: bool = False,
 ) -> dict:
-    """Tokenize a corpus into `out_dir` (written to a temporary sibling, then renamed).
+    """Tokenize a corpus into `out_dir` (written to a temporary sibling, then renamed), with a
+    new tokenizer, or `tokenizer_from`: a Tokenizer, or a dataset, checkpoint or run directory.
 
     Returns the statistics also stored in meta.json.
     """
@@ -293,20 +309,12 @@ def prepare(
     if not pieces:
         raise DataError(f"the corpus is empty: {', '.join(inputs)} has no text")
     splits = split_pieces(pieces, split, seed, shuffle)
-
-    def all_texts() -> Iterator[str]:
-        for p in pieces:
-            for doc in read_piece(p):
-                yield _document_text(doc)
-
-    if tokenizer_from:
+    if isinstance(tokenizer_from, Tokenizer):
+        tok = tokenizer_from
+    elif tokenizer_from:
         tok = Tokenizer.load(tokenizer_dir(tokenizer_from))
-    elif tokenizer == "char":
-        tok = Tokenizer.train_char(all_texts())
     else:
-        tok = Tokenizer.train_bpe(all_texts(), vocab_size)
-    if tok.vocab_size <= 8 and not tokenizer_from:
-        raise DataError(f"the corpus is empty: {', '.join(inputs)} has no characters")
+        tok = _train_tokenizer(pieces, tokenizer, vocab_size, inputs)
 
     with atomic_directory(out_dir) as tmp:
         stats = _write_splits(tok, splits, tmp, progress)

@@ -36,7 +36,15 @@ from semilla.checkpoint import (
     weight_shapes,
 )
 from semilla.config import ModelConfig, TrainConfig, apply_overrides, model_config_from_dict
-from semilla.data import IGNORE_INDEX, MixtureDataset, TokenDataset, is_prepared, parse_mixture, prepare
+from semilla.data import (
+    IGNORE_INDEX,
+    MixtureDataset,
+    TokenDataset,
+    is_prepared,
+    parse_mixture,
+    prepare,
+    train_tokenizer,
+)
 from semilla.errors import CheckpointError, ConfigError, DataError
 from semilla.models import build_model, count_parameters
 from semilla.tokenizer import Tokenizer
@@ -119,7 +127,8 @@ def load_data(
     """Prepared dataset directories and their mixture weights (one, weight 1, for plain data).
 
     Raw text is prepared into the run (`data/`, or `data_N/` per mixture source) with the
-    tokenizer of `tokenizer_from`, else of the mixture's first prepared source, else a new one.
+    tokenizer of `tokenizer_from`, else of the mixture's first prepared source, else a new one
+    trained on all the raw text.
     """
     if not cfg.data:
         raise ConfigError("no training data: give --data (text files, folders, globs or a prepared dir)")
@@ -129,13 +138,14 @@ def load_data(
             return [(Path(cfg.data), 1.0)]
         return [(_prepare_into(cfg, cfg.data.split(","), run_dir / "data", tokenizer_from, progress), 1.0)]
     prepared = [Path(path) for path, _ in mixture if is_prepared(path)]
-    tokenizer_from = tokenizer_from or (prepared[0] if prepared else None)
-    sources = []
-    for i, (path, weight) in enumerate(mixture):
-        if not is_prepared(path):
-            path = _prepare_into(cfg, [path], run_dir / f"data_{i}", tokenizer_from, progress)
-            tokenizer_from = tokenizer_from or path
-        sources.append((Path(path), weight))
+    raw = [(i, path) for i, (path, _) in enumerate(mixture) if not is_prepared(path)]
+    unprepared = [i for i, _ in raw if not is_prepared(run_dir / f"data_{i}")]
+    tokenizer: Path | Tokenizer | None = tokenizer_from or (prepared[0] if prepared else None)
+    if tokenizer is None and unprepared:
+        tokenizer = train_tokenizer([path for _, path in raw], cfg.tokenizer, cfg.vocab_size_bpe)
+    sources = [(Path(path), weight) for path, weight in mixture]
+    for i, path in raw:
+        sources[i] = (_prepare_into(cfg, [path], run_dir / f"data_{i}", tokenizer, progress), mixture[i][1])
     first = Tokenizer.load(sources[0][0])
     for path, _ in sources[1:]:
         if not Tokenizer.load(path).same_encoding(first):
@@ -147,7 +157,7 @@ def load_data(
 
 
 def _prepare_into(
-    cfg: TrainConfig, inputs: list[str], prepared: Path, tokenizer_from: Path | None, progress: bool
+    cfg: TrainConfig, inputs: list[str], prepared: Path, tokenizer: Path | Tokenizer | None, progress: bool
 ) -> Path:
     if not is_prepared(prepared):
         log.info("preparing %s into %s", ",".join(inputs), prepared)
@@ -156,7 +166,7 @@ def _prepare_into(
             str(prepared),
             tokenizer=cfg.tokenizer,
             vocab_size=cfg.vocab_size_bpe,
-            tokenizer_from=str(tokenizer_from) if tokenizer_from else None,
+            tokenizer_from=str(tokenizer) if isinstance(tokenizer, Path) else tokenizer,
             progress=progress,
         )
     return prepared
