@@ -21,13 +21,15 @@ from semilla.checkpoint import (
     read_optimizer_tensors,
     write_optimizer_tensors,
 )
+from semilla.cli import main
 from semilla.config import TrainConfig, preset, replace
 from semilla.data import IGNORE_INDEX, MixtureDataset, TokenDataset, parse_mixture, prepare
-from semilla.errors import CheckpointError, DataError
+from semilla.errors import CheckpointError
 from semilla.export.quantize import quantize_int8
 from semilla.models import build_model
 from semilla.tokenizer import Tokenizer
-from semilla.train import init_model_config, loss_fn, make_optimizer, resume_configs, setup, train
+from semilla.train import loss_fn, make_optimizer, resume_configs, setup, train
+from semilla.train_inputs import init_model_config
 
 QUESTIONS = ["hola", "quien eres", "que hora es", "donde vives", "como estas", "que lees", "adios"]
 ANSWER = "soy el escudero."
@@ -396,14 +398,19 @@ def test_a_mixture_of_raw_text_gets_one_tokenizer_trained_on_all_of_it(tmp_path:
     ("spec", "needle"),
     [
         ("A:0.7,B", "'B' has no weight"),
-        ("A:0.7,B:-0.3", "must be >= 0"),
+        ("A:0.7,B:-0.3", "the weight of B must be >= 0, got -0.3"),
         ("A:0,B:0", "sum to 0"),
-        ("A:lots,B:0.3", "must be a number, got 'lots'"),
+        ("A:lots,B:0.3", "the weight of A must be a number, got 'lots'"),
     ],
 )
-def test_malformed_mixture_weights_are_refused(spec: str, needle: str) -> None:
-    with pytest.raises(DataError, match=needle):
-        parse_mixture(spec)
+def test_malformed_mixture_weights_are_refused_with_one_line(
+    spec: str, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = main(["train", "--data", spec, "--out-dir", str(tmp_path / "run"), "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("semilla: error: --data mixture:") and needle in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_refuses_a_malformed_mixture_and_mixed_tokenizers(

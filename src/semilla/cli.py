@@ -137,7 +137,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from semilla.config import environment_overrides, load_config_file
-    from semilla.train import init_model_config, resume_configs, train
+    from semilla.train import resume_configs, train
+    from semilla.train_inputs import init_model_config
 
     overrides = explicit_overrides(args, ModelConfig, TrainConfig)
     merged = {

@@ -25,29 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from semilla.atomic import existing_dir
-from semilla.checkpoint import (
-    infer_shapes,
-    load_checkpoint,
-    load_optimizer_state,
-    optimizer_state_by_name,
-    read_config,
-    resolve_checkpoint,
-    save_checkpoint,
-    weight_shapes,
-)
+from semilla.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state_by_name, save_checkpoint
 from semilla.config import ModelConfig, TrainConfig, apply_overrides, model_config_from_dict
-from semilla.data import (
-    IGNORE_INDEX,
-    MixtureDataset,
-    TokenDataset,
-    is_prepared,
-    parse_mixture,
-    prepare,
-    train_tokenizer,
-)
+from semilla.data import IGNORE_INDEX, MixtureDataset, TokenDataset
 from semilla.errors import CheckpointError, ConfigError, DataError
 from semilla.models import build_model, count_parameters
 from semilla.tokenizer import Tokenizer
+from semilla.train_inputs import (
+    changed_fields,
+    checkpoint_model_config,
+    init_checkpoint,
+    load_data,
+    open_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,113 +111,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def load_data(
-    cfg: TrainConfig, run_dir: Path, progress: bool, tokenizer_from: Path | None
-) -> list[tuple[Path, float]]:
-    """Prepared dataset directories and their mixture weights (one, weight 1, for plain data).
-
-    Raw text is prepared into the run (`data/`, or `data_N/` per mixture source) with the
-    tokenizer of `tokenizer_from`, else of the mixture's first prepared source, else a new one
-    trained on all the raw text.
-    """
-    if not cfg.data:
-        raise ConfigError("no training data: give --data (text files, folders, globs or a prepared dir)")
-    mixture = parse_mixture(cfg.data)
-    if mixture is None:
-        if is_prepared(cfg.data):
-            return [(Path(cfg.data), 1.0)]
-        return [(_prepare_into(cfg, cfg.data.split(","), run_dir / "data", tokenizer_from, progress), 1.0)]
-    prepared = [Path(path) for path, _ in mixture if is_prepared(path)]
-    raw = [(i, path) for i, (path, _) in enumerate(mixture) if not is_prepared(path)]
-    unprepared = [i for i, _ in raw if not is_prepared(run_dir / f"data_{i}")]
-    tokenizer: Path | Tokenizer | None = tokenizer_from or (prepared[0] if prepared else None)
-    if tokenizer is None and unprepared:
-        tokenizer = train_tokenizer([path for _, path in raw], cfg.tokenizer, cfg.vocab_size_bpe)
-    sources = [(Path(path), weight) for path, weight in mixture]
-    for i, path in raw:
-        sources[i] = (_prepare_into(cfg, [path], run_dir / f"data_{i}", tokenizer, progress), mixture[i][1])
-    first = Tokenizer.load(sources[0][0])
-    for path, _ in sources[1:]:
-        if not Tokenizer.load(path).same_encoding(first):
-            raise DataError(
-                f"--data mixture: {path} has another tokenizer than {sources[0][0]}; prepare every source "
-                f"with one tokenizer (semilla prepare ... --tokenizer-from {sources[0][0]})"
-            )
-    return sources
-
-
-def _prepare_into(
-    cfg: TrainConfig, inputs: list[str], prepared: Path, tokenizer: Path | Tokenizer | None, progress: bool
-) -> Path:
-    if not is_prepared(prepared):
-        log.info("preparing %s into %s", ",".join(inputs), prepared)
-        prepare(
-            inputs,
-            str(prepared),
-            tokenizer=cfg.tokenizer,
-            vocab_size=cfg.vocab_size_bpe,
-            tokenizer_from=str(tokenizer) if isinstance(tokenizer, Path) else tokenizer,
-            progress=progress,
-        )
-    return prepared
-
-
-def open_split(
-    sources: list[tuple[Path, float]], split: str, loss_mask: bool
-) -> TokenDataset | MixtureDataset:
-    """One split of the data: a dataset, or a weighted mixture (a source without it gives its train split)."""
-    datasets = []
-    for path, _ in sources:
-        data = TokenDataset(path, split, loss_mask)
-        if not data.n_tokens:
-            log.warning("%s has no %s split; using its training split", path, split)
-            data = TokenDataset(path, "train", loss_mask)
-        datasets.append(data)
-    if len(sources) == 1:
-        return datasets[0]
-    return MixtureDataset(datasets, [w for _, w in sources])
-
-
-def init_checkpoint(path: str) -> Path:
-    """The checkpoint directory `--init-from` names; int8 checkpoints are for inference only."""
-    directory = resolve_checkpoint(path)
-    if read_config(directory).get("quantization"):
-        raise CheckpointError(
-            f"{path} is an int8 checkpoint, which cannot be trained: start from the float checkpoint it was exported from"
-        )
-    return directory
-
-
-def checkpoint_model_config(directory: Path) -> ModelConfig:
-    """A checkpoint's model config, every shape the weights pin down read from the weights."""
-    return infer_shapes(model_config_from_dict(read_config(directory)["model"]), weight_shapes(directory))
-
-
-def _changed_fields(saved: ModelConfig, wanted: ModelConfig, ignored: tuple[str, ...]) -> list[str]:
-    return [
-        f"{f.name} {getattr(saved, f.name)} -> {getattr(wanted, f.name)}"
-        for f in dataclasses.fields(ModelConfig)
-        if f.name not in ignored and getattr(wanted, f.name) != getattr(saved, f.name)
-    ]
-
-
-def init_model_config(init_from: str, overrides: dict[str, Any]) -> ModelConfig:
-    """The model of a run started `--init-from` a checkpoint: the checkpoint's own. Of the model
-    settings in `overrides` (flags, file, environment) only dropout may differ."""
-    saved = checkpoint_model_config(init_checkpoint(init_from))
-    wanted = dataclasses.replace(saved)
-    problems = apply_overrides(wanted, overrides, "flags")
-    if problems:
-        raise ConfigError("invalid configuration: " + "; ".join(problems))
-    changed = _changed_fields(saved, wanted, ("vocab_size", "dropout"))
-    if changed:
-        raise CheckpointError(
-            f"--init-from {init_from} takes the model's shape from the checkpoint; "
-            f"drop the flags that change it: {', '.join(changed)}"
-        )
-    return wanted
-
-
 def setup(model_config: ModelConfig, config: TrainConfig, resume: str | None = None) -> Trainer:
     """Build a Trainer for a new run, or restore one from `resume` (a run directory)."""
     run_dir = Path(resume or config.out_dir)
@@ -253,12 +136,14 @@ def setup(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
     loss_mask = config.loss_on == "assistant"
     train_data = open_split(data, "train", loss_mask)
     val_data = open_split(data, "val", loss_mask)
-    model_config = ModelConfig(**{**asdict(model_config), "vocab_size": tokenizer.vocab_size})
-    if source:
-        changed = _changed_fields(checkpoint_model_config(source), model_config, ("dropout",))
+    if not (resume or source):  # a new model: its vocabulary is the tokenizer's
+        model_config = ModelConfig(**{**asdict(model_config), "vocab_size": tokenizer.vocab_size})
+    if source:  # its shape and vocabulary (maybe padded past the tokenizer's) are the checkpoint's
+        changed = changed_fields(checkpoint_model_config(source), model_config, ("dropout",))
         if changed:
             raise CheckpointError(
-                f"--init-from {config.init_from}: the model differs from the checkpoint's: {', '.join(changed)}"
+                f"--init-from {config.init_from}: the model differs from the checkpoint's "
+                f"(semilla.train_inputs.init_model_config gives it): {', '.join(changed)}"
             )
     train_data.check_block_size(model_config.block_size)
     val_data.check_block_size(model_config.block_size)
@@ -308,7 +193,7 @@ def resume_configs(run_dir: str, overrides: dict[str, Any]) -> tuple[ModelConfig
     model_cfg = model_config_from_dict(saved["model"])
     wanted = dataclasses.replace(model_cfg)
     problems = apply_overrides(wanted, overrides, "flags")  # parses strings from the environment
-    changed = _changed_fields(model_cfg, wanted, ("vocab_size",))
+    changed = changed_fields(model_cfg, wanted, ("vocab_size",))
     if changed:
         raise CheckpointError(f"cannot resume {run_dir} with a changed model shape: {', '.join(changed)}")
     train_cfg = TrainConfig(**saved["train"])
