@@ -4,7 +4,7 @@ config.json             {"semilla_version", "format_version", "model": {...}, "t
 model.safetensors       weights, Hugging Face names
 tokenizer.json, tokenizer_config.json
 trainer_state.json      resumable runs: step, RNG and data-sampler state, scheduler
-optimizer.safetensors   resumable runs: AdamW moments
+optimizer.safetensors   resumable runs: AdamW moments keyed "{param_name}/{state_key}"
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -39,9 +39,11 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     train_config: TrainConfig | None = None,
     trainer_state: dict[str, Any] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer_state: OptimizerState | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically; the previous one survives any failure."""
+    """Write a checkpoint directory atomically; the previous one survives any failure.
+
+    optimizer_state (see optimizer_state_by_name) makes the checkpoint resumable."""
     cfg: ModelConfig = model.config
     try:
         with atomic_directory(directory) as tmp:
@@ -58,9 +60,8 @@ def save_checkpoint(
                 (tmp / "trainer_state.json").write_text(
                     json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8"
                 )
-            if optimizer is not None:
-                tensors, layout = flatten_optimizer(optimizer)
-                _save_tensors(tensors, tmp / "optimizer.safetensors", {"layout": json.dumps(layout)})
+            if optimizer_state is not None:
+                write_optimizer_tensors(tmp, optimizer_state)
     except OSError as e:  # disk full, permission denied: name the checkpoint, not the temp dir
         reason = e.strerror or str(e)
         raise OSError(
@@ -90,20 +91,53 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+OPTIMIZER_FORMAT = "semilla-optimizer-by-name/1"
+
+
+class OptimizerState(NamedTuple):
+    """Optimizer state keyed by parameter name, so it survives a change of the model's shape.
+
+    state: {param_name: {state_key: value}}, e.g. {"model.norm.weight": {"exp_avg": T,
+    "exp_avg_sq": T, "step": T}}; param_groups: the optimizer's groups (lr, betas, ...) with
+    parameter names in "params" instead of positions.
+    """
+
+    state: dict[str, dict[str, Any]]
+    param_groups: list[dict[str, Any]]
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Module) -> OptimizerState:
+    """The optimizer's state with every parameter position replaced by its name in `model`."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    by_position = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     sd = optimizer.state_dict()
+    return OptimizerState(
+        {by_position[i]: dict(values) for i, values in sd["state"].items()},
+        [{**g, "params": [by_position[i] for i in g["params"]]} for g in sd["param_groups"]],
+    )
+
+
+def write_optimizer_tensors(directory: str | os.PathLike, optimizer_state: OptimizerState) -> None:
+    """Write `optimizer.safetensors`: tensors keyed "{param_name}/{state_key}"; the format, the
+    param groups and any non-tensor state in one JSON metadata entry, "layout" (one entry, as
+    safetensors stores metadata unordered and a resumed run must write the same bytes).
+    The inverse of read_optimizer_tensors."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for idx, state in sd["state"].items():
-        for name, value in state.items():
+    for name, values in optimizer_state.state.items():
+        for key, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value.detach().to("cpu").contiguous()
+                tensors[f"{name}/{key}"] = value.detach().to("cpu").contiguous()
             else:
-                scalars.setdefault(str(idx), {})[name] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                scalars.setdefault(name, {})[key] = value
+    layout = {"format": OPTIMIZER_FORMAT, "param_groups": optimizer_state.param_groups, "scalars": scalars}
+    _save_tensors(tensors, Path(directory) / "optimizer.safetensors", {"layout": json.dumps(layout)})
 
 
-def load_optimizer_state(directory: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:
+def _read_optimizer_file(
+    directory: str | os.PathLike,
+) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """(path, layout, tensors) of a checkpoint's optimizer.safetensors."""
     path = Path(directory) / "optimizer.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{directory} has no optimizer.safetensors; it cannot be resumed")
@@ -111,18 +145,95 @@ def load_optimizer_state(directory: str | os.PathLike, optimizer: torch.optim.Op
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            layout = json.loads(f.metadata()["layout"])
-        tensors = load_file(str(path))
+            layout = json.loads((f.metadata() or {})["layout"])
+        return path, layout, load_file(str(path))
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is corrupt: {e}") from e
+
+
+def read_optimizer_tensors(directory: str | os.PathLike) -> OptimizerState:
+    """The optimizer state of a checkpoint directory, keyed by parameter name."""
+    return _state_by_name(*_read_optimizer_file(directory))
+
+
+def _state_by_name(path: Path, layout: dict[str, Any], tensors: dict[str, torch.Tensor]) -> OptimizerState:
+    if layout.get("format") != OPTIMIZER_FORMAT:
+        raise CheckpointError(
+            f"{path} keys the optimizer state by position (an older semilla): "
+            "resume the run once with this version to rewrite it by parameter name"
+        )
+    state: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        name, state_key = key.rsplit("/", 1)
+        state.setdefault(name, {})[state_key] = value
+    for name, values in layout["scalars"].items():
+        state.setdefault(name, {}).update(values)
+    return OptimizerState(state, layout["param_groups"])
+
+
+def _state_dict_from_names(
+    saved: OptimizerState, optimizer: torch.optim.Optimizer, model: nn.Module, path: Path
+) -> dict[str, Any]:
+    """A torch optimizer state_dict for `optimizer`, matching saved state to parameters by name."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    if len(saved.param_groups) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"{path} has {len(saved.param_groups)} parameter groups, this optimizer "
+            f"{len(optimizer.param_groups)}"
+        )
+    state: dict[int, dict[str, Any]] = {}
+    groups = []
+    position = 0
+    for saved_group, group in zip(saved.param_groups, optimizer.param_groups, strict=True):
+        wanted = [names[id(p)] for p in group["params"]]
+        missing = sorted(set(wanted) - set(saved_group["params"]))
+        unexpected = sorted(set(saved_group["params"]) - set(wanted))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path} does not match this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        start = position
+        for name, param in zip(wanted, group["params"], strict=True):
+            values = saved.state.get(name)
+            if values:
+                for key, value in values.items():
+                    if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+                        raise CheckpointError(
+                            f"{path}: {name}/{key} has shape {tuple(value.shape)}, "
+                            f"the parameter {tuple(param.shape)}"
+                        )
+                state[position] = values
+            position += 1
+        groups.append({**saved_group, "params": list(range(start, position))})
+    return {"state": state, "param_groups": groups}
+
+
+def _state_dict_from_positions(tensors: dict[str, torch.Tensor], layout: dict[str, Any]) -> dict[str, Any]:
+    """The older layout: tensors keyed "{position}.{state_key}" (same model shape only)."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     for idx, values in layout["scalars"].items():
         state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": layout["param_groups"]}
+
+
+def load_optimizer_state(
+    directory: str | os.PathLike, optimizer: torch.optim.Optimizer, model: nn.Module
+) -> None:
+    """Restore `optimizer` (whose parameters belong to `model`) from a checkpoint directory,
+    by parameter name (or by position, from files of older semilla versions)."""
+    path, layout, tensors = _read_optimizer_file(directory)
+    if layout.get("format") == OPTIMIZER_FORMAT:
+        sd = _state_dict_from_names(_state_by_name(path, layout, tensors), optimizer, model, path)
+    else:
+        try:
+            sd = _state_dict_from_positions(tensors, layout)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path} is corrupt: {e!r}") from e
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": layout["param_groups"]})
+        optimizer.load_state_dict(sd)
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} does not match this model: {e}") from e
 

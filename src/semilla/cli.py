@@ -136,24 +136,35 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from semilla.config import environment_overrides, load_config_file
     from semilla.train import resume_configs, train
+    from semilla.train_inputs import init_model_config
 
     overrides = explicit_overrides(args, ModelConfig, TrainConfig)
+    merged = {
+        **(load_config_file(args.config) if args.config else {}),
+        **overrides,
+        **environment_overrides(),
+    }
     if args.resume:
         if args.preset:
             raise SemillaError(
                 "--preset cannot be combined with --resume: a run keeps the model it started with"
             )
-        from semilla.config import environment_overrides, load_config_file
-
-        merged = {
-            **(load_config_file(args.config) if args.config else {}),
-            **overrides,
-            **environment_overrides(),
-        }
+        if merged.get("init_from"):
+            raise SemillaError(
+                "--resume and --init-from cannot be combined: --resume continues a run exactly, "
+                "--init-from starts a new run from a checkpoint's weights"
+            )
         model_cfg, train_cfg = resume_configs(args.resume, merged)
     else:
         model_cfg, train_cfg = resolve_configs(args.preset, args.config, overrides)
+        if train_cfg.init_from:
+            if merged.get("preset") or args.preset:
+                raise SemillaError(
+                    "--preset cannot be combined with --init-from: the model comes from the checkpoint"
+                )
+            model_cfg = init_model_config(train_cfg.init_from, merged)
     result = train(model_cfg, train_cfg, resume=args.resume)
     summary = {
         k: v
@@ -409,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer-from",
         metavar="DIR",
-        help="reuse the tokenizer of a prepared dataset or checkpoint",
+        help="reuse the tokenizer of a prepared dataset, a checkpoint or a run directory",
     )
     p.add_argument(
         "--scrub-pii", action="store_true", help="mask emails, phones, cards, IBANs and IPs in the corpus"
@@ -420,8 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="train a model from scratch (or resume a run)",
-        description="Train a model. Settings: preset < --config file < flags < SEMILLA_* environment variables.",
+        help="train a model from scratch, from a checkpoint (--init-from), or resume a run",
+        description="Train a model. Settings: preset < --config file < flags < SEMILLA_* environment variables. "
+        "--init-from CKPT starts a new run from a checkpoint's weights and tokenizer (fresh optimizer and "
+        "schedule; the model's shape is the checkpoint's); --resume RUN_DIR continues a run exactly. "
+        'JSONL chat rows ({"messages": [...]}) train on the assistant turns only (--loss-on all: every token). '
+        "--data new:0.7,old:0.3 draws each batch's rows from several datasets by weight.",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), help="model preset")
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings")

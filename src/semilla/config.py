@@ -23,6 +23,7 @@ POSITIONS = ("rope", "learned", "sinusoidal")
 MLPS = ("swiglu", "gelu", "gelu_exact", "relu", "relu2")  # gelu: GPT-2 tanh form; gelu_exact: erf
 ARCHS = ("transformer", "lstm")
 SCHEDULES = ("cosine", "plateau", "constant")
+LOSS_ON = ("assistant", "all")
 DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on CUDA (autocast when training), float32 elsewhere
 DTYPE_HELP = (
     "float32 or bfloat16 weights (half the memory; with Intel AMX ~1.9x faster batches); "
@@ -112,8 +113,10 @@ class ModelConfig:
 class TrainConfig:
     """How to train. Every field is also a `semilla train` flag (--max-iters, ...)."""
 
-    data: str = ""  # a prepared data dir, or raw text files/folders/globs (prepared on the fly)
+    data: str = ""  # a prepared data dir, or raw text files/folders/globs (prepared on the fly); a weighted mixture: new:0.7,old:0.3
     out_dir: str = "runs/semilla"
+    init_from: str = ""  # a checkpoint: start from its weights and tokenizer (new optimizer, schedule)
+    loss_on: str = "assistant"  # chat rows: loss on the assistant turns only, or on all tokens: all
     tokenizer: str = "char"  # when data is raw text: char | bpe
     vocab_size_bpe: int = 8192
     max_iters: int = 2000
@@ -173,6 +176,8 @@ class TrainConfig:
             p.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.tokenizer not in ("char", "bpe"):
             p.append(f"tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
+        if self.loss_on not in LOSS_ON:
+            p.append(f"loss_on must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             p.append(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
         if self.dtype not in DTYPES:

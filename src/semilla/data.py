@@ -3,6 +3,8 @@
 A prepared dataset is a directory:
     tokenizer.json, tokenizer_config.json   the tokenizer
     train_000.bin, val_000.bin, ...         token ids, uint16 (or uint32 for big vocabs)
+    train_000.mask, ...                     chat data only: 1 per token that counts in the loss
+                                            (assistant turns), 0 elsewhere; uint8, same length
     meta.json                               dtype, shards, token counts, corpus statistics
 """
 
@@ -13,6 +15,7 @@ import dataclasses
 import glob
 import json
 import logging
+import math
 import os
 import random
 from collections.abc import Iterator
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semilla.atomic import atomic_directory
+from semilla.atomic import atomic_directory, existing_dir
 from semilla.errors import DataError
 from semilla.tokenizer import Tokenizer
 
@@ -155,12 +158,16 @@ def read_piece(piece: Piece) -> list[dict | str]:
     raise DataError(f'{piece.path}: a line at byte {piece.start} needs "text" (string) or "messages" (list)')
 
 
-def encode_document(tok: Tokenizer, doc: dict | str, ends_document: bool = True) -> list[int]:
-    """Token ids of a document (or a chunk), closed with <eos> so documents never run together."""
-    eos = [tok.eos_id] if ends_document else []
+def encode_document(
+    tok: Tokenizer, doc: dict | str, ends_document: bool = True
+) -> tuple[list[int], list[int]]:
+    """Token ids of a document (or a chunk), closed with <eos> so documents never run together,
+    and its loss mask: all ones for text, the assistant turns only for a chat example."""
     if isinstance(doc, str):
-        return tok.encode(doc) + eos
-    return tok.apply_chat_template(doc["messages"], add_generation_prompt=False) + eos
+        ids = tok.encode(doc) + ([tok.eos_id] if ends_document else [])
+        return ids, [1] * len(ids)
+    ids, mask = tok.encode_chat(doc["messages"])
+    return ids + [tok.eos_id], mask + [0]
 
 
 def _document_text(doc: dict | str) -> str:
@@ -193,43 +200,82 @@ def split_pieces(
 
 
 class ShardWriter:
-    """Appends token ids to `{split}_NNN.bin` files, starting a new one every SHARD_TOKENS."""
+    """Appends token ids to `{split}_NNN.bin` files, starting a new one every SHARD_TOKENS;
+    with `with_mask`, their loss masks to `{split}_NNN.mask` beside them."""
 
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int = SHARD_TOKENS):
-        self.directory, self.split, self.dtype, self.shard_tokens = (
-            directory,
-            split,
-            dtype,
-            shard_tokens,
-        )
+    def __init__(
+        self,
+        directory: Path,
+        split: str,
+        dtype: np.dtype,
+        shard_tokens: int = SHARD_TOKENS,
+        with_mask: bool = False,
+    ):
+        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.with_mask = with_mask
         self.shards: list[dict] = []
-        self._file = None
+        self._files: list = []  # the open shard file, and its mask file
         self._count = 0
 
-    def write(self, ids: list[int]) -> None:
+    def write(self, ids: list[int], mask: list[int]) -> None:
         arr = np.asarray(ids, dtype=self.dtype)
+        mask_arr = np.asarray(mask, dtype=np.uint8)
         while len(arr):
-            if self._file is None or self._count == self.shard_tokens:
+            if not self._files or self._count == self.shard_tokens:
                 self._open_next()
-            take = arr[: self.shard_tokens - self._count]
-            self._file.write(take.tobytes())
-            self._count += len(take)
+            n = min(len(arr), self.shard_tokens - self._count)
+            self._files[0].write(arr[:n].tobytes())
+            if self.with_mask:
+                self._files[1].write(mask_arr[:n].tobytes())
+            self._count += n
             self.shards[-1]["tokens"] = self._count
-            arr = arr[len(take) :]
+            arr, mask_arr = arr[n:], mask_arr[n:]
 
     def _open_next(self) -> None:
         self.close()
-        name = f"{self.split}_{len(self.shards):03d}.bin"
-        self._file = open(self.directory / name, "wb")  # noqa: SIM115 (closed in close())
+        shard = {"file": f"{self.split}_{len(self.shards):03d}.bin", "tokens": 0}
+        if self.with_mask:
+            shard["mask"] = f"{self.split}_{len(self.shards):03d}.mask"
+        self._files = [open(self.directory / shard[k], "wb") for k in ("file", "mask") if k in shard]  # noqa: SIM115 (closed in close())
         self._count = 0
-        self.shards.append({"file": name, "tokens": 0})
+        self.shards.append(shard)
+
+    def drop_masks(self) -> None:
+        """Forget the masks (the data had no chat rows: every token counts)."""
+        for shard in self.shards:
+            (self.directory / shard.pop("mask")).unlink()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+        for f in self._files:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        self._files = []
+
+
+def _train_tokenizer(pieces: list[Piece], kind: str, vocab_size: int, inputs: list[str]) -> Tokenizer:
+    texts = (_document_text(doc) for p in pieces for doc in read_piece(p))
+    tok = Tokenizer.train_char(texts) if kind == "char" else Tokenizer.train_bpe(texts, vocab_size)
+    if tok.vocab_size <= 8:
+        raise DataError(f"the corpus is empty: {', '.join(inputs)} has no characters")
+    return tok
+
+
+def train_tokenizer(inputs: list[str], kind: str = "char", vocab_size: int = 8192) -> Tokenizer:
+    """A new tokenizer (char | bpe) trained on every document of `inputs` (files, folders, globs)."""
+    if kind not in ("char", "bpe"):
+        raise DataError(f"tokenizer must be 'char' or 'bpe', got {kind!r}")
+    return _train_tokenizer(list_pieces(find_files(inputs)), kind, vocab_size, inputs)
+
+
+def tokenizer_dir(path: str | os.PathLike) -> Path:
+    """Where the tokenizer of a prepared dataset, a checkpoint or a run directory (its best/,
+    else last/ checkpoint) lies."""
+    p = Path(path)
+    for candidate in (p, existing_dir(p / "best"), existing_dir(p / "last")):
+        if candidate is not None and (candidate / "tokenizer.json").is_file():
+            return candidate
+    return p  # Tokenizer.load names what is missing
 
 
 def prepare(
@@ -240,12 +286,13 @@ def prepare(
     split: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 42,
     shuffle: bool = True,
-    tokenizer_from: str | None = None,
+    tokenizer_from: str | Tokenizer | None = None,
     chunk_bytes: int | None = None,
     progress: bool = False,
     scrub_pii: bool = False,
 ) -> dict:
-    """Tokenize a corpus into `out_dir` (written to a temporary sibling, then renamed).
+    """Tokenize a corpus into `out_dir` (written to a temporary sibling, then renamed), with a
+    new tokenizer, or `tokenizer_from`: a Tokenizer, or a dataset, checkpoint or run directory.
 
     Returns the statistics also stored in meta.json.
     """
@@ -262,20 +309,12 @@ def prepare(
     if not pieces:
         raise DataError(f"the corpus is empty: {', '.join(inputs)} has no text")
     splits = split_pieces(pieces, split, seed, shuffle)
-
-    def all_texts() -> Iterator[str]:
-        for p in pieces:
-            for doc in read_piece(p):
-                yield _document_text(doc)
-
-    if tokenizer_from:
-        tok = Tokenizer.load(tokenizer_from)
-    elif tokenizer == "char":
-        tok = Tokenizer.train_char(all_texts())
+    if isinstance(tokenizer_from, Tokenizer):
+        tok = tokenizer_from
+    elif tokenizer_from:
+        tok = Tokenizer.load(tokenizer_dir(tokenizer_from))
     else:
-        tok = Tokenizer.train_bpe(all_texts(), vocab_size)
-    if tok.vocab_size <= 8 and not tokenizer_from:
-        raise DataError(f"the corpus is empty: {', '.join(inputs)} has no characters")
+        tok = _train_tokenizer(pieces, tokenizer, vocab_size, inputs)
 
     with atomic_directory(out_dir) as tmp:
         stats = _write_splits(tok, splits, tmp, progress)
@@ -298,6 +337,10 @@ def _write_splits(tok: Tokenizer, splits: dict[str, list[Piece]], directory: Pat
 
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
     stats: dict = {"dtype": dtype.name, "splits": {}}
+    # only JSONL can hold chat rows; masks are dropped again if none turns up
+    with_mask = any(p.path.lower().endswith(".jsonl") for ps in splits.values() for p in ps)
+    writers: list[ShardWriter] = []
+    has_chat = False
     words: set[str] = set()
     n_words = n_chars = n_tokens = n_unk = 0
     seen = np.zeros(tok.vocab_size, dtype=bool)
@@ -309,14 +352,16 @@ def _write_splits(tok: Tokenizer, splits: dict[str, list[Piece]], directory: Pat
         desc="tokenizing",
     )
     for name, pieces in splits.items():
-        writer = ShardWriter(directory, name, dtype)
+        writer = ShardWriter(directory, name, dtype, with_mask=with_mask)
+        writers.append(writer)
         docs_in_split = chars_in_split = 0  # documents = whole files or JSONL rows
         for i in range(0, len(pieces), ENCODE_BATCH):
             batch = pieces[i : i + ENCODE_BATCH]
             docs = [(d, p.ends_document) for p in batch for d in read_piece(p)]
             for doc, ends in docs:
-                ids = encode_document(tok, doc, ends)
-                writer.write(ids)
+                ids, mask = encode_document(tok, doc, ends)
+                writer.write(ids, mask)
+                has_chat = has_chat or isinstance(doc, dict)
                 arr = np.asarray(ids)
                 seen[arr] = True
                 n_unk += int((arr == tok.unk_id).sum())
@@ -338,6 +383,10 @@ def _write_splits(tok: Tokenizer, splits: dict[str, list[Piece]], directory: Pat
             "shards": writer.shards,
         }
     bar.close()
+    if with_mask and not has_chat:
+        for writer in writers:
+            writer.drop_masks()
+    stats["loss_mask"] = has_chat
     stats.update(
         documents=sum(s["documents"] for s in stats["splits"].values()),
         characters=n_chars,
@@ -357,10 +406,17 @@ def is_prepared(path: str | os.PathLike) -> bool:
     return (Path(path) / "meta.json").is_file()
 
 
-class TokenDataset:
-    """One split of a prepared dataset, memory-mapped: random windows and strided windows."""
+IGNORE_INDEX = -100  # a target that counts in no loss or metric (F.cross_entropy's default)
 
-    def __init__(self, directory: str | os.PathLike, split: str = "train"):
+
+class TokenDataset:
+    """One split of a prepared dataset, memory-mapped: random windows and strided windows.
+
+    loss_mask: targets outside the stored loss mask (chat data: all but the assistant turns)
+    become IGNORE_INDEX in random_batch; False trains on every token.
+    """
+
+    def __init__(self, directory: str | os.PathLike, split: str = "train", loss_mask: bool = True):
         d = Path(directory)
         meta_path = d / "meta.json"
         if not meta_path.is_file():
@@ -372,12 +428,19 @@ class TokenDataset:
         self.split = split
         self.vocab_size = int(meta["vocab_size"])
         self.shards = []
+        self.masks: list[np.ndarray] | None = [] if loss_mask and meta.get("loss_mask") else None
         for s in meta["splits"][split]["shards"]:
             path = d / s["file"]
             if not path.is_file() or path.stat().st_size != s["tokens"] * dtype.itemsize:
                 raise DataError(f"{path} is missing or truncated; prepare the data again")
+            if self.masks is not None:
+                mask_path = d / s["mask"]
+                if not mask_path.is_file() or mask_path.stat().st_size != s["tokens"]:
+                    raise DataError(f"{mask_path} is missing or truncated; prepare the data again")
             if s["tokens"]:
                 self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
+                if self.masks is not None:
+                    self.masks.append(np.memmap(d / s["mask"], dtype=np.uint8, mode="r"))
         self.n_tokens = sum(len(s) for s in self.shards)
 
     def check_block_size(self, block_size: int) -> None:
@@ -391,19 +454,25 @@ class TokenDataset:
     def random_batch(
         self, batch_size: int, block_size: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y): `batch_size` random windows of block_size + 1 tokens, y shifted by one."""
+        """(x, y): `batch_size` random windows of block_size + 1 tokens, y shifted by one;
+        targets outside the loss mask are IGNORE_INDEX."""
         lengths = torch.tensor([len(s) - block_size - 1 for s in self.shards], dtype=torch.float64)
         usable = (lengths >= 0).double() * (lengths + 1)
         if len(self.shards) == 1:
             shard_ids = [0] * batch_size
         else:
             shard_ids = torch.multinomial(usable, batch_size, replacement=True, generator=generator).tolist()
-        rows = []
+        rows, keeps = [], []
         for s in shard_ids:
             start = int(torch.randint(int(usable[s]), (1,), generator=generator))
             rows.append(torch.from_numpy(self.shards[s][start : start + block_size + 1].astype(np.int64)))
+            if self.masks is not None:  # a token's mask says whether predicting it counts
+                keeps.append(torch.from_numpy(self.masks[s][start + 1 : start + block_size + 1].astype(bool)))
         batch = torch.stack(rows)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        if keeps:
+            y[~torch.stack(keeps)] = IGNORE_INDEX
+        return x, y
 
     def strided_windows(self, block_size: int, stride: int | None = None) -> Iterator[torch.Tensor]:
         """Every window of block_size + 1 tokens, `stride` apart (robo-poet: 100/50)."""
@@ -413,3 +482,58 @@ class TokenDataset:
                 window = shard[start : start + block_size + 1]
                 if len(window) >= 2:
                     yield torch.from_numpy(window.astype(np.int64))
+
+
+# --- weighted mixtures --------------------------------------------------------------------
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]] | None:
+    """`new:0.7,old:0.3` -> [("new", 0.7), ("old", 0.3)]; None for plain data (no weights)."""
+    parts = spec.split(",")
+    if not any(":" in part for part in parts):
+        return None
+    sources = []
+    for part in parts:
+        path, _, weight = part.rpartition(":")
+        if not path:
+            raise DataError(
+                f"--data mixture: {part!r} has no weight; write every source as PATH:WEIGHT, e.g. new:0.7,old:0.3"
+            )
+        try:
+            value = float(weight)
+        except ValueError:
+            raise DataError(
+                f"--data mixture: the weight of {path} must be a number, got {weight!r}"
+            ) from None
+        if not math.isfinite(value) or value < 0:
+            raise DataError(f"--data mixture: the weight of {path} must be >= 0, got {weight}")
+        sources.append((path, value))
+    if not sum(w for _, w in sources) > 0:
+        raise DataError(f"--data mixture: the weights of {spec} sum to 0; give a source a positive weight")
+    return sources
+
+
+class MixtureDataset:
+    """Several datasets of one tokenizer; each batch row comes from a source picked by weight."""
+
+    def __init__(self, sources: list[TokenDataset], weights: list[float]):
+        self.sources = sources
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.n_tokens = sum(s.n_tokens for s in sources)
+
+    def check_block_size(self, block_size: int) -> None:
+        for source in self.sources:
+            source.check_block_size(block_size)
+
+    def random_batch(
+        self, batch_size: int, block_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like TokenDataset.random_batch; the sources are drawn with the same generator."""
+        picks = torch.multinomial(self.weights, batch_size, replacement=True, generator=generator)
+        x = torch.empty(batch_size, block_size, dtype=torch.int64)
+        y = torch.empty(batch_size, block_size, dtype=torch.int64)
+        for i, source in enumerate(self.sources):
+            rows = (picks == i).nonzero().flatten()
+            if len(rows):
+                x[rows], y[rows] = source.random_batch(len(rows), block_size, generator)
+        return x, y

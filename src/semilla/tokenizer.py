@@ -99,24 +99,36 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def same_encoding(self, other: Tokenizer) -> bool:
+        """True when both turn text into the same ids: their tokenizer.json contents agree."""
+        return json.loads(self.hf.to_str()) == json.loads(other.hf.to_str())
+
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(i)
 
-    def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
-    ) -> list[int]:
-        """Token ids of a conversation: <|role|>content<|end|> per message, then <|assistant|>.
+    def encode_chat(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """Token ids of a conversation, <|role|>content<|end|> per message, and its loss mask:
+        1 on each assistant message's content and its <|end|>, 0 on role tokens and on system
+        and user turns (chat fine-tuning learns to answer, not to write the user's part).
 
         Role tokens are inserted as ids, so message text can never forge a turn boundary.
         """
         ids: list[int] = []
+        mask: list[int] = []
         for m in messages:
             role = m.get("role")
             if role not in ROLE_TOKENS:
                 raise DataError(f"unknown chat role {role!r}; expected one of {', '.join(ROLE_TOKENS)}")
-            ids.append(self.token_to_id(ROLE_TOKENS[role]))
-            ids += self.encode(m.get("content") or "")
-            ids.append(self.end_id)
+            turn = [*self.encode(m.get("content") or ""), self.end_id]
+            ids += [self.token_to_id(ROLE_TOKENS[role]), *turn]
+            mask += [0] + [int(role == "assistant")] * len(turn)
+        return ids, mask
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a conversation (see encode_chat), then <|assistant|> to prompt a reply."""
+        ids, _ = self.encode_chat(messages)
         if add_generation_prompt:
             ids.append(self.token_to_id(ASSISTANT))
         return ids

@@ -25,12 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from semilla.atomic import existing_dir
-from semilla.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
+from semilla.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state_by_name, save_checkpoint
 from semilla.config import ModelConfig, TrainConfig, apply_overrides, model_config_from_dict
-from semilla.data import TokenDataset, is_prepared, prepare
-from semilla.errors import CheckpointError, ConfigError
+from semilla.data import IGNORE_INDEX, MixtureDataset, TokenDataset
+from semilla.errors import CheckpointError, ConfigError, DataError
 from semilla.models import build_model, count_parameters
 from semilla.tokenizer import Tokenizer
+from semilla.train_inputs import (
+    changed_fields,
+    checkpoint_model_config,
+    init_checkpoint,
+    load_data,
+    open_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +65,8 @@ class Trainer:
     model_config: ModelConfig
     config: TrainConfig
     optimizer: torch.optim.Optimizer
-    train_data: TokenDataset
-    val_data: TokenDataset
+    train_data: TokenDataset | MixtureDataset
+    val_data: TokenDataset | MixtureDataset
     device: torch.device
     autocast_dtype: torch.dtype | None
     run_dir: Path
@@ -104,25 +111,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def load_data(cfg: TrainConfig, run_dir: Path, progress: bool) -> Path:
-    """A prepared dataset directory: `cfg.data` itself, or raw text prepared into the run."""
-    if not cfg.data:
-        raise ConfigError("no training data: give --data (text files, folders, globs or a prepared dir)")
-    if is_prepared(cfg.data):
-        return Path(cfg.data)
-    prepared = run_dir / "data"
-    if not is_prepared(prepared):
-        log.info("preparing %s into %s", cfg.data, prepared)
-        prepare(
-            cfg.data.split(","),
-            str(prepared),
-            tokenizer=cfg.tokenizer,
-            vocab_size=cfg.vocab_size_bpe,
-            progress=progress,
-        )
-    return prepared
-
-
 def setup(model_config: ModelConfig, config: TrainConfig, resume: str | None = None) -> Trainer:
     """Build a Trainer for a new run, or restore one from `resume` (a run directory)."""
     run_dir = Path(resume or config.out_dir)
@@ -131,15 +119,32 @@ def setup(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.seed)
-    data_dir = load_data(config, run_dir, config.progress)
+    source = init_checkpoint(config.init_from) if config.init_from and not resume else None
+    data = load_data(config, run_dir, config.progress, tokenizer_from=source)
     # the run's config.json keeps absolute inputs, so `--resume` works from any directory
-    config = dataclasses.replace(config, data=",".join(os.path.abspath(p) for p in config.data.split(",")))
-    tokenizer = Tokenizer.load(data_dir)
-    train_data, val_data = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
-    if not val_data.n_tokens:
-        val_data = train_data
-        log.warning("the data has no validation split; validating on the training split")
-    model_config = ModelConfig(**{**asdict(model_config), "vocab_size": tokenizer.vocab_size})
+    config = dataclasses.replace(
+        config,
+        data=",".join(os.path.abspath(p) for p in config.data.split(",")),
+        init_from=os.path.abspath(source) if source else config.init_from,
+    )
+    tokenizer = Tokenizer.load(source or data[0][0])
+    if source and not Tokenizer.load(data[0][0]).same_encoding(tokenizer):
+        raise DataError(
+            f"{data[0][0]} was prepared with another tokenizer than the checkpoint {config.init_from}; "
+            f"prepare the text with its tokenizer: semilla prepare ... --tokenizer-from {config.init_from}"
+        )
+    loss_mask = config.loss_on == "assistant"
+    train_data = open_split(data, "train", loss_mask)
+    val_data = open_split(data, "val", loss_mask)
+    if not (resume or source):  # a new model: its vocabulary is the tokenizer's
+        model_config = ModelConfig(**{**asdict(model_config), "vocab_size": tokenizer.vocab_size})
+    if source:  # its shape and vocabulary (maybe padded past the tokenizer's) are the checkpoint's
+        changed = changed_fields(checkpoint_model_config(source), model_config, ("dropout",))
+        if changed:
+            raise CheckpointError(
+                f"--init-from {config.init_from}: the model differs from the checkpoint's "
+                f"(semilla.train_inputs.init_model_config gives it): {', '.join(changed)}"
+            )
     train_data.check_block_size(model_config.block_size)
     val_data.check_block_size(model_config.block_size)
     with torch.device(device):
@@ -150,12 +155,15 @@ def setup(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
         last = last_checkpoint(run_dir)
         restored, _, _ = load_checkpoint(last, device=device, prefer="last")
         model.load_state_dict(restored.state_dict())
-        load_optimizer_state(last, optimizer)
+        load_optimizer_state(last, optimizer, model)
         state = TrainState(**json.loads((last / "trainer_state.json").read_text()))
         torch.set_rng_state(_unpack(state.rng["torch"]))
         data_rng.set_state(_unpack(state.rng["data"]))
         if "cuda" in state.rng and device.type == "cuda":
             torch.cuda.set_rng_state(_unpack(state.rng["cuda"]))
+    elif source:  # weights only: the optimizer, schedule and step start fresh
+        initial, _, _ = load_checkpoint(source, device=device)
+        model.load_state_dict(initial.state_dict())
     run_dir.mkdir(parents=True, exist_ok=True)
     forward = torch.compile(model) if config.compile else model
     return Trainer(
@@ -185,11 +193,7 @@ def resume_configs(run_dir: str, overrides: dict[str, Any]) -> tuple[ModelConfig
     model_cfg = model_config_from_dict(saved["model"])
     wanted = dataclasses.replace(model_cfg)
     problems = apply_overrides(wanted, overrides, "flags")  # parses strings from the environment
-    changed = [
-        f"{f.name} {getattr(model_cfg, f.name)} -> {getattr(wanted, f.name)}"
-        for f in dataclasses.fields(ModelConfig)
-        if f.name != "vocab_size" and getattr(wanted, f.name) != getattr(model_cfg, f.name)
-    ]
+    changed = changed_fields(model_cfg, wanted, ("vocab_size",))
     if changed:
         raise CheckpointError(f"cannot resume {run_dir} with a changed model shape: {', '.join(changed)}")
     train_cfg = TrainConfig(**saved["train"])
@@ -225,22 +229,53 @@ def lr_at(step: int, cfg: TrainConfig, lr_scale: float) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def batch_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Cross-entropy, perplexity, token accuracy and top-5 accuracy of one batch."""
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the targets that count (not IGNORE_INDEX); 0 if none does."""
+    total = F.cross_entropy(
+        logits.view(-1, logits.size(-1)).float(),
+        targets.view(-1),
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+        reduction="sum",
+    )
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def metric_sums(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Summed cross-entropy, token accuracy and top-5 accuracy over the targets that count."""
     flat, y = logits.detach().float().view(-1, logits.size(-1)), targets.reshape(-1)
-    loss = F.cross_entropy(flat, y).item()
+    counted = y != IGNORE_INDEX
+    flat, y = flat[counted], y[counted]
     top5 = flat.topk(min(5, flat.size(-1)), dim=-1).indices
     return {
-        "loss": loss,
-        "ppl": math.exp(min(loss, 50)),
-        "acc": (top5[:, 0] == y).float().mean().item(),
-        "top5_acc": (top5 == y[:, None]).any(-1).float().mean().item(),
+        "loss": F.cross_entropy(flat, y, reduction="sum").item(),
+        "acc": (top5[:, 0] == y).sum().item(),
+        "top5_acc": (top5 == y[:, None]).any(-1).sum().item(),
+        "count": len(y),
     }
 
 
+def mean_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Cross-entropy, perplexity, token accuracy and top-5 accuracy from metric_sums."""
+    n = max(1, sums["count"])
+    loss = sums["loss"] / n
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50)),
+        "acc": sums["acc"] / n,
+        "top5_acc": sums["top5_acc"] / n,
+    }
+
+
+def batch_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Cross-entropy, perplexity, token accuracy and top-5 accuracy of one batch."""
+    return mean_metrics(metric_sums(logits, targets))
+
+
 @torch.no_grad()
-def evaluate_loss(t: Trainer, data: TokenDataset) -> dict[str, float]:
-    """Mean metrics over eval_iters batches drawn with a fixed seed (same batches every time)."""
+def evaluate_loss(t: Trainer, data: TokenDataset | MixtureDataset) -> dict[str, float]:
+    """Metrics over the counted targets of eval_iters batches drawn with a fixed seed (same
+    batches every time)."""
     t.model.eval()
     gen = torch.Generator().manual_seed(t.config.seed + 1)
     totals: dict[str, float] = {}
@@ -249,11 +284,10 @@ def evaluate_loss(t: Trainer, data: TokenDataset) -> dict[str, float]:
         x, y = x.to(t.device), y.to(t.device)
         with torch.autocast(t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None):
             logits = t.forward(x)
-        for k, v in batch_metrics(logits, y).items():
-            totals[k] = totals.get(k, 0.0) + v / t.config.eval_iters
-    totals["ppl"] = math.exp(min(totals["loss"], 50))
+        for k, v in metric_sums(logits, y).items():
+            totals[k] = totals.get(k, 0.0) + v
     t.model.train()
-    return totals
+    return mean_metrics(totals)
 
 
 @torch.no_grad()
@@ -280,7 +314,7 @@ def save(t: Trainer, name: str) -> None:
     save_checkpoint(
         t.run_dir / name, t.model, t.tokenizer, t.config,
         trainer_state=asdict(t.state) if resumable else None,
-        optimizer=t.optimizer if resumable else None,
+        optimizer_state=optimizer_state_by_name(t.optimizer, t.model) if resumable else None,
     )  # fmt: skip
 
 
@@ -364,11 +398,7 @@ def fit(t: Trainer) -> dict[str, Any]:
                     t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None
                 ):
                     logits = t.forward(x)
-                    loss = F.cross_entropy(
-                        logits.view(-1, logits.size(-1)).float(),
-                        y.view(-1),
-                        label_smoothing=cfg.label_smoothing,
-                    )
+                    loss = loss_fn(logits, y, cfg.label_smoothing)
                 (loss / cfg.grad_accum).backward()
             # 3. clip, step
             grad_norm = nn.utils.clip_grad_norm_(
