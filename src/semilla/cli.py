@@ -365,11 +365,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    ages = report.pop("ages", [])
     width = max(len(k) for k in report)
     for k, v in report.items():
         print(
             f"{k:<{width}}  {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k:<{width}}  {v}"
         )
+    if ages:
+        print("\nages        step  width  layers  heads  parameters  val loss")
+        for a in ages:
+            print(
+                f"{a['age']:<10} {a['step']:>6} {a['n_embd']:>6} {a['n_layer']:>7} {a['n_head']:>6} "
+                f"{a['parameters']:>11,}  {a['val_loss']:.4f}"
+            )
     return 0
 
 

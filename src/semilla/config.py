@@ -24,6 +24,7 @@ MLPS = ("swiglu", "gelu", "gelu_exact", "relu", "relu2")  # gelu: GPT-2 tanh for
 ARCHS = ("transformer", "lstm")
 SCHEDULES = ("cosine", "plateau", "constant")
 LOSS_ON = ("assistant", "all")
+GROW_MODES = ("exact", "stack")
 DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on CUDA (autocast when training), float32 elsewhere
 DTYPE_HELP = (
     "float32 or bfloat16 weights (half the memory; with Intel AMX ~1.9x faster batches); "
@@ -141,6 +142,13 @@ class TrainConfig:
     sample_interval: int = 500  # a generated text sample goes to TensorBoard every N steps
     sample_tokens: int = 120
     early_stopping_patience: int = 0  # evaluations without val improvement; 0 = off
+    ages: str = ""  # THAU ages to grow through in one run, e.g. 0,1,3 (ages 0 1 3 6 12 15)
+    target_age: int | None = None  # every THAU age up to this one: 3 means --ages 0,1,3
+    steps_per_age: int = 0  # training steps in each age; 0: max_iters shared evenly
+    age_scale: float = 1.0  # THAU's widths and depths times this (0.25: a laptop's ages)
+    age_schedule: str = ""  # YAML file of stages (shape and steps) instead of THAU's ages
+    grow_mode: str = "exact"  # how the model grows between ages: exact (same function) | stack
+    grow_warmup_iters: int = 20  # learning-rate re-warmup after each growth
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16
     compile: bool = False
@@ -184,6 +192,12 @@ class TrainConfig:
             p.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.early_stopping_patience < 0:
             p.append("early_stopping_patience must be >= 0")
+        if self.steps_per_age < 0 or self.grow_warmup_iters < 0:
+            p.append("steps_per_age and grow_warmup_iters must be >= 0")
+        if not 0 < self.age_scale <= 1:
+            p.append(f"age_scale must be in (0, 1], got {self.age_scale}")
+        if self.grow_mode not in GROW_MODES:
+            p.append(f"grow_mode must be one of {', '.join(GROW_MODES)}, got {self.grow_mode!r}")
         return p
 
 

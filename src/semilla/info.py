@@ -62,8 +62,21 @@ def describe(target: str) -> dict[str, Any]:
         directory = resolve_checkpoint(target)
         config = read_config(directory)
         cfg = infer_shapes(model_config_from_dict(config["model"]), weight_shapes(directory))
-        return {"checkpoint": str(directory), **describe_config(cfg)}
+        report = {"checkpoint": str(directory), **describe_config(cfg)}
+        ages = ages_history(Path(target), directory)
+        return {**report, "ages": ages} if ages else report
     raise SemillaError(f"{target!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+
+
+def ages_history(target: Path, checkpoint: Path) -> list[dict[str, Any]]:
+    """The ages a run grew through (age, shape, parameters, steps, val loss at each age's end),
+    like THAU's get_stats(): from the run's last/ checkpoint, or the checkpoint itself."""
+    import json
+
+    for state in (target / "last" / "trainer_state.json", checkpoint / "trainer_state.json"):
+        if state.is_file():
+            return json.loads(state.read_text(encoding="utf-8")).get("ages", [])
+    return []
 
 
 def _human(n: int) -> str:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semilla.ages import Stage, plan_stages, stage_end
 from semilla.atomic import existing_dir
 from semilla.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state_by_name, save_checkpoint
 from semilla.config import ModelConfig, TrainConfig, apply_overrides, model_config_from_dict
@@ -55,6 +56,8 @@ class TrainState:
     plateau_bad_evals: int = 0
     elapsed_s: float = 0.0
     stopped_early: bool = False
+    stage: int = 0  # index of the age (schedule stage) being trained
+    ages: list[dict[str, Any]] = field(default_factory=list)  # one row per finished age
     rng: dict[str, str] = field(default_factory=dict)  # base64 RNG states (torch, data, cuda)
 
 
@@ -73,6 +76,7 @@ class Trainer:
     state: TrainState
     data_rng: torch.Generator
     forward: Any = None  # the (optionally compiled) model call
+    stages: list[Stage] = field(default_factory=list)  # ages: shapes the model grows through
 
 
 # --- setup --------------------------------------------------------------------------------
@@ -115,6 +119,14 @@ def setup(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
     """Build a Trainer for a new run, or restore one from `resume` (a run directory)."""
     run_dir = Path(resume or config.out_dir)
     state = TrainState()
+    stages = plan_stages(config)
+    if stages:  # a run through ages: its length is theirs; it starts at the first one's shape,
+        # from scratch, or from an --init-from checkpoint grown into it
+        config = dataclasses.replace(config, max_iters=stage_end(stages, len(stages) - 1))
+        if not resume:
+            first = stages[0].config(model_config)
+            check_growth(model_config if config.init_from else first, stages, config.grow_mode)
+            model_config = model_config if config.init_from else first
     device = pick_device(config.device)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -164,12 +176,60 @@ def setup(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
     elif source:  # weights only: the optimizer, schedule and step start fresh
         initial, _, _ = load_checkpoint(source, device=device)
         model.load_state_dict(initial.state_dict())
+        if stages:  # ages from a checkpoint: grown into the first age's shape
+            from semilla.models.grow import grow_model
+
+            first = stages[0].config(model_config)
+            model = grow_model(model, first, mode=config.grow_mode, seed=config.seed).to(device).train()
+            model_config, optimizer = model.config, make_optimizer(model, config, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     forward = torch.compile(model) if config.compile else model
     return Trainer(
         model, tokenizer, model_config, config, optimizer, train_data, val_data, device,
-        pick_autocast(config.dtype, device), run_dir, state, data_rng, forward,
+        pick_autocast(config.dtype, device), run_dir, state, data_rng, forward, stages,
     )  # fmt: skip
+
+
+def check_growth(start: ModelConfig, stages: list[Stage], mode: str) -> None:
+    """Refuse a schedule that cannot grow from `start` through every stage, before training."""
+    from semilla.models.grow import plan_growth
+
+    problems = start.problems()
+    if problems:
+        raise ConfigError(f"age {stages[0].name}: " + "; ".join(problems))
+    cfg = start
+    for stage in stages:
+        try:
+            cfg = plan_growth(cfg, stage.config(cfg), mode).target
+        except ConfigError as e:
+            raise ConfigError(f"age {stage.name}: {e}") from None
+
+
+def grow_trainer(t: Trainer, stage: Stage) -> None:
+    """Grow the model to `stage`'s shape and its AdamW moments with it (new entries zero, the
+    step count kept), so training goes on where it was."""
+    from semilla.models.grow import grow_model, grow_tensors
+
+    old_cfg, new_cfg = t.model_config, stage.config(t.model_config)
+    seed = t.config.seed + 1000 * (t.state.stage + 1)  # new weights: the same on every resume
+    model = grow_model(t.model, new_cfg, mode=t.config.grow_mode, seed=seed).to(t.device).train()
+    names = {p: n for n, p in t.model.named_parameters()}
+    moments: dict[str, dict[str, torch.Tensor]] = {}
+    for p, values in t.optimizer.state.items():
+        for key, value in values.items():
+            moments.setdefault(key, {})[names[p]] = value
+    step = next(iter(moments.pop("step").values()))
+    grown = {
+        key: grow_tensors(
+            values, old_cfg, new_cfg, mode=t.config.grow_mode, power=2 if key == "exp_avg_sq" else 1
+        )
+        for key, values in moments.items()
+    }  # the second moment scales with the square of a rescaled weight
+    optimizer = make_optimizer(model, t.config, t.device)
+    for name, p in model.named_parameters():
+        optimizer.state[p] = {"step": step.clone(), **{key: grown[key][name].to(p) for key in grown}}
+    t.model, t.model_config, t.optimizer = model, model.config, optimizer
+    t.forward = torch.compile(model) if t.config.compile else model
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -217,8 +277,11 @@ def _unpack(s: str) -> torch.Tensor:
 # --- the loop -----------------------------------------------------------------------------
 
 
-def lr_at(step: int, cfg: TrainConfig, lr_scale: float) -> float:
-    """Linear warmup, then cosine decay to min_lr (or constant, or the plateau factor)."""
+def lr_at(step: int, cfg: TrainConfig, lr_scale: float, grown_at: int | None = None) -> float:
+    """Linear warmup, then cosine decay to min_lr (or constant, or the plateau factor); after
+    a growth (at step `grown_at`) a short linear re-warmup to that value."""
+    if grown_at is not None and step - grown_at < cfg.grow_warmup_iters:
+        return lr_at(step, cfg, lr_scale) * (step - grown_at + 1) / (cfg.grow_warmup_iters + 1)
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
     if cfg.lr_schedule == "constant":
@@ -387,7 +450,8 @@ def fit(t: Trainer) -> dict[str, Any]:
         while st.step < cfg.max_iters and not stop.requested:
             step_start = time.perf_counter()
             # 1. learning rate for this step
-            lr = lr_at(st.step, cfg, st.lr_scale)
+            grown_at = stage_end(t.stages, st.stage - 1) if st.stage else None
+            lr = lr_at(st.step, cfg, st.lr_scale, grown_at)
             for group in t.optimizer.param_groups:
                 group["lr"] = lr
             # 2. forward and backward over grad_accum micro-batches
@@ -455,6 +519,9 @@ def fit(t: Trainer) -> dict[str, Any]:
             # 7. periodic checkpoint
             if st.step % cfg.save_interval == 0:
                 save(t, "last")
+            # 8. the end of an age: keep its model, grow into the next one
+            if t.stages and st.step == stage_end(t.stages, st.stage):
+                end_age(t, record)
         save(t, "last")
     bar.close()
     writer.close()
@@ -468,6 +535,24 @@ def fit(t: Trainer) -> dict[str, Any]:
         "interrupted": stop.requested,
         **last,
     }
+
+
+def end_age(t: Trainer, record) -> None:
+    """Save `ages/NAME_final/`, note the age in the run's history, and grow into the next age."""
+    st, stage = t.state, t.stages[t.state.stage]
+    val = evaluate_loss(t, t.val_data)
+    save(t, f"ages/{stage.name}_final")
+    cfg = t.model_config
+    st.ages.append({
+        "age": stage.name, "step": st.step, "parameters": count_parameters(t.model),
+        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "val_loss": round(val["loss"], 6),
+    })  # fmt: skip
+    if st.stage + 1 == len(t.stages):
+        return
+    st.stage += 1
+    grow_trainer(t, t.stages[st.stage])
+    record("grow", {"stage": st.stage, "parameters": count_parameters(t.model)})
+    save(t, "last")  # a resume after this point starts from the grown model
 
 
 def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
