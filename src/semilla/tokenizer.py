@@ -123,8 +123,9 @@ class Tokenizer:
 
     # --- files ----------------------------------------------------------------------------
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write tokenizer.json and tokenizer_config.json into `directory`."""
+    def save(self, directory: str | os.PathLike, model_max_length: int | None = None) -> None:
+        """Write tokenizer.json and tokenizer_config.json into `directory`; `model_max_length`
+        is the context of the model it goes with (transformers truncates to it)."""
         d = Path(directory)
         self.hf.encode_special_tokens = False  # stored files keep the library default
         try:
@@ -140,7 +141,7 @@ class Tokenizer:
             "pad_token": PAD,
             "additional_special_tokens": SPECIAL_TOKENS[4:],
             "chat_template": self.chat_template,
-            "model_max_length": 1_000_000,
+            "model_max_length": model_max_length or 1_000_000,
             "clean_up_tokenization_spaces": False,
         }
         (d / "tokenizer_config.json").write_text(
