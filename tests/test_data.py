@@ -273,3 +273,9 @@ def test_a_split_without_validation_is_warned_up_front(
     with caplog.at_level(logging.WARNING, logger="semilla.data"):
         prepare([str(corpus_file)], str(tmp_path / "out"), split=(1.0, 0.0, 0.0))
     assert "validate on its training data" in caplog.text
+
+
+def test_char_ids_from_the_table_equal_the_tokenizers_library(corpus_text: str) -> None:
+    tok = Tokenizer.train_char([corpus_text + "\r\t😀<eos>"])
+    text = corpus_text[:2000] + "\r\n\t<eos> 😀 zzz 中文 <|user|> \x00"  # unknown characters too
+    assert tok.encode_array(text).tolist() == tok.encode(text)

@@ -99,15 +99,10 @@ def add_dataclass_flags(
             except ValueError as e:  # argparse names the flag
                 raise argparse.ArgumentTypeError(str(e)) from e
 
+        # fixed values are listed, and checked with every other setting (one error for all)
         choices = FIELD_CHOICES.get(f.name)
-        group.add_argument(
-            *names,
-            type=convert,
-            default=defaults.get(f.name),
-            choices=choices,
-            metavar=None if choices else f.name.upper(),
-            help=text,
-        )
+        metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+        group.add_argument(*names, type=convert, default=defaults.get(f.name), metavar=metavar, help=text)
 
 
 def explicit_overrides(args: argparse.Namespace, *classes: type) -> dict[str, Any]:

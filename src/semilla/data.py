@@ -179,21 +179,19 @@ def read_piece(piece: Piece) -> list[dict | str]:
     raise DataError(f'{piece.path}: a line at byte {piece.start} needs "text" (string) or "messages" (list)')
 
 
-def encode_document(tok: Tokenizer, doc: dict | str, ends_document: bool = True) -> list[int]:
-    """Token ids of a document (or a chunk), closed with <eos> so documents never run together."""
-    return [i for ids in encode_in_slices(tok, doc, ends_document) for i in ids]
-
-
-def encode_in_slices(tok: Tokenizer, doc: dict | str, ends_document: bool = True) -> Iterator[list[int]]:
-    """The token ids of `encode_document`, a slice of about ENCODE_CHARS characters at a time:
-    a tokenizer's encoding of a long text holds ~100 bytes per token."""
+def encode_in_slices(tok: Tokenizer, doc: dict | str, ends_document: bool = True) -> Iterator[np.ndarray]:
+    """Token ids of a document (or a chunk), closed with <eos> so documents never run together,
+    a slice of about ENCODE_CHARS characters at a time: a tokenizer's encoding of a long text
+    holds ~100 bytes per token."""
     if isinstance(doc, str):
         for piece in text_slices(doc):
-            yield tok.encode(piece)
+            yield tok.encode_array(piece)
     else:
-        yield tok.apply_chat_template(doc["messages"], add_generation_prompt=False)
+        yield np.asarray(
+            tok.apply_chat_template(doc["messages"], add_generation_prompt=False), dtype=np.int64
+        )
     if ends_document:
-        yield [tok.eos_id]
+        yield np.asarray([tok.eos_id], dtype=np.int64)
 
 
 def text_slices(text: str, size: int = ENCODE_CHARS) -> Iterator[str]:
@@ -400,8 +398,7 @@ def _write_splits(tok: Tokenizer, splits: dict[str, list[Piece]], directory: Pat
         for piece in pieces:  # one piece (at most 4 MB of text) in memory at a time
             docs = read_piece(piece)
             for doc in docs:
-                for ids in encode_in_slices(tok, doc, piece.ends_document):
-                    arr = np.asarray(ids, dtype=np.int64)
+                for arr in encode_in_slices(tok, doc, piece.ends_document):
                     writer.write(arr)
                     seen[arr] = True
                     n_unk += int((arr == tok.unk_id).sum())
