@@ -187,7 +187,9 @@ def test_evaluate_reports_every_section(lm, eval_file):
     assert 0 <= report["references"]["bleu"] <= 100 and 0 <= report["references"]["chrf"] <= 100
     table = format_report([report, report])
     assert "likelihood.perplexity" in table and "references.chrf" in table
-    assert len(table.splitlines()[0].split()) == 3  # metric + two columns
+    header = next(line for line in table.splitlines() if line.startswith("metric"))
+    assert len(header.split()) == 3  # metric + two columns
+    assert table.startswith(f"data: {eval_file}\nsampling: max_new_tokens 10, temperature 0.8")
 
 
 def test_evaluate_can_skip_samples_and_references(lm, eval_file):

@@ -32,6 +32,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # OpenMP: PyTorch's own threads
 DTYPES = (torch.float32, torch.bfloat16)
 BUILD_LOCK = threading.Lock()
+LAYOUT = "source-copy+flock"  # how a build directory is used: its own source copy, build.lock
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,10 @@ def build_name() -> str:
     """One build per source, PyTorch, Python and CPU: `-march=native` code must not travel to
     another machine through a shared home directory."""
     cpu = cpuinfo("flags", "Features")  # x86, ARM
-    key = "|".join([SOURCE.read_text(), torch.__version__, sys.version, platform.machine(), cpu, *FLAGS])
+    # LAYOUT keeps apart the directories of older semilla versions, which built differently
+    key = "|".join(
+        [LAYOUT, SOURCE.read_text(), torch.__version__, sys.version, platform.machine(), cpu, *FLAGS]
+    )
     return "semilla_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
