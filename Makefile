@@ -37,19 +37,35 @@ $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION): | $(VENV)/.installed
 	$(BIN)/pip install --quiet --no-index --find-links $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	touch $@
 
-# Train a small model on the bundled Quijote excerpt (a few minutes on 2 CPU cores), then
-# print samples. A finished demo model is reused: delete runs/demo to train again.
-demo: setup $(DEMO)/best/config.json
-	$(BIN)/semilla generate $(DEMO) --prompt "En un lugar de la Mancha" --max-new-tokens 300 \
+# Train a small chat model on the bundled Quijote excerpt and conversations built from its
+# dialogue (semilla/demo/chat_rows.py), then print samples and serve it. The time is announced
+# before training starts; Ctrl+C stops it and `make demo` again resumes where it stopped. A
+# finished demo is marked by $(DEMO_DONE): delete runs/demo to train again.
+DEMO_DONE := $(DEMO)/demo-finished
+DEMO_CHAT := runs/demo-chat.jsonl
+DEMO_MINUTES := 6
+DEMO_TRAIN := --data src/semilla/demo/quijote.txt,$(DEMO_CHAT) --tokenizer bpe --vocab-size 1024 \
+	--n-layer 4 --n-head 4 --n-embd 128 --block-size 512 --batch-size 8 --max-iters 1200 \
+	--learning-rate 3e-3 --min-lr 3e-4 --warmup-iters 50 --eval-interval 200 --save-interval 100 \
+	--sample-interval 400
+
+demo: setup $(DEMO_DONE)
+	$(BIN)/semilla generate $(DEMO) --prompt "En un lugar de la Mancha" --max-new-tokens 120 \
 		--temperature 0.8 --top-k 40 --num-samples 2 --seed 7
 	@echo "semilla: chat with the demo model at http://127.0.0.1:$${PORT:-8000}/ (Ctrl+C stops the server)"
 	$(BIN)/semilla serve $(DEMO) --data-dir runs/demo-server
 
-$(DEMO)/best/config.json:
-	$(BIN)/semilla train --data src/semilla/demo/quijote.txt --out-dir $(DEMO) \
-		--n-layer 4 --n-head 4 --n-embd 128 --block-size 128 --batch-size 16 \
-		--max-iters 1500 --learning-rate 3e-3 --min-lr 3e-4 --warmup-iters 50 \
-		--eval-interval 250 --save-interval 250
+$(DEMO_DONE):
+	@echo "semilla: training the demo model: about $(DEMO_MINUTES) minutes on 2 idle CPU cores, longer on a" \
+		"busy machine. Ctrl+C stops it; run 'make demo' again to resume."
+	@mkdir -p $(dir $(DEMO_CHAT))
+	$(BIN)/python -m semilla.demo.chat_rows > $(DEMO_CHAT)
+	@if [ -f $(DEMO)/last/trainer_state.json ]; then \
+		$(BIN)/semilla train --resume $(DEMO); \
+	else \
+		$(BIN)/semilla train $(DEMO_TRAIN) --out-dir $(DEMO) --overwrite; \
+	fi
+	touch $@
 
 test: setup browser
 	$(BIN)/pytest -q

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from semilla.data import TokenDataset, find_files, prepare
+from semilla.data import TokenDataset, bpe_sample, find_files, list_pieces, prepare, text_slices
 from semilla.errors import DataError
 from semilla.tokenizer import Tokenizer
 
@@ -194,3 +195,87 @@ def test_missing_or_truncated_shards(tmp_path: Path, corpus_file: Path) -> None:
     shard.write_bytes(shard.read_bytes()[:-2])
     with pytest.raises(DataError, match="truncated"):
         TokenDataset(out, "val")
+
+
+# --- encodings ----------------------------------------------------------------------------
+
+OLD_SPANISH = "¿Qué día es hoy? ¡Mañana será otro! El niño pagó 5 € por el café de la señora.\n" * 40
+
+
+def test_a_windows_1252_file_is_read_as_such_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "viejo.txt"
+    path.write_bytes(OLD_SPANISH.encode("cp1252"))
+    with caplog.at_level(logging.WARNING, logger="semilla.data"):
+        stats = prepare([str(path)], str(tmp_path / "out"), split=(1.0, 0.0, 0.0))
+    assert stats["encodings"] == {str(path): "cp1252"}
+    warning = next(r.getMessage() for r in caplog.records if "viejo.txt" in r.getMessage())
+    assert "cp1252" in warning and "--encoding" in warning
+    tok = Tokenizer.load(tmp_path / "out")
+    ids = np.fromfile(tmp_path / "out" / "train_000.bin", dtype=np.uint16).tolist()
+    assert tok.decode(ids, skip_special_tokens=True) == OLD_SPANISH  # ñ, ¿, € and all
+
+
+def test_encoding_can_be_chosen(tmp_path: Path) -> None:
+    path = tmp_path / "viejo.txt"
+    path.write_bytes(OLD_SPANISH.replace("€", "$").encode("latin-1"))
+    stats = prepare([str(path)], str(tmp_path / "out"), encoding="latin-1")
+    assert stats["encodings"] == {str(path): "latin-1"}
+    with pytest.raises(DataError, match="unknown text encoding 'klingon'"):
+        prepare([str(path)], str(tmp_path / "other"), encoding="klingon")
+
+
+def test_prepare_names_the_files_it_decoded_otherwise(tmp_path: Path) -> None:
+    from helpers import run_cli
+
+    path = tmp_path / "viejo.txt"
+    path.write_bytes(OLD_SPANISH.encode("cp1252"))
+    proc = run_cli("prepare", path, "-o", tmp_path / "out", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(rf"read as cp1252 +{re.escape(str(path))}\n", proc.stdout), proc.stdout
+    assert "viejo.txt" in proc.stderr and "skipping" not in proc.stderr
+
+
+# --- memory: bounded slices, a BPE sample -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+@pytest.mark.parametrize("layout", ["lines", "one-line", "double-spaces"])
+def test_encoding_in_slices_gives_the_ids_of_the_whole_text(corpus_text: str, kind: str, layout: str) -> None:
+    text = {
+        "lines": corpus_text,
+        "one-line": corpus_text.replace("\n", " "),
+        "double-spaces": corpus_text.replace(" ", "  ").replace("\n", "\n\n  "),
+    }[layout]
+    tok = Tokenizer.train_char([text]) if kind == "char" else Tokenizer.train_bpe([text], 400)
+    slices = list(text_slices(text, size=500))
+    assert len(slices) > 10 and "".join(slices) == text
+    assert max(map(len, slices)) <= 500
+    assert [i for piece in slices for i in tok.encode(piece)] == tok.encode(text)
+
+
+def test_bpe_learns_from_a_sample_of_a_huge_corpus_and_says_so(
+    corpus_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pieces = list_pieces({corpus_file: "utf-8"}, chunk_bytes=1000)
+    with caplog.at_level(logging.INFO, logger="semilla.data"):
+        chosen = bpe_sample(pieces, seed=1, budget=5000)
+    size = sum(p.end - p.start for p in chosen)
+    assert 5000 <= size < 7000 and len(chosen) < len(pieces)
+    assert "random sample" in caplog.text
+    assert bpe_sample(pieces, seed=1, budget=10**9) == pieces  # a small corpus is used whole
+
+
+def test_a_split_without_validation_is_warned_up_front(
+    tmp_path: Path, corpus_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="semilla.data"):
+        prepare([str(corpus_file)], str(tmp_path / "out"), split=(1.0, 0.0, 0.0))
+    assert "validate on its training data" in caplog.text
+
+
+def test_char_ids_from_the_table_equal_the_tokenizers_library(corpus_text: str) -> None:
+    tok = Tokenizer.train_char([corpus_text + "\r\t😀<eos>"])
+    text = corpus_text[:2000] + "\r\n\t<eos> 😀 zzz 中文 <|user|> \x00"  # unknown characters too
+    assert tok.encode_array(text).tolist() == tok.encode(text)

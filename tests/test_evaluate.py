@@ -16,6 +16,7 @@ from semilla.checkpoint import save_checkpoint
 from semilla.config import GenerateConfig
 from semilla.errors import DataError
 from semilla.evaluate import (
+    compare,
     distinct_n,
     evaluate,
     format_report,
@@ -24,6 +25,7 @@ from semilla.evaluate import (
     readability,
     repetition_rate,
     self_bleu,
+    text_tokens,
     token_entropy,
     token_windows,
 )
@@ -173,7 +175,8 @@ def test_readability_of_text_without_words_is_empty():
 def test_evaluate_reports_every_section(lm, eval_file):
     cfg = GenerateConfig(max_new_tokens=10, seed=0, temperature=0.8)
     report = evaluate(lm, str(eval_file), cfg=cfg, prompts=["the", "En"], **SMALL_EVAL)
-    assert set(report) == {"checkpoint", "data", "likelihood", "samples", "references"}
+    assert set(report) == {"checkpoint", "data", "settings", "likelihood", "samples", "references"}
+    assert report["settings"]["temperature"] == 0.8 and report["settings"]["max_new_tokens"] == 10
     assert set(report["likelihood"]) >= {"perplexity", "cross_entropy", "token_accuracy"}
     samples = report["samples"]
     assert samples["samples"] == 4  # 2 prompts x 2 samples
@@ -184,12 +187,14 @@ def test_evaluate_reports_every_section(lm, eval_file):
     assert 0 <= report["references"]["bleu"] <= 100 and 0 <= report["references"]["chrf"] <= 100
     table = format_report([report, report])
     assert "likelihood.perplexity" in table and "references.chrf" in table
-    assert len(table.splitlines()[0].split()) == 3  # metric + two columns
+    header = next(line for line in table.splitlines() if line.startswith("metric"))
+    assert len(header.split()) == 3  # metric + two columns
+    assert table.startswith(f"data: {eval_file}\nsampling: max_new_tokens 10, temperature 0.8")
 
 
 def test_evaluate_can_skip_samples_and_references(lm, eval_file):
     report = evaluate(lm, str(eval_file), num_samples=0, references=0)
-    assert set(report) == {"checkpoint", "data", "likelihood"}
+    assert set(report) == {"checkpoint", "data", "settings", "likelihood"}
 
 
 def test_reference_scoring_needs_enough_text(lm, tmp_path):
@@ -227,3 +232,49 @@ def test_eval_of_an_empty_file_is_a_one_line_error(checkpoints, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     proc = run_cli("eval", checkpoints[0], "--data", tmp_path / "empty.txt")
     assert_one_line_error(proc, "empty")
+
+
+@pytest.fixture(scope="module")
+def two_tokenizers(tmp_path_factory):
+    """A prepared dataset, a char model with its tokenizer and a BPE model with another one."""
+    from semilla.data import prepare
+    from semilla.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("two_tokenizers")
+    (root / "text.txt").write_text(TEXT * 20, encoding="utf-8")
+    prepare([str(root / "text.txt")], str(root / "data"))
+    char = Tokenizer.load(root / "data")
+    bpe = Tokenizer.train_bpe([TEXT * 20], 300)
+    save_checkpoint(root / "char", tiny_model(char, 0), char)
+    save_checkpoint(root / "bpe", tiny_model(bpe, 1), bpe)
+    return root
+
+
+def test_compare_scores_both_models_on_the_same_text_in_bits_per_char(two_tokenizers):
+    from semilla.api import load
+    from semilla.evaluate import eval_text
+
+    root = two_tokenizers
+    lms = [load(str(root / "char")), load(str(root / "bpe"))]
+    result = compare(lms, str(root / "data"), "val", num_samples=0, references=0)
+    assert "bits_per_char" in result["note"]
+    reports = result["compare"]
+    assert reports[0]["data"] == reports[1]["data"] == f"{root / 'data'} (val split)"
+    text, _ = eval_text(str(root / "data"), "val")
+    for lm, report in zip(lms, reports, strict=True):  # each through its own tokenizer, same characters
+        expected = likelihood_metrics(lm, text_tokens(lm, text), len(text))
+        assert report["likelihood"]["bits_per_char"] == pytest.approx(expected["bits_per_char"])
+    assert reports[0]["likelihood"]["tokens"] != reports[1]["likelihood"]["tokens"]
+
+
+def test_eval_compare_prints_what_it_measured(two_tokenizers):
+    root = two_tokenizers
+    proc = run_cli(
+        "eval", root / "char", "--compare", root / "bpe", "--data", root / "data", "--split", "val",
+        "--num-samples", "0", "--references", "0",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    head = proc.stdout.splitlines()[:3]
+    assert head[0] == f"data: {root / 'data'} (val split)"
+    assert head[1].startswith("sampling: max_new_tokens 100, temperature 0.8, top_k 40")
+    assert head[2].startswith("note: the models' tokenizers differ")

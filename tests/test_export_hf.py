@@ -118,3 +118,20 @@ def test_import_refuses_pickles_and_other_architectures(tmp_path):
     (tmp_path / "mistral" / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"]}))
     proc = run_cli("import", "hf", tmp_path / "mistral", tmp_path / "o")
     assert_one_line_error(proc, "cannot import MistralForCausalLM")
+
+
+def test_tokenizer_length_and_generation_config_fit_the_model(exported, caplog):
+    """model_max_length is the context (not 1e6); generating with the stored generation
+    config and a max_new_tokens, as a transformers user does, warns about nothing."""
+    import warnings
+
+    root, model, tok, _ = exported
+    hf_tok = AutoTokenizer.from_pretrained(root / "hf", local_files_only=True)
+    assert hf_tok.model_max_length == model.config.block_size
+    hf = AutoModelForCausalLM.from_pretrained(root / "hf", local_files_only=True).eval()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
+        warnings.simplefilter("always")
+        inputs = hf_tok(PROMPT, return_tensors="pt", add_special_tokens=False)
+        hf.generate(**inputs, max_new_tokens=5)
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("transformers")] == []

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,20 +243,80 @@ def test_semilla_kernels_0_turns_them_off(monkeypatch) -> None:
         kernels.compiled.cache_clear()
 
 
-def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(monkeypatch) -> None:
-    """PyTorch waits for its build lock without a timeout; a stale one is removed first."""
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next() -> None:
+    """PyTorch waits for its own `lock` file without a timeout; one a killed build left behind,
+    however fresh, is removed under semilla's lock instead of waited for."""
     kernels.compiled.cache_clear()
     directory = kernels.cache_dir() / kernels.build_name()
     directory.mkdir(parents=True, exist_ok=True)
     lock = directory / "lock"
     lock.touch()
-    old = time.time() - kernels.STALE_LOCK_S - 60
-    os.utime(lock, (old, old))
     try:
         assert kernels.compiled() is not None
         assert not lock.exists()
     finally:
         lock.unlink(missing_ok=True)
+        kernels.compiled.cache_clear()
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from semilla.models.kernels import build_lock
+with build_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def hold_build_lock(directory: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(directory)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_build_lock_dies_with_its_holder(tmp_path: Path) -> None:
+    """kill -9 of a build releases its lock at once: the next build does not wait 600 s."""
+    holder = hold_build_lock(tmp_path)
+    holder.kill()
+    holder.wait()
+    start = time.monotonic()
+    with kernels.build_lock(tmp_path):
+        assert (tmp_path / "build.lock").read_text() == str(os.getpid())
+    assert time.monotonic() - start < 5
+
+
+def test_waiting_for_a_build_names_the_pid_that_holds_it(tmp_path: Path, caplog) -> None:
+    holder = hold_build_lock(tmp_path)
+    try:
+        threading.Timer(1.0, holder.kill).start()
+        with caplog.at_level(logging.INFO, logger="semilla.models.kernels"), kernels.build_lock(tmp_path):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"waiting for the CPU kernel build held by PID {holder.pid}" in caplog.text
+
+
+def test_every_clone_compiles_the_same_source_path(monkeypatch, tmp_path: Path) -> None:
+    """ninja keys a build on the source's path: each clone compiling its own copy rebuilt the
+    kernels in turn. The build directory, named by the source's content, holds the copy."""
+    clone = tmp_path / "clone" / "cpu_kernels.cpp"
+    clone.parent.mkdir()
+    clone.write_text(kernels.SOURCE.read_text())
+    names = {kernels.build_name()}
+    monkeypatch.setattr(kernels, "SOURCE", clone)
+    names.add(kernels.build_name())
+    assert len(names) == 1
+    kernels.compiled.cache_clear()
+    try:
+        assert kernels.compiled() is not None
+        build = kernels.cache_dir() / kernels.build_name()
+        assert "clone" not in (build / "build.ninja").read_text()
+        assert str(build / "cpu_kernels.cpp") in (build / "build.ninja").read_text()
+    finally:
         kernels.compiled.cache_clear()
 
 

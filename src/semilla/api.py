@@ -231,4 +231,8 @@ def load(path: str, device: str | None = None, dtype: str = "auto") -> LanguageM
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, config = load_checkpoint(path, device=device, dtype=dtype)
+    if torch.device(device).type == "cpu":
+        from semilla.models import kernels
+
+        kernels.compiled()  # built (once per machine) while loading: timings are generation only
     return LanguageModel(model, tokenizer, config)

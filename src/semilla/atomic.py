@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from semilla.errors import SemillaError
+
 
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -28,6 +30,35 @@ def fsync_tree(directory: Path) -> None:
         for name in files:
             _fsync_path(Path(root) / name)
         _fsync_path(Path(root))
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, racing other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:  # not Linux
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a temporary file (0600) or directory (0700) the mode a plain open() or mkdir()
+    would have given it, so the user's other tools can read what semilla wrote."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+def refuse_to_replace(path: str | os.PathLike, overwrite: bool) -> None:
+    """Nothing the user made is replaced without asking: an existing file or non-empty
+    directory at `path` is an error unless `overwrite`."""
+    path = Path(path)
+    if overwrite or not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    raise SemillaError(f"{path} already exists; pass --overwrite to replace it")
 
 
 def _old_sibling(dest: Path) -> Path:
@@ -52,6 +83,7 @@ def atomic_directory(dest: str | os.PathLike) -> Iterator[Path]:
     if not dest.exists() and old.is_dir():  # a crash interrupted the last swap: restore first
         os.replace(old, dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    follow_umask(tmp, directory=True)
     try:
         yield tmp
         fsync_tree(tmp)
@@ -74,6 +106,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        follow_umask(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -19,9 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from semilla.config import (
+    CHAT_SAMPLING,
     DTYPE_HELP,
     DTYPES,
+    EVAL_SAMPLING,
+    FIELD_CHOICES,
     PRESETS,
+    TOKENIZERS,
     GenerateConfig,
     ModelConfig,
     TrainConfig,
@@ -55,11 +59,12 @@ def add_dataclass_flags(
     title: str,
     skip: tuple[str, ...] = (),
     defaults: dict[str, Any] | None = None,
+    aliases: dict[str, str] | None = None,
 ) -> None:
     """One flag per dataclass field; unset flags stay None so only explicit ones override.
-    `defaults` are this command's own defaults for some fields."""
-    if defaults:
-        parser.set_defaults(**defaults)
+    `defaults` are this command's own defaults for some fields: the flag's value unless given,
+    and what its help prints. `aliases` give a field a second flag name."""
+    defaults, aliases = defaults or {}, aliases or {}
     group = parser.add_argument_group(title)
     types = field_types(cls)
     comments = field_comments(cls)
@@ -78,20 +83,26 @@ def add_dataclass_flags(
             )
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        default = (defaults or {}).get(f.name, default)
+        default = defaults.get(f.name, default)
         note = comments.get(f.name, "")
         text = f"{note} (default: {default})" if note else f"(default: {default})"
+        names = [_flag(f.name), *([aliases[f.name]] if f.name in aliases else [])]
         if typ is bool:
-            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(
+                *names, action=argparse.BooleanOptionalAction, default=defaults.get(f.name), help=text
+            )
             continue
 
-        def convert(raw: str, _typ=typ, _name=f.name) -> Any:
+        def convert(raw: str, _typ=typ) -> Any:
             try:
                 return parse_value(_typ, raw)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(f"{_flag(_name)}: {e}") from e
+            except ValueError as e:  # argparse names the flag
+                raise argparse.ArgumentTypeError(str(e)) from e
 
-        group.add_argument(_flag(f.name), type=convert, default=None, metavar=f.name.upper(), help=text)
+        # fixed values are listed, and checked with every other setting (one error for all)
+        choices = FIELD_CHOICES.get(f.name)
+        metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+        group.add_argument(*names, type=convert, default=defaults.get(f.name), metavar=metavar, help=text)
 
 
 def explicit_overrides(args: argparse.Namespace, *classes: type) -> dict[str, Any]:
@@ -114,7 +125,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     stats = prepare(
         args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, split=split,
         seed=args.seed, shuffle=not args.no_shuffle, tokenizer_from=args.tokenizer_from, progress=not args.quiet,
-        scrub_pii=args.scrub_pii,
+        scrub_pii=args.scrub_pii, encoding=args.encoding, overwrite=args.overwrite,
     )  # fmt: skip
     if args.json:
         print(json.dumps(stats, indent=2, ensure_ascii=False))
@@ -132,6 +143,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         f"  vocab coverage   {stats['vocab_coverage']:.2%} of tokens known, {stats['vocab_used']:.2%} of the vocab used"
     )
     print(f"  type/token ratio {stats['type_token_ratio']:.4f}")
+    for path, encoding in stats["encodings"].items():
+        print(f"  {'read as ' + encoding:<16} {path}")
     return 0
 
 
@@ -165,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                     "--preset cannot be combined with --init-from: the model comes from the checkpoint"
                 )
             model_cfg = init_model_config(train_cfg.init_from, merged)
-    result = train(model_cfg, train_cfg, resume=args.resume)
+    result = train(model_cfg, train_cfg, resume=args.resume, overwrite=args.overwrite)
     summary = {
         k: v
         for k, v in result.items()
@@ -306,30 +319,26 @@ def _read_prompts(path: str | None) -> list[str] | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from semilla.evaluate import evaluate, format_report
+    from semilla.evaluate import compare, evaluate, format_report
 
     paths = [args.checkpoint] + ([args.compare] if args.compare else [])
-    settings = {
-        "max_new_tokens": 100,
-        "temperature": 0.8,
-        "top_k": 40,
-        "seed": 0,
-        **_generate_settings(args),
-    }
-    reports = []
-    for path in paths:
-        lm = _load_model(path, args.dtype)
-        reports.append(evaluate(
-            lm, data=args.data, split=args.split, stride=args.stride, max_tokens=args.max_tokens,
-            prompts=_read_prompts(args.prompts), num_samples=args.num_samples, references=args.references,
-            prompt_tokens=args.prompt_tokens, reference_tokens=args.reference_tokens, cfg=lm.settings(**settings),
-        ))  # fmt: skip
-    result = reports[0] if len(reports) == 1 else {"compare": reports}
+    lms = [_load_model(path, args.dtype) for path in paths]
+    options = dict(
+        stride=args.stride, max_tokens=args.max_tokens, prompts=_read_prompts(args.prompts),
+        num_samples=args.num_samples, references=args.references, prompt_tokens=args.prompt_tokens,
+        reference_tokens=args.reference_tokens, cfg=lms[0].settings(**_generate_settings(args)),
+    )  # fmt: skip
+    if len(lms) == 1:
+        result = evaluate(lms[0], args.data, args.split, **options)
+        reports, note = [result], None
+    else:
+        result = compare(lms, args.data, args.split, **options)
+        reports, note = result["compare"], result.get("note")
     if args.out:
         from semilla.atomic import atomic_write_text
 
         atomic_write_text(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_report(reports))
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_report(reports, note))
     return 0
 
 
@@ -346,13 +355,7 @@ def cmd_eval_human(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args.prompts) or [""]
     models = {path: _load_model(path, args.dtype) for path in args.checkpoints}
     first = next(iter(models.values()))
-    settings = {
-        "max_new_tokens": 100,
-        "temperature": 0.8,
-        "top_k": 40,
-        "seed": 0,
-        **_generate_settings(args),
-    }
+    settings = {"seed": EVAL_SAMPLING["seed"], **_generate_settings(args)}
     key = export_sheet(models, prompts, args.num_samples, first.settings(**settings), args.out, args.seed)
     print(f"wrote {args.out} for the raters and {key} (keep it from them)")
     return 0
@@ -378,6 +381,27 @@ def cmd_info(args: argparse.Namespace) -> int:
                 f"{a['age']:<10} {a['step']:>6} {a['n_embd']:>6} {a['n_layer']:>7} {a['n_head']:>6} "
                 f"{a['parameters']:>11,}  {a['val_loss']:.4f}"
             )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from semilla.runs import find_runs, human_size
+
+    found = find_runs(args.folders)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    if not found:
+        print(f"no runs or checkpoints under {', '.join(args.folders)}")
+        return 0
+    width = max(len(s["path"]) for s in found)
+    print(f"{'path':<{width}}  {'kind':<10}  {'steps':>7}  {'val loss':>8}  {'size':>9}")
+    for s in found:
+        steps = "-" if s["steps"] is None else f"{s['steps']:,}"
+        loss = "-" if s["best_val_loss"] is None else f"{s['best_val_loss']:.4f}"
+        print(
+            f"{s['path']:<{width}}  {s['kind']:<10}  {steps:>7}  {loss:>8}  {human_size(s['size_bytes']):>9}"
+        )
     return 0
 
 
@@ -413,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="output directory for the prepared dataset")
     p.add_argument(
         "--tokenizer",
-        choices=("char", "bpe"),
+        choices=TOKENIZERS,
         default="char",
         help="char-level or byte-level BPE (default: char)",
     )
@@ -433,6 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scrub-pii", action="store_true", help="mask emails, phones, cards, IBANs and IPs in the corpus"
     )
+    p.add_argument(
+        "--encoding",
+        help="text encoding of the files, e.g. cp1252 (default: UTF-8, and files that are not UTF-8 "
+        "are read as cp1252 or latin-1, with a warning naming each)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
@@ -446,16 +476,22 @@ def build_parser() -> argparse.ArgumentParser:
         'JSONL chat rows ({"messages": [...]}) train on the assistant turns only (--loss-on all: every token). '
         "--data new:0.7,old:0.3 draws each batch's rows from several datasets by weight.",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), help="model preset")
+    p.add_argument("--preset", choices=list(PRESETS), help="model preset")
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings")
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue a run exactly where its last checkpoint left it",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an --out-dir that holds a run, deleting its checkpoints and metrics",
+    )
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    add_dataclass_flags(p, ModelConfig, "model")
-    add_dataclass_flags(p, TrainConfig, "training")
+    # the model's vocabulary is always the tokenizer's: --vocab-size is the BPE size, as in prepare
+    add_dataclass_flags(p, ModelConfig, "model", skip=("vocab_size",))
+    add_dataclass_flags(p, TrainConfig, "training", aliases={"vocab_size_bpe": "--vocab-size"})
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -538,9 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stop-string", action="append", metavar="TEXT", help="stop before this text (repeatable)"
     )
-    add_dataclass_flags(
-        p, GenerateConfig, "sampling", skip=("stop",), defaults={"temperature": 0.8, "top_k": 40}
-    )
+    add_dataclass_flags(p, GenerateConfig, "sampling", skip=("stop",), defaults=CHAT_SAMPLING)
     add_dtype_flag(p)
     p.set_defaults(func=cmd_chat)
 
@@ -588,12 +622,16 @@ def build_parser() -> argparse.ArgumentParser:
         GenerateConfig,
         "sampling",
         skip=("stop", "stop_token_ids", "logprobs", "truncate", "use_cache"),
+        defaults=EVAL_SAMPLING,
     )
     add_dtype_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
-        "eval-human", help="blind sample sheets for raters, and their scores (also: eval human)"
+        "eval-human",
+        help="blind sample sheets for raters, and their scores (also: eval human)",
+        description="Blind human evaluation: write a sheet of shuffled, unlabeled samples from several "
+        "checkpoints for raters to score, then --score the filled sheets against the key.",
     )
     p.add_argument("checkpoints", nargs="*", help="checkpoints to sample from")
     p.add_argument("--prompts", metavar="FILE", help="prompts, one per line")
@@ -608,16 +646,32 @@ def build_parser() -> argparse.ArgumentParser:
         GenerateConfig,
         "sampling",
         skip=("stop", "stop_token_ids", "logprobs", "truncate", "use_cache", "seed"),
+        defaults=EVAL_SAMPLING,
     )
     add_dtype_flag(p)
     p.set_defaults(func=cmd_eval_human)
 
     serve_cli.add_parser(sub)
 
-    p = sub.add_parser("info", help="parameters, FLOPs and memory of a preset or checkpoint")
-    p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint directory")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "info",
+        help="parameters, FLOPs and memory of a preset, checkpoint or run",
+        description="Size, compute and memory of a preset or a checkpoint without training; for a run "
+        "directory also the steps trained, the best validation loss and the size on disk.",
+    )
+    p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}), a checkpoint or a run directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "list",
+        help="your runs and checkpoints: steps, validation loss, size on disk",
+        description="List the run directories and checkpoints under some folders (searched recursively) "
+        "with the steps trained, the best validation loss and the size on disk.",
+    )
+    p.add_argument("folders", nargs="*", default=["runs"], help="folders to search (default: runs)")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=cmd_list)
 
     from semilla.export.cli import add_parsers as add_export_parsers
 
@@ -627,6 +681,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_admin_parsers(sub)  # admin
     return parser
+
+
+def unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> str:
+    """argparse's message for unknown arguments, with the closest flag of the command."""
+    import difflib
+
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    command = parser
+    for action in parser._actions:  # argparse keeps its subcommands here and nowhere public
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, "command", None):
+            command = action.choices.get(args.command, parser)
+    flags = [f for f in command._option_string_actions if f.startswith("--")]
+    for arg in unknown:
+        if arg.startswith("--"):
+            close = difflib.get_close_matches(arg.split("=")[0], flags, n=1, cutoff=0.6)
+            if close:
+                return f"{message} (did you mean {close[0]}?)"
+    return message
 
 
 def _version() -> str:
@@ -646,7 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["eval", "human"]:  # `semilla eval human ...` is the eval-human command
         argv = ["eval-human", *argv[2:]]
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(unrecognized(parser, args, unknown))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineWarnings())
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler], force=True)

@@ -25,6 +25,7 @@ ARCHS = ("transformer", "lstm")
 SCHEDULES = ("cosine", "plateau", "constant")
 LOSS_ON = ("assistant", "all")
 GROW_MODES = ("exact", "stack")
+TOKENIZERS = ("char", "bpe")
 DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on CUDA (autocast when training), float32 elsewhere
 DTYPE_HELP = (
     "float32 or bfloat16 weights (half the memory; with Intel AMX ~1.9x faster batches); "
@@ -36,22 +37,22 @@ DTYPE_HELP = (
 class ModelConfig:
     """Shape of a model. The transformer switches cover the llama and gpt2 families."""
 
-    arch: str = "transformer"
+    arch: str = "transformer"  # model family
     vocab_size: int = 0  # 0: taken from the tokenizer at training time
     block_size: int = 256  # context length in tokens
-    n_layer: int = 4
-    n_head: int = 4
+    n_layer: int = 4  # transformer blocks (LSTM: stacked layers)
+    n_head: int = 4  # attention heads per layer
     n_kv_head: int | None = None  # None: same as n_head; fewer gives grouped-query attention
-    n_embd: int = 128
+    n_embd: int = 128  # width: the embedding and hidden size
     intermediate_size: int | None = None  # None: 4*n_embd, or ~8/3*n_embd for swiglu
-    norm: str = "rmsnorm"
-    pos: str = "rope"
-    mlp: str = "swiglu"
-    bias: bool = False
-    tie_embeddings: bool = False
-    dropout: float = 0.0
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    norm: str = "rmsnorm"  # normalization layer (rmsnorm: llama, layernorm: gpt2)
+    pos: str = "rope"  # position encoding (rope: llama, learned: gpt2)
+    mlp: str = "swiglu"  # feed-forward block (swiglu: llama, gelu: gpt2)
+    bias: bool = False  # biases in the linear layers (gpt2 has them)
+    tie_embeddings: bool = False  # share the input embedding and output head weights
+    dropout: float = 0.0  # dropout probability while training
+    norm_eps: float = 1e-5  # epsilon of the normalization layers
+    rope_theta: float = 10000.0  # RoPE base frequency
     lstm_hidden: int = 256  # LSTM only: hidden units per layer (n_embd is the embedding size)
 
     @property
@@ -115,32 +116,32 @@ class TrainConfig:
     """How to train. Every field is also a `semilla train` flag (--max-iters, ...)."""
 
     data: str = ""  # a prepared data dir, or raw text files/folders/globs (prepared on the fly); a weighted mixture: new:0.7,old:0.3
-    out_dir: str = "runs/semilla"
+    out_dir: str = "runs/semilla"  # the run directory: last/, best/, metrics.jsonl, tb/
     init_from: str = ""  # a checkpoint: start from its weights and tokenizer (new optimizer, schedule)
     loss_on: str = "assistant"  # chat rows: loss on the assistant turns only, or on all tokens: all
-    tokenizer: str = "char"  # when data is raw text: char | bpe
-    vocab_size_bpe: int = 8192
-    max_iters: int = 2000
-    batch_size: int = 32
-    grad_accum: int = 1
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_schedule: str = "cosine"  # cosine | plateau | constant
-    plateau_factor: float = 0.5
+    tokenizer: str = "char"  # tokenizer to train when --data is raw text
+    vocab_size_bpe: int = 8192  # BPE vocabulary size when --data is raw text and --tokenizer bpe
+    max_iters: int = 2000  # optimizer steps to train for
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 1e-3  # peak learning rate, reached after the warmup
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_iters: int = 100  # steps of linear warmup
+    lr_schedule: str = "cosine"  # learning-rate schedule after the warmup
+    plateau_factor: float = 0.5  # plateau schedule: LR multiplier when validation stalls
     plateau_patience: int = 2  # evaluations without improvement before the LR drops
-    plateau_min_lr: float = 1e-6
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.99
+    plateau_min_lr: float = 1e-6  # plateau schedule: the LR never goes below this
+    weight_decay: float = 0.01  # AdamW weight decay (matrices only)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
     grad_clip: float = 1.0  # 0 disables clipping
-    label_smoothing: float = 0.0
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    save_interval: int = 500
-    sample_interval: int = 500  # a generated text sample goes to TensorBoard every N steps
-    sample_tokens: int = 120
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    eval_interval: int = 250  # steps between validation runs (and best/ saves)
+    eval_iters: int = 20  # batches per validation run
+    log_interval: int = 10  # steps between training log lines
+    save_interval: int = 500  # steps between resumable last/ checkpoints
+    sample_interval: int = 500  # steps between text samples (terminal and TensorBoard)
+    sample_tokens: int = 120  # length of each text sample in tokens
     early_stopping_patience: int = 0  # evaluations without val improvement; 0 = off
     ages: str = ""  # THAU ages to grow through in one run, e.g. 0,1,3 (ages 0 1 3 6 12 15)
     target_age: int | None = None  # every THAU age up to this one: 3 means --ages 0,1,3
@@ -150,11 +151,11 @@ class TrainConfig:
     grow_mode: str = "exact"  # how the model grows between ages: exact (same function) | stack
     grow_warmup_iters: int = 20  # learning-rate re-warmup after each growth
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16
-    compile: bool = False
-    seed: int = 1337
-    deterministic: bool = False
-    progress: bool = True
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool = False  # torch.compile the model (faster steps after a slow start)
+    seed: int = 1337  # seed of the weights, the batches and the samples
+    deterministic: bool = False  # deterministic algorithms only (slower)
+    progress: bool = True  # a progress bar
 
     def problems(self) -> list[str]:
         p = []
@@ -182,7 +183,7 @@ class TrainConfig:
             p.append(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
         if not 0.0 <= self.label_smoothing < 1.0:
             p.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.tokenizer not in ("char", "bpe"):
+        if self.tokenizer not in TOKENIZERS:
             p.append(f"tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
         if self.loss_on not in LOSS_ON:
             p.append(f"loss_on must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
@@ -200,6 +201,18 @@ class TrainConfig:
             p.append(f"grow_mode must be one of {', '.join(GROW_MODES)}, got {self.grow_mode!r}")
         return p
 
+
+# Fields with a fixed set of values: their flags list them and refuse others.
+FIELD_CHOICES: dict[str, tuple[str, ...]] = {
+    "arch": ARCHS,
+    "norm": NORMS,
+    "pos": POSITIONS,
+    "mlp": MLPS,
+    "lr_schedule": SCHEDULES,
+    "tokenizer": TOKENIZERS,
+    "dtype": DTYPES,
+    "truncate": ("left", "error"),
+}
 
 # --- presets ------------------------------------------------------------------------------
 
@@ -301,10 +314,13 @@ def parse_value(typ: Any, raw: str) -> Any:
     base = typ
     if hasattr(typ, "__args__"):  # X | None
         base = next(a for a in typ.__args__ if a is not type(None))
-    if base is int:
-        return int(float(raw)) if raw.strip().lower().count("e") else int(raw)
-    if base is float:
-        return float(raw)
+    try:
+        if base is int:
+            return int(float(raw)) if raw.strip().lower().count("e") else int(raw)
+        if base is float:
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"expected {'an integer' if base is int else 'a number'}, got {raw!r}") from None
     return raw
 
 
@@ -409,6 +425,11 @@ def replace(cfg: Any, **changes: Any) -> Any:
 
 
 MAX_NEW_TOKENS_LIMIT = 1_000_000  # beyond this a request is a mistake, not a long generation
+
+# The sampling `semilla chat` and `semilla eval` use where their flags say nothing else (their
+# --help prints these); other commands and the API start from GenerateConfig's own defaults.
+CHAT_SAMPLING: dict[str, Any] = {"temperature": 0.8, "top_k": 40}
+EVAL_SAMPLING: dict[str, Any] = {"max_new_tokens": 100, "temperature": 0.8, "top_k": 40, "seed": 0}
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semilla.atomic import atomic_directory, existing_dir
+from semilla.atomic import atomic_directory, existing_dir, refuse_to_replace
 from semilla.errors import DataError
 from semilla.tokenizer import Tokenizer
 
@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 SPLITS = ("train", "val", "test")
 SHARD_TOKENS = 1 << 28  # 256M tokens (512 MB of uint16) per shard file
-ENCODE_BATCH = 64  # pieces encoded together (the tokenizers library parallelises a batch)
+ENCODE_CHARS = 1 << 16  # text is encoded in slices of about this size: memory stays flat
+BPE_SAMPLE_BYTES = 64 << 20  # BPE learns its merges from at most this much of the corpus
+FALLBACK_ENCODINGS = ("cp1252", "latin-1")  # tried, in order, for text that is not UTF-8
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,15 @@ class Piece:
     end: int
     ends_document: bool = True  # False for all but the last chunk of a big file
     scrub_pii: bool = False  # mask emails, phones, cards, IBANs and IPs when read
+    encoding: str = "utf-8"
 
 
 # --- finding and reading the corpus -------------------------------------------------------
 
 
-def find_files(inputs: list[str]) -> list[Path]:
-    """Files, folders (searched recursively for .txt/.md/.jsonl) and glob patterns."""
+def find_files(inputs: list[str], encoding: str | None = None) -> dict[Path, str]:
+    """Files, folders (searched recursively for .txt/.md/.jsonl) and glob patterns, each with
+    the encoding its text is read in (`encoding`, or detected); binary files are skipped."""
     if not inputs:
         raise DataError("no input given: name text files, folders or glob patterns")
     files: list[Path] = []
@@ -69,28 +73,48 @@ def find_files(inputs: list[str]) -> list[Path]:
             files.append(p)
         else:
             raise DataError(f"input not found: {item}")
-    kept = [f for f in dict.fromkeys(files) if not _is_binary(f)]
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise DataError(f"unknown text encoding {encoding!r} (try utf-8, cp1252 or latin-1)") from None
+    found = {f: text_encoding(f, encoding) for f in dict.fromkeys(files)}
+    kept = {f: enc for f, enc in found.items() if enc is not None}
     if not kept:
         raise DataError(f"no text files found in {', '.join(inputs)}")
     return kept
 
 
-def _is_binary(path: Path) -> bool:
-    """True (with a warning) for files that are not UTF-8 text, judged by their first 64 KB."""
+def text_encoding(path: Path, forced: str | None = None) -> str | None:
+    """The encoding to read `path` in, judged by its first 64 KB: `forced`, else UTF-8, else
+    Windows-1252 or Latin-1 (older Spanish texts), with a warning; None for a binary file."""
     with open(path, "rb") as f:
         head = f.read(1 << 16)
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut last char is fine
-    except UnicodeDecodeError:
-        log.warning("skipping %s: not UTF-8 text (binary?)", path)
-        return True
     if b"\x00" in head:
         log.warning("skipping %s: binary file (NUL bytes)", path)
-        return True
-    return False
+        return None
+    if forced:
+        return forced
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut last char is fine
+        return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    for encoding in FALLBACK_ENCODINGS:
+        try:
+            text = head.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        controls = sum(1 for ch in text if ord(ch) < 32 and ch not in "\t\n\r\f\v")
+        if controls > len(text) // 100:  # text has almost none; binary data has plenty
+            break
+        log.warning("%s is not UTF-8: reading it as %s (choose another with --encoding)", path, encoding)
+        return encoding
+    log.warning("skipping %s: not text in UTF-8, cp1252 or latin-1 (binary?)", path)
+    return None
 
 
-def list_pieces(files: list[Path], chunk_bytes: int | None = None) -> list[Piece]:
+def list_pieces(files: dict[Path, str], chunk_bytes: int | None = None) -> list[Piece]:
     """Cut files into pieces: JSONL lines, or text chunks that end at a line break.
 
     Chunks are about total/100 bytes (1 KB to 4 MB), so even a single file yields enough
@@ -107,7 +131,7 @@ def list_pieces(files: list[Path], chunk_bytes: int | None = None) -> list[Piece
                 pos = 0
                 for line in fh:
                     if line.strip():
-                        pieces.append(Piece(str(f), pos, pos + len(line)))
+                        pieces.append(Piece(str(f), pos, pos + len(line), encoding=files[f]))
                     pos += len(line)
                 continue
             start = 0
@@ -115,7 +139,7 @@ def list_pieces(files: list[Path], chunk_bytes: int | None = None) -> list[Piece
                 end = min(size, start + chunk_bytes)
                 if end < size:
                     end = _cut_point(fh, end, size)
-                pieces.append(Piece(str(f), start, end, ends_document=end >= size))
+                pieces.append(Piece(str(f), start, end, ends_document=end >= size, encoding=files[f]))
                 start = end
     return pieces
 
@@ -144,7 +168,7 @@ def read_piece(piece: Piece) -> list[dict | str]:
     with open(piece.path, "rb") as fh:
         fh.seek(piece.start)
         raw = fh.read(piece.end - piece.start)
-    text = raw.decode("utf-8", errors="replace")
+    text = raw.decode(piece.encoding, errors="replace")
     if not piece.path.lower().endswith(".jsonl"):
         return [text]
     try:
@@ -158,16 +182,42 @@ def read_piece(piece: Piece) -> list[dict | str]:
     raise DataError(f'{piece.path}: a line at byte {piece.start} needs "text" (string) or "messages" (list)')
 
 
-def encode_document(
+def encode_in_slices(
     tok: Tokenizer, doc: dict | str, ends_document: bool = True
-) -> tuple[list[int], list[int]]:
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Token ids of a document (or a chunk), closed with <eos> so documents never run together,
-    and its loss mask: all ones for text, the assistant turns only for a chat example."""
+    with their loss mask (all ones for text, the assistant turns only for a chat example); text
+    a slice of about ENCODE_CHARS characters at a time: a tokenizer's encoding of a long text
+    holds ~100 bytes per token."""
     if isinstance(doc, str):
-        ids = tok.encode(doc) + ([tok.eos_id] if ends_document else [])
-        return ids, [1] * len(ids)
+        for piece in text_slices(doc):
+            ids = tok.encode_array(piece)
+            yield ids, np.ones(len(ids), dtype=np.uint8)
+        if ends_document:
+            yield np.asarray([tok.eos_id], dtype=np.int64), np.ones(1, dtype=np.uint8)
+        return
     ids, mask = tok.encode_chat(doc["messages"])
-    return ids + [tok.eos_id], mask + [0]
+    yield np.asarray(ids + [tok.eos_id], dtype=np.int64), np.asarray(mask + [0], dtype=np.uint8)
+
+
+def text_slices(text: str, size: int = ENCODE_CHARS) -> Iterator[str]:
+    """`text` cut into slices of at most `size` characters, each cut at the start of a run of
+    whitespace: byte-level BPE's pre-tokenizer splits there too (and char tokens anywhere), so
+    encoding the slices gives the ids of the whole. Only a word longer than `size` is cut."""
+    start = 0
+    while len(text) - start > size:
+        end, cut = start + size, start + size
+        while end > start:
+            i = max(text.rfind(c, start + 1, end + 1) for c in " \n\t")
+            if i < 0:
+                break
+            if not text[i - 1].isspace():
+                cut = i
+                break
+            end = i - 1
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _document_text(doc: dict | str) -> str:
@@ -253,9 +303,21 @@ class ShardWriter:
         self._files = []
 
 
-def _train_tokenizer(pieces: list[Piece], kind: str, vocab_size: int, inputs: list[str]) -> Tokenizer:
-    texts = (_document_text(doc) for p in pieces for doc in read_piece(p))
-    tok = Tokenizer.train_char(texts) if kind == "char" else Tokenizer.train_bpe(texts, vocab_size)
+def _train_tokenizer(
+    pieces: list[Piece], kind: str, vocab_size: int, inputs: list[str], seed: int = 42
+) -> Tokenizer:
+    """char: every character of the corpus; bpe: merges learned from (a sample of) it. The text
+    is read a slice at a time, so memory stays flat."""
+
+    def texts(chosen: list[Piece]) -> Iterator[str]:
+        for p in chosen:
+            for doc in read_piece(p):
+                yield from text_slices(_document_text(doc))
+
+    if kind == "char":
+        tok = Tokenizer.train_char(texts(pieces))
+    else:
+        tok = Tokenizer.train_bpe(texts(bpe_sample(pieces, seed)), vocab_size)
     if tok.vocab_size <= 8:
         raise DataError(f"the corpus is empty: {', '.join(inputs)} has no characters")
     return tok
@@ -290,10 +352,15 @@ def prepare(
     chunk_bytes: int | None = None,
     progress: bool = False,
     scrub_pii: bool = False,
+    encoding: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Tokenize a corpus into `out_dir` (written to a temporary sibling, then renamed), with a
     new tokenizer, or `tokenizer_from`: a Tokenizer, or a dataset, checkpoint or run directory.
 
+    Files are read in `encoding`, or each in the one detected (UTF-8, else cp1252/latin-1).
+    An existing non-empty `out_dir` is replaced only with `overwrite`. Memory stays flat
+    however big the corpus: pieces are read and encoded one slice at a time.
     Returns the statistics also stored in meta.json.
     """
     if len(split) != 3 or any(f < 0 for f in split) or abs(sum(split) - 1) > 1e-6 or split[0] <= 0:
@@ -302,7 +369,14 @@ def prepare(
         )
     if tokenizer not in ("char", "bpe"):
         raise DataError(f"tokenizer must be 'char' or 'bpe', got {tokenizer!r}")
-    files = find_files(inputs)
+    refuse_to_replace(out_dir, overwrite)
+    if split[1] == 0:
+        log.warning(
+            "the split %s leaves no validation text: training will validate on its training data, "
+            "so its validation loss cannot show overfitting",
+            ",".join(f"{f:g}" for f in split),
+        )
+    files = find_files(inputs, encoding)
     pieces = list_pieces(files, chunk_bytes)
     if scrub_pii:
         pieces = [dataclasses.replace(p, scrub_pii=True) for p in pieces]
@@ -314,7 +388,7 @@ def prepare(
     elif tokenizer_from:
         tok = Tokenizer.load(tokenizer_dir(tokenizer_from))
     else:
-        tok = _train_tokenizer(pieces, tokenizer, vocab_size, inputs)
+        tok = _train_tokenizer(pieces, tokenizer, vocab_size, inputs, seed)
 
     with atomic_directory(out_dir) as tmp:
         stats = _write_splits(tok, splits, tmp, progress)
@@ -324,12 +398,33 @@ def prepare(
             seed=seed,
             split=list(split),
             inputs=[str(f) for f in files],
+            encodings={str(f): enc for f, enc in files.items() if enc != "utf-8"},
         )
         tok.save(tmp)
         (tmp / "meta.json").write_text(
             json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
     return stats
+
+
+def bpe_sample(pieces: list[Piece], seed: int, budget: int = BPE_SAMPLE_BYTES) -> list[Piece]:
+    """The pieces BPE learns from: all of a corpus up to `budget` bytes, else a random sample
+    of about `budget` bytes (merges settle long before a gigabyte; counting them all would
+    take minutes), which is said in the log."""
+    total = sum(p.end - p.start for p in pieces)
+    if total <= budget:
+        return pieces
+    order = random.Random(seed).sample(pieces, len(pieces))
+    chosen, size = [], 0
+    for p in order:
+        if size >= budget:
+            break
+        chosen.append(p)
+        size += p.end - p.start
+    log.info(
+        "training the BPE tokenizer on a %d MB random sample of the %d MB corpus", size >> 20, total >> 20
+    )
+    return chosen
 
 
 def _write_splits(tok: Tokenizer, splits: dict[str, list[Piece]], directory: Path, progress: bool) -> dict:
@@ -355,24 +450,22 @@ def _write_splits(tok: Tokenizer, splits: dict[str, list[Piece]], directory: Pat
         writer = ShardWriter(directory, name, dtype, with_mask=with_mask)
         writers.append(writer)
         docs_in_split = chars_in_split = 0  # documents = whole files or JSONL rows
-        for i in range(0, len(pieces), ENCODE_BATCH):
-            batch = pieces[i : i + ENCODE_BATCH]
-            docs = [(d, p.ends_document) for p in batch for d in read_piece(p)]
-            for doc, ends in docs:
-                ids, mask = encode_document(tok, doc, ends)
-                writer.write(ids, mask)
+        for piece in pieces:  # one piece (at most 4 MB of text) in memory at a time
+            docs = read_piece(piece)
+            for doc in docs:
                 has_chat = has_chat or isinstance(doc, dict)
-                arr = np.asarray(ids)
-                seen[arr] = True
-                n_unk += int((arr == tok.unk_id).sum())
-                n_tokens += len(ids)
-                text = _document_text(doc)
-                chars_in_split += len(text)
-                tokens_of_text = text.split()
-                n_words += len(tokens_of_text)
-                words.update(tokens_of_text)
-            docs_in_split += sum(ends for _, ends in docs)
-            bar.update(sum(p.end - p.start for p in batch))
+                for arr, mask in encode_in_slices(tok, doc, piece.ends_document):
+                    writer.write(arr, mask)
+                    seen[arr] = True
+                    n_unk += int((arr == tok.unk_id).sum())
+                    n_tokens += len(arr)
+                for text in text_slices(_document_text(doc)):
+                    chars_in_split += len(text)
+                    tokens_of_text = text.split()
+                    n_words += len(tokens_of_text)
+                    words.update(tokens_of_text)
+            docs_in_split += len(docs) if piece.ends_document else 0
+            bar.update(piece.end - piece.start)
         writer.close()
         n_chars += chars_in_split
         stats["splits"][name] = {

@@ -16,9 +16,12 @@ import numpy as np
 import torch
 
 from semilla.api import LanguageModel
-from semilla.config import GenerateConfig
+from semilla.config import EVAL_SAMPLING, GenerateConfig
 from semilla.data import TokenDataset, is_prepared
 from semilla.errors import DataError
+from semilla.tokenizer import Tokenizer
+
+SETTINGS_SHOWN = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 
 # --- held-out likelihood ------------------------------------------------------------------
 
@@ -81,20 +84,45 @@ def load_eval_tokens(lm: LanguageModel, source: str | None, split: str) -> tuple
         source = default_data_dir(lm)
     path = Path(source)
     if is_prepared(path):
-        ds = TokenDataset(path, split)
-        if not ds.n_tokens:
-            raise DataError(f"the {split} split of {path} is empty; pick --split val or another --data")
+        ids = prepared_split_ids(path, split)
         meta = json.loads((path / "meta.json").read_text())
-        ids = torch.from_numpy(np.concatenate([s[:] for s in ds.shards]).astype(np.int64))
         chars = meta["splits"][split]["characters"]
         return ids, chars, f"{path} ({split} split)"
+    text = read_eval_text(path)
+    return text_tokens(lm, text), len(text), str(path)
+
+
+def prepared_split_ids(path: Path, split: str) -> torch.Tensor:
+    ds = TokenDataset(path, split)
+    if not ds.n_tokens:
+        raise DataError(f"the {split} split of {path} is empty; pick --split val or another --data")
+    return torch.from_numpy(np.concatenate([s[:] for s in ds.shards]).astype(np.int64))
+
+
+def read_eval_text(path: Path) -> str:
+    if path.is_dir():
+        raise DataError(f"{path} is a folder but not a prepared dataset (no meta.json): give --data a "
+                        "prepared dataset or one text file")  # fmt: skip
     if not path.is_file():
         raise DataError(f"evaluation data not found: {path}")
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise DataError(f"the evaluation file {path} is empty")
-    ids = torch.tensor([lm.tokenizer.bos_id] + lm.tokenizer.encode(text))
-    return ids, len(text), str(path)
+    return text
+
+
+def text_tokens(lm: LanguageModel, text: str) -> torch.Tensor:
+    return torch.tensor([lm.tokenizer.bos_id] + lm.tokenizer.encode(text))
+
+
+def eval_text(source: str, split: str) -> tuple[str, str]:
+    """(text, description) of a text file, or of one split of a prepared dataset decoded with
+    its own tokenizer: text any model can score, whatever its tokenizer."""
+    path = Path(source)
+    if is_prepared(path):
+        ids = prepared_split_ids(path, split).tolist()
+        return Tokenizer.load(path).decode(ids, skip_special_tokens=True), f"{path} ({split} split)"
+    return read_eval_text(path), str(path)
 
 
 def default_data_dir(lm: LanguageModel) -> str:
@@ -279,11 +307,27 @@ def evaluate(
     prompt_tokens: int = 32,
     reference_tokens: int = 32,
     cfg: GenerateConfig | None = None,
+    text: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The full report: likelihood on held-out text, sample metrics, reference metrics."""
-    cfg = (cfg or GenerateConfig(max_new_tokens=100, temperature=0.8, top_k=40, seed=0)).validate()
-    ids, chars, described = load_eval_tokens(lm, data, split)
-    report: dict[str, Any] = {"checkpoint": lm.config.get("path"), "data": described}
+    """The full report: likelihood on held-out text, sample metrics, reference metrics, and
+    what was measured (data, split, sampling settings). `text` = (text, description) scores
+    that text with the model's own tokenizer instead of `data`."""
+    cfg = (cfg or GenerateConfig(**EVAL_SAMPLING)).validate()
+    if text is None:
+        ids, chars, described = load_eval_tokens(lm, data, split)
+    else:
+        ids, chars, described = text_tokens(lm, text[0]), len(text[0]), text[1]
+    report: dict[str, Any] = {
+        "checkpoint": lm.config.get("path"),
+        "data": described,
+        "settings": {
+            **{k: getattr(cfg, k) for k in SETTINGS_SHOWN},
+            "num_samples": num_samples,
+            "references": references,
+            "stride": stride or lm.model.config.block_size,
+            "max_tokens": max_tokens,
+        },
+    }
     report["likelihood"] = likelihood_metrics(lm, ids, chars, stride, max_tokens)
     if num_samples:
         report["samples"] = sample_metrics(lm, prompts or [""], num_samples, cfg)
@@ -293,8 +337,28 @@ def evaluate(
     return report
 
 
-def format_report(reports: list[dict[str, Any]]) -> str:
-    """A side-by-side table of one or more reports."""
+def compare(lms: list[LanguageModel], data: str | None = None, split: str = "test", **kwargs: Any) -> dict:
+    """Evaluate several models on the same text: the data of the first (or `data`). Where the
+    tokenizers differ, each scores the text through its own and the comparable figure is bits
+    per character, which the result's `note` says. kwargs are `evaluate`'s."""
+    source = data or default_data_dir(lms[0])
+    first = lms[0].tokenizer.hf.to_str()
+    if all(lm.tokenizer.hf.to_str() == first for lm in lms[1:]):
+        return {"compare": [evaluate(lm, source, split, **kwargs) for lm in lms]}
+    text, described = eval_text(source, split)
+    max_tokens = kwargs.pop("max_tokens", None)
+    if max_tokens:  # the same characters for every model: those of the first one's tokens
+        tok = lms[0].tokenizer
+        text = tok.decode(tok.encode(text)[:max_tokens])
+    return {
+        "note": "the models' tokenizers differ: compare bits_per_char (perplexity is per token of each "
+        "model's own tokenizer)",
+        "compare": [evaluate(lm, source, split, text=(text, described), **kwargs) for lm in lms],
+    }
+
+
+def format_report(reports: list[dict[str, Any]], note: str | None = None) -> str:
+    """A side-by-side table of one or more reports, under what they measured."""
     rows: list[tuple[str, list[str]]] = []
     for section in ("likelihood", "samples", "references"):
         keys = [k for k, v in reports[0].get(section, {}).items() if isinstance(v, int | float)]
@@ -306,9 +370,14 @@ def format_report(reports: list[dict[str, Any]]) -> str:
     names = [Path(str(r.get("checkpoint"))).as_posix()[-40:] for r in reports]
     width = max(len(r[0]) for r in rows)
     col = max(14, *(len(n) for n in names))
+    settings = reports[0].get("settings", {})
+    head = [f"data: {reports[0].get('data')}"]
+    head.append("sampling: " + ", ".join(f"{k} {settings[k]}" for k in SETTINGS_SHOWN if k in settings))
+    if note:
+        head.append(f"note: {note}")
     lines = [f"{'metric':<{width}}  " + "  ".join(f"{n:>{col}}" for n in names)]
     lines += [f"{name:<{width}}  " + "  ".join(f"{v:>{col}}" for v in values) for name, values in rows]
-    return "\n".join(lines)
+    return "\n".join(head + [""] + lines)
 
 
 def _fmt(v: Any) -> str:

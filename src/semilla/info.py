@@ -58,11 +58,18 @@ def describe(target: str) -> dict[str, Any]:
     if Path(target).exists():
         from semilla.checkpoint import infer_shapes, read_config, resolve_checkpoint, weight_shapes
         from semilla.config import model_config_from_dict
+        from semilla.runs import human_size, run_summary, size_on_disk
 
         directory = resolve_checkpoint(target)
         config = read_config(directory)
         cfg = infer_shapes(model_config_from_dict(config["model"]), weight_shapes(directory))
         report = {"checkpoint": str(directory), **describe_config(cfg)}
+        summary = run_summary(target)
+        if summary is not None and summary["kind"] == "run":
+            report["steps_trained"] = summary["steps"] if summary["steps"] is not None else "-"
+            loss = summary["best_val_loss"]
+            report["best_val_loss"] = f"{loss:.4f}" if loss is not None else "-"
+        report["size_on_disk"] = human_size(summary["size_bytes"] if summary else size_on_disk(directory))
         ages = ages_history(Path(target), directory)
         return {**report, "ages": ages} if ages else report
     raise SemillaError(f"{target!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")

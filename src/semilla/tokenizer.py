@@ -6,11 +6,13 @@ chat template), so transformers and the llama.cpp converters can read them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -93,6 +95,27 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` as an int64 array. A char tokenizer maps code points through a table: the
+        same ids ~50x faster than the tokenizers library, which builds an object per character."""
+        if self.kind != "char":
+            return np.asarray(self.encode(text), dtype=np.int64)
+        points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        table = self._char_table
+        ids = np.full(len(points), self.unk_id, dtype=np.int64)
+        known = points < len(table)
+        ids[known] = table[points[known]]
+        return ids
+
+    @functools.cached_property
+    def _char_table(self) -> np.ndarray:
+        """code point -> id of that character (<unk> where the vocabulary has none)."""
+        chars = {t: i for t, i in self.hf.get_vocab().items() if len(t) == 1 and t not in SPECIAL_TOKENS}
+        table = np.full(max(map(ord, chars), default=0) + 1, self.unk_id, dtype=np.int64)
+        for ch, i in chars.items():
+            table[ord(ch)] = i
+        return table
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
@@ -135,8 +158,9 @@ class Tokenizer:
 
     # --- files ----------------------------------------------------------------------------
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write tokenizer.json and tokenizer_config.json into `directory`."""
+    def save(self, directory: str | os.PathLike, model_max_length: int | None = None) -> None:
+        """Write tokenizer.json and tokenizer_config.json into `directory`; `model_max_length`
+        is the context of the model it goes with (transformers truncates to it)."""
         d = Path(directory)
         self.hf.encode_special_tokens = False  # stored files keep the library default
         try:
@@ -152,7 +176,7 @@ class Tokenizer:
             "pad_token": PAD,
             "additional_special_tokens": SPECIAL_TOKENS[4:],
             "chat_template": self.chat_template,
-            "model_max_length": 1_000_000,
+            "model_max_length": model_max_length or 1_000_000,
             "clean_up_tokenization_spaces": False,
         }
         (d / "tokenizer_config.json").write_text(

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semilla.ages import Stage, plan_stages, stage_end
-from semilla.atomic import existing_dir
+from semilla.atomic import atomic_write_text, existing_dir
 from semilla.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state_by_name, save_checkpoint
 from semilla.config import ModelConfig, TrainConfig, apply_overrides, model_config_from_dict
 from semilla.data import IGNORE_INDEX, MixtureDataset, TokenDataset
@@ -115,9 +116,45 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def setup(model_config: ModelConfig, config: TrainConfig, resume: str | None = None) -> Trainer:
-    """Build a Trainer for a new run, or restore one from `resume` (a run directory)."""
+RUN_FILES = ("last", "best", ".last.old", ".best.old", "metrics.jsonl", "tb", "ages")  # what a run writes
+
+
+def claim_run_dir(run_dir: Path, data: str, overwrite: bool) -> None:
+    """A new run may not silently replace a trained one: an `out_dir` holding a checkpoint is
+    an error naming --resume and --overwrite; with `overwrite`, the old run's files go."""
+    last, best = existing_dir(run_dir / "last"), existing_dir(run_dir / "best")
+    if not (last or best):
+        return
+    if not overwrite:
+        state = (last or best) / "trainer_state.json"
+        step = json.loads(state.read_text())["step"] if state.is_file() else None
+        trained = f" (trained to step {step})" if step is not None else ""
+        raise CheckpointError(
+            f"{run_dir} already holds a run{trained}; continue it with --resume {run_dir}, "
+            "or start again there with --overwrite"
+        )
+    sources = [Path(part.rsplit(":", 1)[0]).resolve() for part in data.split(",") if part]
+    if any(src.is_relative_to(run_dir.resolve()) for src in sources):  # training on data kept here
+        names = RUN_FILES
+    else:  # the old run's prepared copies of its raw text: data/, data_N/
+        names = RUN_FILES + tuple(p.name for p in run_dir.glob("data*") if p.is_dir())
+    for name in names:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    log.info("--overwrite: removed the run in %s", run_dir)
+
+
+def setup(
+    model_config: ModelConfig, config: TrainConfig, resume: str | None = None, overwrite: bool = False
+) -> Trainer:
+    """Build a Trainer for a new run, or restore one from `resume` (a run directory). A new
+    run in a directory that holds one needs `overwrite`."""
     run_dir = Path(resume or config.out_dir)
+    if not resume:
+        claim_run_dir(run_dir, config.data, overwrite)
     state = TrainState()
     stages = plan_stages(config)
     if stages:  # a run through ages: its length is theirs; it starts at the first one's shape,
@@ -173,6 +210,7 @@ def setup(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
         data_rng.set_state(_unpack(state.rng["data"]))
         if "cuda" in state.rng and device.type == "cuda":
             torch.cuda.set_rng_state(_unpack(state.rng["cuda"]))
+        log.info("resumed from step %d of %s", state.step, run_dir)
     elif source:  # weights only: the optimizer, schedule and step start fresh
         initial, _, _ = load_checkpoint(source, device=device)
         model.load_state_dict(initial.state_dict())
@@ -242,6 +280,11 @@ def resume_configs(run_dir: str, overrides: dict[str, Any]) -> tuple[ModelConfig
 
     Model shape cannot change on resume: an override of a model field that differs is an error.
     """
+    if (Path(run_dir) / "config.json").is_file() and not existing_dir(Path(run_dir) / "last"):
+        raise CheckpointError(
+            f"{run_dir} is a checkpoint, not a run: pass the run directory that holds last/ "
+            f"(--resume {Path(run_dir).parent})"
+        )
     last = last_checkpoint(Path(run_dir))
     try:
         saved = json.loads((last / "config.json").read_text(encoding="utf-8"))
@@ -355,7 +398,8 @@ def evaluate_loss(t: Trainer, data: TokenDataset | MixtureDataset) -> dict[str, 
 
 @torch.no_grad()
 def sample_text(t: Trainer, n_tokens: int) -> str:
-    """A short continuation of <bos> for TensorBoard, with its own RNG (training is unaffected)."""
+    """A short continuation of <bos> for the terminal and TensorBoard, with its own RNG
+    (training is unaffected)."""
     t.model.eval()
     gen = torch.Generator(device=t.device).manual_seed(t.config.seed)
     n_tokens = min(n_tokens, t.model_config.block_size - 1)
@@ -410,6 +454,23 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the rows past `step` (logged after the checkpoint a resume starts from, and logged
+    again now) and any line a kill cut short, so each (kind, step) appears once."""
+    if not path.is_file():
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
 def fit(t: Trainer) -> dict[str, Any]:
     """Train until max_iters, early stopping or Ctrl-C; returns the final metrics."""
     from tensorboardX import SummaryWriter
@@ -419,6 +480,7 @@ def fit(t: Trainer) -> dict[str, Any]:
     block = t.model_config.block_size
     tokens_per_step = cfg.batch_size * cfg.grad_accum * block
     writer = SummaryWriter(str(t.run_dir / "tb"), purge_step=st.step or None)
+    keep_metrics_until(t.run_dir / "metrics.jsonl", st.step)
     metrics_log = open(t.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
     bar = tqdm(
         total=cfg.max_iters,
@@ -441,7 +503,10 @@ def fit(t: Trainer) -> dict[str, Any]:
         for k, v in values.items():
             writer.add_scalar(f"{kind}/{k}", v, st.step)
         line = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-        (bar.write if cfg.progress else log.info)(f"step {st.step} {kind}: {line}")
+        say(f"step {st.step} {kind}: {line}")
+
+    def say(text: str) -> None:  # above the progress bar, or to the log without one
+        (bar.write if cfg.progress else log.info)(text)
 
     t.model.train()
     last: dict[str, float] = {}
@@ -513,9 +578,11 @@ def fit(t: Trainer) -> dict[str, Any]:
                     )
                     break
                 window_start = time.perf_counter()
-            # 6. a text sample for TensorBoard
+            # 6. a text sample, in the terminal and in TensorBoard
             if st.step % cfg.sample_interval == 0:
-                writer.add_text("sample", sample_text(t, cfg.sample_tokens), st.step)
+                sample = sample_text(t, cfg.sample_tokens)
+                writer.add_text("sample", sample, st.step)
+                say(f"step {st.step} sample: " + sample.replace("\n", "\n    "))
             # 7. periodic checkpoint
             if st.step % cfg.save_interval == 0:
                 save(t, "last")
@@ -555,9 +622,12 @@ def end_age(t: Trainer, record) -> None:
     save(t, "last")  # a resume after this point starts from the grown model
 
 
-def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = None) -> dict[str, Any]:
-    """Train a model (or resume a run) and return its final metrics. The Python API of `semilla train`."""
-    t = setup(model_config, config, resume)
+def train(
+    model_config: ModelConfig, config: TrainConfig, resume: str | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Train a model (or resume a run) and return its final metrics. The Python API of `semilla
+    train`. A new run in an `out_dir` that holds one needs `overwrite`."""
+    t = setup(model_config, config, resume, overwrite)
     n = count_parameters(t.model)
     log.info(
         "model: %s parameters; data: %s train tokens; run dir: %s",

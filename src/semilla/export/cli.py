@@ -14,26 +14,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     if fmt == "hf":
         from semilla.export.hf import export_hf
 
-        print(f"wrote {export_hf(args.checkpoint, out)} (load with AutoModelForCausalLM.from_pretrained)")
+        print(
+            f"wrote {export_hf(args.checkpoint, out, args.overwrite)} (load with AutoModelForCausalLM.from_pretrained)"
+        )
     elif fmt == "gguf":
         from semilla.export.gguf import export_gguf
 
         kind = args.type or "f32"
-        print(f"wrote {export_gguf(args.checkpoint, out, kind, args.name)} ({kind.upper()})")
+        print(f"wrote {export_gguf(args.checkpoint, out, kind, args.name, args.overwrite)} ({kind.upper()})")
     elif fmt == "ollama":
         from semilla.export.ollama import OllamaOptions, export_ollama
 
         options = OllamaOptions(args.system, args.temperature, args.top_p, args.num_ctx)
-        path, command = export_ollama(args.checkpoint, out, options, args.type or "q8_0", args.name)
+        path, command = export_ollama(
+            args.checkpoint, out, options, args.type or "q8_0", args.name, args.overwrite
+        )
         print(f"wrote {path}/model.gguf and {path}/Modelfile; now run:\n{command}")
     elif fmt == "onnx":
         from semilla.export.onnx import export_onnx
 
-        print(f"wrote {export_onnx(args.checkpoint, out)}/model.onnx (input_ids -> logits)")
+        print(
+            f"wrote {export_onnx(args.checkpoint, out, overwrite=args.overwrite)}/model.onnx (input_ids -> logits)"
+        )
     else:  # int8
         from semilla.export.quantize import compare_int8, quantize_int8
 
-        path = quantize_int8(args.checkpoint, out)
+        path = quantize_int8(args.checkpoint, out, args.overwrite)
         report = compare_int8(args.checkpoint, path, args.data, args.split, args.max_tokens)
         if args.json:
             print(json.dumps(report, indent=2))
@@ -50,7 +56,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from semilla.export.importer import import_hf
 
-    print(f"wrote {import_hf(args.directory, args.out)} (a semilla checkpoint)")
+    print(f"wrote {import_hf(args.directory, args.out, args.overwrite)} (a semilla checkpoint)")
     return 0
 
 
@@ -71,6 +77,7 @@ def add_parsers(sub) -> None:
         help="gguf/ollama tensor type (default: f32 for gguf, q8_0 for ollama); q4_k_m needs llama-cpp-python",
     )
     p.add_argument("--name", help="gguf/ollama model name (default: the output's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     g = p.add_argument_group("ollama")
     g.add_argument("--system", help="SYSTEM prompt of the Modelfile")
     g.add_argument("--temperature", type=float, default=0.8, help="default temperature (default: 0.8)")
@@ -93,4 +100,5 @@ def add_parsers(sub) -> None:
     p.add_argument("source", choices=("hf",), help="source format")
     p.add_argument("directory", help="the Hugging Face model directory")
     p.add_argument("out", help="checkpoint directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_import)

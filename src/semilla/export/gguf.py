@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from semilla.atomic import follow_umask, refuse_to_replace
 from semilla.config import ModelConfig
 from semilla.export import ExportError, load_float_checkpoint
 from semilla.export.hf import require_family
@@ -188,17 +189,26 @@ def quantize_k(source: Path, dest: Path) -> None:
 
 
 def export_gguf(
-    checkpoint: str | os.PathLike, out: str | os.PathLike, type_name: str = "f32", name: str | None = None
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    type_name: str = "f32",
+    name: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write `out` (a .gguf file) from a llama- or gpt2-family checkpoint; atomic."""
+    """Write `out` (a .gguf file) from a llama- or gpt2-family checkpoint; atomic. An existing
+    `out` is replaced only with `overwrite`."""
     if type_name not in TYPES:
         raise ExportError(f"GGUF type must be one of {', '.join(TYPES)}, got {type_name!r}")
-    model, tokenizer = load_float_checkpoint(checkpoint)
     out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"{out} is a directory; GGUF is one file: give a path like {out / 'model.gguf'}")
+    refuse_to_replace(out, overwrite)
+    model, tokenizer = load_float_checkpoint(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     name = name or Path(checkpoint).resolve().name
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
+    follow_umask(tmp)
     try:
         if type_name == "q4_k_m":
             f32 = Path(tmp + ".f32")

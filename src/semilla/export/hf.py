@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from semilla.atomic import atomic_directory
+from semilla.atomic import atomic_directory, refuse_to_replace
 from semilla.checkpoint import model_state
 from semilla.config import ModelConfig
 from semilla.export import ExportError, load_float_checkpoint
@@ -139,19 +139,22 @@ def hf_files(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torch.Te
     return gpt2_config(cfg), gpt2_state(state, cfg)
 
 
-def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a Hugging Face model directory (config, safetensors, tokenizer, generation config)
-    that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(out)` load offline."""
+    that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(out)` load offline. An existing
+    `out` is replaced only with `overwrite`."""
+    refuse_to_replace(out, overwrite)
     model, tokenizer = load_float_checkpoint(checkpoint)
     config, state = hf_files(model)
     ids = special_ids(tokenizer)
     config.update(ids, torch_dtype="float32", use_cache=True)
-    generation = {**ids, "max_length": model.config.block_size, "do_sample": False}
+    # no max_length: transformers warns when a caller's max_new_tokens meets it
+    generation = {**ids, "do_sample": False}
     with atomic_directory(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save(tmp)
+        tokenizer.save(tmp, model_max_length=model.config.block_size)
         _write_readme(tmp, config["architectures"][0])
     return Path(out)
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
 
+from semilla.atomic import refuse_to_replace
 from semilla.checkpoint import save_checkpoint
 from semilla.config import ModelConfig
 from semilla.export import ExportError
@@ -163,8 +164,10 @@ def grow_vocab(tensors: dict[str, torch.Tensor], vocab_size: int) -> dict[str, t
     return tensors
 
 
-def import_hf(directory: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Turn a local LlamaForCausalLM or GPT2LMHeadModel directory into a semilla checkpoint."""
+def import_hf(directory: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Turn a local LlamaForCausalLM or GPT2LMHeadModel directory into a semilla checkpoint; an
+    existing `out` is replaced only with `overwrite`."""
+    refuse_to_replace(out, overwrite)
     d = Path(directory)
     if not d.is_dir():
         raise ExportError(f"Hugging Face model directory not found: {d}")

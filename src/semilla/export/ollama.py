@@ -12,7 +12,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from semilla.atomic import atomic_directory
+from semilla.atomic import atomic_directory, refuse_to_replace
 from semilla.checkpoint import read_config, resolve_checkpoint
 from semilla.export import ExportError
 from semilla.export.gguf import export_gguf
@@ -69,8 +69,11 @@ def export_ollama(
     options: OllamaOptions | None = None,
     type_name: str = "q8_0",
     name: str | None = None,
+    overwrite: bool = False,
 ) -> tuple[Path, str]:
-    """Write `out/model.gguf` and `out/Modelfile`; returns (out, the `ollama create` command)."""
+    """Write `out/model.gguf` and `out/Modelfile`; returns (out, the `ollama create` command).
+    An existing `out` is replaced only with `overwrite`."""
+    refuse_to_replace(out, overwrite)
     options = options or OllamaOptions()
     config = read_config(resolve_checkpoint(checkpoint))
     block_size = config["model"]["block_size"]

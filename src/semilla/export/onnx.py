@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from semilla.atomic import atomic_directory
+from semilla.atomic import atomic_directory, refuse_to_replace
 from semilla.export import ExportError, load_float_checkpoint
 
 
@@ -32,8 +32,12 @@ class LogitsOnly(torch.nn.Module):
         return self.model(input_ids)
 
 
-def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = 18) -> Path:
-    """Write `out/model.onnx` (+ tokenizer files and semilla's config) from a checkpoint."""
+def export_onnx(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = 18, overwrite: bool = False
+) -> Path:
+    """Write `out/model.onnx` (+ tokenizer files and semilla's config) from a checkpoint; an
+    existing `out` is replaced only with `overwrite`."""
+    refuse_to_replace(out, overwrite)
     try:
         import onnx
     except ImportError as e:

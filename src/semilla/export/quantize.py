@@ -13,14 +13,16 @@ from typing import Any
 from safetensors.torch import save_file
 
 from semilla.api import LanguageModel
-from semilla.atomic import atomic_directory
+from semilla.atomic import atomic_directory, refuse_to_replace
 from semilla.checkpoint import load_checkpoint, resolve_checkpoint
 from semilla.export import ExportError, load_float_checkpoint
 from semilla.models.int8 import METHOD, int8_state, quantizable_layers
 
 
-def quantize_int8(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write an int8 copy of a transformer checkpoint to `out` (atomic)."""
+def quantize_int8(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write an int8 copy of a transformer checkpoint to `out` (atomic); an existing `out` is
+    replaced only with `overwrite`."""
+    refuse_to_replace(out, overwrite)
     model, tokenizer = load_float_checkpoint(checkpoint)
     if not quantizable_layers(model):
         raise ExportError("int8 export needs a transformer; an LSTM has no layers to quantize")

@@ -3,13 +3,17 @@ over the KV cache, the matmuls of a single stream (a few rows), and RMSNorm.
 
 They are built from source with the machine's C++ compiler the first time a model runs
 inference (20-25 s, once per machine, PyTorch and Python; cached under
-`~/.cache/semilla/kernels`). Where they cannot be built (no compiler) or `SEMILLA_KERNELS=0`,
+`~/.cache/semilla/kernels`, one directory per distinct source, which holds its own copy of the
+source: every clone of semilla with the same kernels shares one build). Processes take turns
+with a lock that dies with its holder, so a killed build never blocks the next. Where they cannot be built (no compiler) or `SEMILLA_KERNELS=0`,
 the model runs PyTorch's own operators instead, with the same results up to float rounding.
 The functions below return a kernel where it applies to the given tensors, else None.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -18,7 +22,7 @@ import platform
 import shutil
 import sys
 import threading
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,7 +32,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]  # OpenMP: PyTorch's own threads
 DTYPES = (torch.float32, torch.bfloat16)
 BUILD_LOCK = threading.Lock()
-STALE_LOCK_S = 600  # a build takes ~20 s; a lock this old belongs to a process that died
+LAYOUT = "source-copy+flock"  # how a build directory is used: its own source copy, build.lock
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +57,18 @@ def build_name() -> str:
     """One build per source, PyTorch, Python and CPU: `-march=native` code must not travel to
     another machine through a shared home directory."""
     cpu = cpuinfo("flags", "Features")  # x86, ARM
-    key = "|".join([SOURCE.read_text(), torch.__version__, sys.version, platform.machine(), cpu, *FLAGS])
+    # LAYOUT keeps apart the directories of older semilla versions, which built differently
+    key = "|".join(
+        [LAYOUT, SOURCE.read_text(), torch.__version__, sys.version, platform.machine(), cpu, *FLAGS]
+    )
     return "semilla_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @functools.cache
 def compiled():
     """The built extension module, or None where it is disabled or cannot be built. One build
-    at a time in a process (a server's engine and a request may ask at once); PyTorch's lock
-    file keeps processes apart."""
+    at a time in a process (a server's engine and a request may ask at once), and in a build
+    directory (`build_lock`)."""
     if os.environ.get("SEMILLA_KERNELS", "1") == "0":
         return None
     with BUILD_LOCK:
@@ -78,29 +85,46 @@ def _build():
             import ninja  # binary sits beside the venv's python, which is not always on PATH
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        directory.mkdir(parents=True, exist_ok=True)
-        remove_stale_lock(directory / "lock")
-        if not any(directory.glob(f"{name}*.so")):
-            log.info("building the CPU kernels (once per machine, 20-25 s)")
-        return load(
-            name,
-            [str(SOURCE)],
-            extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-        )
+        with build_lock(directory):
+            # compile the copy in the build directory: its path, which ninja keys the build
+            # on, is then the same from every clone, so two clones never rebuild in turn
+            source = directory / SOURCE.name
+            if not source.is_file():
+                source.write_text(SOURCE.read_text())
+            if not any(directory.glob(f"{name}*.so")):
+                log.info("building the CPU kernels (once per machine, 20-25 s)")
+            return load(
+                name,
+                [str(source)],
+                extra_cflags=FLAGS,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(directory),
+            )
     except Exception as e:  # no compiler, no ninja, a read-only cache: PyTorch's operators instead
         log.warning("CPU kernels not built (%s); using PyTorch's operators", build_failure(e))
         return None
 
 
-def remove_stale_lock(lock: Path) -> None:
-    """PyTorch waits for its build lock without a timeout: a build killed outright leaves one."""
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """Hold `directory/build.lock` (an flock, released by the kernel when its holder dies, even
+    by kill -9), saying whose build we wait for. Under it no other semilla process builds
+    here, so a PyTorch `lock` file found is a killed build's: PyTorch would wait for it forever."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / "build.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink(missing_ok=True)
-    except FileNotFoundError:  # none, or its build just finished
-        pass
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            log.info("waiting for the CPU kernel build held by PID %s", holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        (directory / "lock").unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def build_failure(e: Exception) -> str:

@@ -7,8 +7,8 @@ import argparse
 from semilla.config import DTYPE_HELP
 
 FLAGS = (  # flag, settings field, type, help
-    ("--host", "host", str, "address to bind (default 127.0.0.1; $SEMILLA_HOST)"),
-    ("--port", "port", int, "port (default 8000, or $PORT / $SEMILLA_PORT)"),
+    ("--host", "host", str, "address to bind (default: 127.0.0.1; $SEMILLA_HOST)"),
+    ("--port", "port", int, "port (default: 8000, or $PORT / $SEMILLA_PORT)"),
     (
         "--models-dir",
         "models_dir",
@@ -18,12 +18,17 @@ FLAGS = (  # flag, settings field, type, help
     ("--data-dir", "data_dir", str, "where the database and logs live (default: semilla-data)"),
     ("--device", "device", str, "cpu, cuda, mps (default: cuda when available)"),
     ("--threads", "threads", int, "CPU threads for the model (default: all cores but one, left to HTTP)"),
-    ("--dtype", "dtype", str, f"{DTYPE_HELP} (default auto)"),
-    ("--max-slots", "max_slots", int, "sequences decoded together per model (default 16)"),
-    ("--queue-size", "queue_size", int, "requests waiting for a slot before 503 (default 64)"),
-    ("--request-timeout", "request_timeout_s", float, "seconds before a generation is cut (default 300)"),
-    ("--max-body-bytes", "max_body_bytes", int, "largest request body; 413 beyond (default 4 MiB)"),
-    ("--default-max-tokens", "default_max_tokens", int, "max_tokens when a request gives none (default 256)"),
+    ("--dtype", "dtype", str, f"{DTYPE_HELP} (default: auto)"),
+    ("--max-slots", "max_slots", int, "sequences decoded together per model (default: 16)"),
+    ("--queue-size", "queue_size", int, "requests waiting for a slot before 503 (default: 64)"),
+    ("--request-timeout", "request_timeout_s", float, "seconds before a generation is cut (default: 300)"),
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body; 413 beyond (default: 4 MiB)"),
+    (
+        "--default-max-tokens",
+        "default_max_tokens",
+        int,
+        "max_tokens when a request gives none (default: 256)",
+    ),
 )
 
 

@@ -160,7 +160,12 @@ def _wrap(func):
 
 def add_parsers(subparsers) -> None:
     """Add `semilla admin` and its subcommands to the top-level CLI."""
-    admin = subparsers.add_parser("admin", help="manage accounts, API keys, feedback and the audit log")
+    admin = subparsers.add_parser(
+        "admin",
+        help="manage accounts, API keys, feedback and the audit log",
+        description="Manage a server's store from the shell: create accounts, set roles, issue and revoke "
+        "API keys, export rated conversations, read the audit log. `semilla admin ACTION --help` for each.",
+    )
     admin.add_argument(
         "--data-dir", help="the server's data directory (default: $SEMILLA_DATA_DIR or semilla-data)"
     )

@@ -1,0 +1,1 @@
+"""The bundled demo: a public-domain Quijote excerpt and the chat rows built from it."""
