@@ -102,6 +102,17 @@ def test_each_llama_growth_alone_keeps_the_function(name):
     assert_same_function(source, grown)
 
 
+@pytest.mark.parametrize(
+    "heads, grown",
+    [((4, 1), (6, 3)), ((6, 2), (8, 4)), ((4, 2), (8, 8)), ((6, 3), (8, 4)), ((4, 4), (6, 6))],
+    ids=lambda v: f"{v[0]}q{v[1]}kv",
+)
+def test_grouped_query_layouts_keep_every_head_with_its_kv_head(heads, grown):
+    source = random_model(n_embd=8 * heads[0], n_head=heads[0], n_kv_head=heads[1])
+    target = target_config(source.config, n_embd=8 * grown[0], n_head=grown[0], n_kv_head=grown[1])
+    assert_same_function(source, grow_model(source, target, seed=7))
+
+
 def test_new_blocks_go_where_insert_says():
     assert layer_sources(2, 4, "exact", "end") == [0, 1, None, None]
     assert layer_sources(2, 4, "exact", "interleave") == [0, None, 1, None]
@@ -387,6 +398,22 @@ def test_python_api_grows_a_checkpoint(tmp_path):
     assert result["exact"] and result["max_logit_change"] < 1e-5
     assert result["grown"]["parameters"] > result["source"]["parameters"]
     assert load_checkpoint(tmp_path / "grown")[0].config.n_layer == 4
+
+
+def test_thau_preset_from_age_0_to_age_1(tmp_path):
+    """The real shapes: a THAU age-0 model (256 wide, 2 layers, head size 64) grown by preset."""
+    import semilla
+
+    tok = Tokenizer.train_char(["abcdefghijklmnopqrstuvwxyz "])
+    source = random_model(std=0.05, vocab_size=tok.vocab_size, n_embd=256, n_head=4, block_size=2048)
+    save_checkpoint(tmp_path / "age0", source, tok)
+    result = semilla.grow(str(tmp_path / "age0"), str(tmp_path / "age1"), preset="thau-age-1")
+    grown, _, _ = load_checkpoint(tmp_path / "age1")
+    assert (grown.config.n_embd, grown.config.n_layer, grown.config.n_head) == (384, 3, 6)
+    assert grown.config.vocab_size == tok.vocab_size and result["exact"]
+    data = batch(length=32, vocab=tok.vocab_size)
+    with torch.no_grad():
+        assert (source(data) - grown(data)).abs().max() < 1e-5
 
 
 def test_help_says_what_is_exact():
