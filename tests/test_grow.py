@@ -20,6 +20,7 @@ from semilla.models import Transformer, build_model
 from semilla.models.grow import (
     GrowthError,
     grow_model,
+    grow_optimizer_state,
     grow_tensors,
     layer_sources,
     plan_growth,
@@ -246,6 +247,32 @@ def test_moments_follow_the_weights():
             new, _ = plan.maps[name].masks()
             assert torch.all(value[new] == 0), name
             torch.testing.assert_close(value[~new], grads[1][name][~new] ** power, rtol=1e-4, atol=1e-7)
+
+
+def test_adamw_state_grows_by_name_and_the_grown_run_steps_on():
+    source = random_model(n_head=4, n_kv_head=2).train()
+    optimizer = torch.optim.AdamW(source.parameters(), lr=1e-3)
+    for step in range(2):
+        optimizer.zero_grad()
+        loss(source, batch(seed=step, length=16)).backward()
+        optimizer.step()
+    state = {name: optimizer.state[p] for name, p in source.named_parameters()}
+    target = target_config(source.config, n_embd=48, n_head=6, n_layer=3)
+    grown = grow_model(source, target, insert="interleave").train()
+    grown_state = grow_optimizer_state(state, source.config, target, insert="interleave")
+    plan = plan_growth(source.config, target, insert="interleave")
+    resumed = torch.optim.AdamW(grown.parameters(), lr=1e-3)
+    for name, p in grown.named_parameters():
+        entry = grown_state[name]
+        assert entry["exp_avg"].shape == entry["exp_avg_sq"].shape == p.shape
+        assert float(entry["step"]) == 2
+        new, _ = plan.maps[name].masks()
+        assert not entry["exp_avg"][new].any() and not entry["exp_avg_sq"][new].any()
+        resumed.state[p] = entry
+    resumed.zero_grad()
+    loss(grown, batch(seed=2, length=16)).backward()
+    resumed.step()
+    assert all(float(resumed.state[p]["step"]) == 3 for p in grown.parameters())
 
 
 def test_noise_perturbs_only_the_zeros():

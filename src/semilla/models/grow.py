@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,6 +76,8 @@ BLOCK_PARAMETERS = {
 }
 NORMS = ("input_layernorm", "post_attention_layernorm")
 OUTPUT_PROJECTIONS = ("self_attn.o_proj.", "mlp.down_proj.")  # zero in a new block: an identity
+# Optimizer state entries that scale with the gradient, and their power (AdamW, Adam, SGD)
+MOMENT_POWERS = {"exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2, "momentum_buffer": 1}
 
 
 class GrowthError(ConfigError):
@@ -328,18 +331,40 @@ class GrowthPlan:
         Grown parameters whose source is missing from `tensors` are left out; new blocks' are
         zeros."""
         out = {}
+        like = next(iter(tensors.values()), torch.zeros(()))
         for name, m in self.maps.items():
             if m.source is not None and m.source not in tensors:
                 continue
             new, _ = m.masks()
             if m.source is None:
-                out[name] = torch.zeros(new.shape)
+                out[name] = torch.zeros(new.shape, dtype=like.dtype, device=like.device)
                 continue
             old = tensors[m.source]
             grown = m.gather(old) * m.scale ** (-power)
             out[name] = torch.where(
                 new.to(old.device), torch.zeros((), dtype=old.dtype, device=old.device), grown
             )
+        return out
+
+    def grow_optimizer_state(self, state: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """An optimizer's per-parameter state keyed by source parameter name (AdamW: step,
+        exp_avg, exp_avg_sq) for the grown model: moments by grow_tensors, other entries (the
+        step) kept; parameters of new blocks get zero moments and the others' step."""
+        grown = {
+            key: self.grow_tensors({n: s[key] for n, s in state.items() if key in s}, power)
+            for key, power in MOMENT_POWERS.items()
+        }
+        step = next((s["step"] for s in state.values() if "step" in s), None)
+        out: dict[str, dict[str, Any]] = {}
+        for name, m in self.maps.items():
+            if m.source is not None and m.source not in state:
+                continue  # a parameter the optimizer has not touched yet
+            kept = state[m.source] if m.source is not None else {}
+            entry = {k: v for k, v in kept.items() if k not in MOMENT_POWERS}
+            if m.source is None and step is not None:
+                entry["step"] = step.clone() if torch.is_tensor(step) else step
+            entry.update({key: tensors[name] for key, tensors in grown.items() if name in tensors})
+            out[name] = entry
         return out
 
 
@@ -457,6 +482,18 @@ def grow_tensors(
     exp_avg_sq: power 2) laid out for the grown model, by the same plan as grow_model: new
     entries zero, copied entries (key/value heads, stacked blocks) copied. Steps stay as they are."""
     return plan_growth(source, target, mode, insert).grow_tensors(tensors, power)
+
+
+def grow_optimizer_state(
+    state: dict[str, dict[str, Any]],
+    source: ModelConfig,
+    target: ModelConfig,
+    mode: str = "exact",
+    insert: str | int = "end",
+) -> dict[str, dict[str, Any]]:
+    """Optimizer state keyed by parameter name ({name: {"step", "exp_avg", "exp_avg_sq"}}) for
+    the grown model, by the same plan as grow_model (see GrowthPlan.grow_optimizer_state)."""
+    return plan_growth(source, target, mode, insert).grow_optimizer_state(state)
 
 
 @torch.no_grad()
