@@ -141,8 +141,9 @@ def target_config(source: ModelConfig, preset: str | None = None, **dims: int | 
     ones override the preset's). Dimensions not given keep the source's; n_head follows
     n_embd at the source's head size, and a model without grouped-query attention keeps none.
     Everything else (family switches, vocabulary, rope_theta) stays the source's; norm_eps
-    becomes eps * d/d' (see the module docstring). Raises GrowthError listing every problem.
-    """
+    becomes eps * d/d' (see the module docstring). Raises GrowthError listing every problem
+    (a smaller dimension, a head size change, kv heads that do not divide the query heads,
+    an LSTM or a family other than llama and gpt2)."""
     unknown = sorted(set(dims) - set(SHAPE_FIELDS))
     if unknown:
         raise GrowthError(f"unknown dimensions: {', '.join(unknown)}; choose from {', '.join(SHAPE_FIELDS)}")
@@ -168,7 +169,11 @@ def target_config(source: ModelConfig, preset: str | None = None, **dims: int | 
         "block_size": wanted.get("block_size", source.block_size),
     }
     eps = source.norm_eps * source.n_embd / n_embd if n_embd > 0 else source.norm_eps
-    return dataclasses.replace(source, **shape, norm_eps=eps)
+    target = dataclasses.replace(source, **shape, norm_eps=eps)
+    problems = growth_problems(source, target, "exact", "end")
+    if problems:
+        raise GrowthError("cannot grow the model: " + "; ".join(problems))
+    return target
 
 
 def growth_problems(source: ModelConfig, target: ModelConfig, mode: str, insert: str | int) -> list[str]:
