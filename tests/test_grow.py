@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from export_helpers import PROMPT, greedy, save_tiny
 from helpers import assert_one_line_error, clean_env, limit_file_size, run_cli
 
 from semilla.checkpoint import load_checkpoint, save_checkpoint
+from semilla.cli import main
 from semilla.config import ModelConfig
 from semilla.models import Transformer, build_model
 from semilla.models.grow import (
@@ -469,10 +471,13 @@ def test_help_says_what_is_exact():
         ((), ("say what to grow to",)),
     ],
 )
-def test_cli_refuses_bad_shapes(tmp_path, flags, needles):
+def test_cli_refuses_bad_shapes(tmp_path, capsys, flags, needles):
+    """In process (`semilla.cli.main`): these fail before any model work."""
     source = save_tiny(tmp_path / "source", "llama", "char")
-    proc = run_cli("grow", source, "-o", tmp_path / "out", *flags)
-    assert_one_line_error(proc, *needles)
+    args = ["grow", str(source), "-o", str(tmp_path / "out"), *flags]
+    code = main(args)
+    captured = capsys.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess(args, code, captured.out, captured.err), *needles)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["source"]
 
