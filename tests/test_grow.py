@@ -344,24 +344,29 @@ GROWN_FLAGS = (
 )
 
 
-@pytest.fixture(scope="module")
-def grown_checkpoint(tmp_path_factory):
-    """A tiny llama (4 query heads, 2 kv heads) grown in every dimension by `semilla grow`."""
-    root = tmp_path_factory.mktemp("grown")
-    source = save_tiny(root / "source", "llama", "char")
+SHAPES = {  # source and grown shape lines `semilla grow` prints, by family
+    "llama": ("n_embd 32, n_layer 2, n_head 4, n_kv_head 2", "n_embd 48, n_layer 3, n_head 6, n_kv_head 3"),
+    "gpt2": ("n_embd 32, n_layer 2, n_head 2, n_kv_head 2", "n_embd 48, n_layer 3, n_head 3, n_kv_head 3"),
+}
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def grown_checkpoint(request, tmp_path_factory):
+    """A tiny llama (4 query heads, 2 kv heads) or gpt2 (2 heads) grown in every dimension by
+    `semilla grow`."""
+    root = tmp_path_factory.mktemp(f"grown-{request.param}")
+    source = save_tiny(root / "source", request.param, "char")
     proc = run_cli("grow", source, "-o", root / "grown", *GROWN_FLAGS, "--insert", "interleave")
     assert proc.returncode == 0, proc.stderr
     assert "exact" in proc.stdout and "parameters" in proc.stdout
-    return source, root / "grown", proc.stdout
+    return source, root / "grown", proc.stdout, request.param
 
 
 def test_cli_prints_shapes_and_counts(grown_checkpoint):
-    source, grown, stdout = grown_checkpoint
+    source, grown, stdout, family = grown_checkpoint
     lines = stdout.splitlines()
-    assert lines[0].startswith("source  n_embd 32, n_layer 2, n_head 4, n_kv_head 2")
-    assert lines[1].startswith(
-        "grown   n_embd 48, n_layer 3, n_head 6, n_kv_head 3, intermediate_size 160, block_size 256"
-    )
+    assert lines[0].startswith(f"source  {SHAPES[family][0]}")
+    assert lines[1].startswith(f"grown   {SHAPES[family][1]}, intermediate_size 160, block_size 256")
     model, tok, config = load_checkpoint(grown)
     assert f"{sum(p.numel() for p in model.parameters()):,} parameters" in lines[1]
     assert (Path(grown) / "tokenizer.json").read_text() == (Path(source) / "tokenizer.json").read_text()
@@ -375,7 +380,7 @@ def test_grown_checkpoint_exports_to_transformers(grown_checkpoint, tmp_path):
 
     from semilla.export.hf import export_hf
 
-    _, grown, _ = grown_checkpoint
+    _, grown, _, _ = grown_checkpoint
     model, tok, _ = load_checkpoint(grown)
     hf = AutoModelForCausalLM.from_pretrained(export_hf(grown, tmp_path / "hf"), local_files_only=True).eval()
     prompt = tok.encode(PROMPT)
@@ -391,7 +396,7 @@ def test_grown_checkpoint_exports_to_gguf(grown_checkpoint, tmp_path):
 
     from semilla.export.gguf import export_gguf
 
-    _, grown, _ = grown_checkpoint
+    _, grown, _, _ = grown_checkpoint
     model, tok, _ = load_checkpoint(grown)
     llm = load_gguf(export_gguf(grown, tmp_path / "grown-f32.gguf", "f32"))
     prompt = tok.encode(PROMPT)
@@ -407,7 +412,7 @@ def test_grown_checkpoint_serves_the_source_answers(grown_checkpoint, tmp_path):
     from semilla.serve.registry import load_models
     from semilla.serve.settings import ServerSettings
 
-    source, grown, _ = grown_checkpoint
+    source, grown, _, _ = grown_checkpoint
     messages = [{"role": "user", "content": "the quick fox"}]
     app = create_app(ServerSettings(data_dir=str(tmp_path / "data")), load_models([("grown", str(grown))]))
     with running_server(app) as url:
