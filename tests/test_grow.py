@@ -460,6 +460,9 @@ def test_help_says_what_is_exact():
     [
         (("--n-embd", "16"), ("n_embd would shrink from 32 to 16",)),
         (("--n-layer", "1"), ("n_layer would shrink from 2 to 1",)),
+        (("--n-kv-head", "1"), ("n_kv_head would shrink from 2 to 1",)),
+        (("--intermediate-size", "64"), ("intermediate_size would shrink from 128 to 64",)),
+        (("--block-size", "64"), ("block_size would shrink from 128 to 64",)),
         (("--n-embd", "48", "--n-head", "5"), ("n_embd (48) must be divisible by n_head (5)",)),
         (("--n-embd", "48", "--n-head", "4"), ("head size must stay 8",)),
         (("--n-embd", "64", "--n-kv-head", "3"), ("n_kv_head (3) must divide n_head (8)",)),
