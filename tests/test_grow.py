@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,13 @@ from export_helpers import PROMPT, greedy, save_tiny
 from helpers import assert_one_line_error, clean_env, limit_file_size, run_cli
 
 from semilla.checkpoint import load_checkpoint, save_checkpoint
+from semilla.cli import main
 from semilla.config import ModelConfig
 from semilla.models import Transformer, build_model
 from semilla.models.grow import (
     GrowthError,
     grow_model,
+    grow_optimizer_state,
     grow_tensors,
     layer_sources,
     plan_growth,
@@ -102,6 +105,17 @@ def test_each_llama_growth_alone_keeps_the_function(name):
     assert_same_function(source, grown)
 
 
+@pytest.mark.parametrize(
+    "heads, grown",
+    [((4, 1), (6, 3)), ((6, 2), (8, 4)), ((4, 2), (8, 8)), ((6, 3), (8, 4)), ((4, 4), (6, 6))],
+    ids=lambda v: f"{v[0]}q{v[1]}kv",
+)
+def test_grouped_query_layouts_keep_every_head_with_its_kv_head(heads, grown):
+    source = random_model(n_embd=8 * heads[0], n_head=heads[0], n_kv_head=heads[1])
+    target = target_config(source.config, n_embd=8 * grown[0], n_head=grown[0], n_kv_head=grown[1])
+    assert_same_function(source, grow_model(source, target, seed=7))
+
+
 def test_new_blocks_go_where_insert_says():
     assert layer_sources(2, 4, "exact", "end") == [0, 1, None, None]
     assert layer_sources(2, 4, "exact", "interleave") == [0, None, 1, None]
@@ -111,12 +125,13 @@ def test_new_blocks_go_where_insert_says():
     assert layer_sources(2, 4, "stack", "interleave") == [0, 0, 1, 1]
 
 
-def test_longer_context_is_used_exactly_past_the_old_one():
-    """RoPE is computed, so the grown model runs past the source's context."""
+def test_the_grown_context_runs_past_the_old_one():
+    """RoPE is computed: a 127-token input runs, its first 64 positions exactly as before."""
     source = random_model(block_size=64)
     grown = grow_model(source, target_config(source.config, block_size=128))
+    long = batch(length=127)[:, :-1]
     with torch.no_grad():
-        assert grown(batch(length=127)[:, :-1]).shape == (4, 127, VOCAB)
+        assert (grown(long)[:, :64] - source(long[:, :64])).abs().max() < 1e-5
 
 
 def test_thau_ages_composed_keep_the_function():
@@ -237,6 +252,32 @@ def test_moments_follow_the_weights():
             torch.testing.assert_close(value[~new], grads[1][name][~new] ** power, rtol=1e-4, atol=1e-7)
 
 
+def test_adamw_state_grows_by_name_and_the_grown_run_steps_on():
+    source = random_model(n_head=4, n_kv_head=2).train()
+    optimizer = torch.optim.AdamW(source.parameters(), lr=1e-3)
+    for step in range(2):
+        optimizer.zero_grad()
+        loss(source, batch(seed=step, length=16)).backward()
+        optimizer.step()
+    state = {name: optimizer.state[p] for name, p in source.named_parameters()}
+    target = target_config(source.config, n_embd=48, n_head=6, n_layer=3)
+    grown = grow_model(source, target, insert="interleave").train()
+    grown_state = grow_optimizer_state(state, source.config, target, insert="interleave")
+    plan = plan_growth(source.config, target, insert="interleave")
+    resumed = torch.optim.AdamW(grown.parameters(), lr=1e-3)
+    for name, p in grown.named_parameters():
+        entry = grown_state[name]
+        assert entry["exp_avg"].shape == entry["exp_avg_sq"].shape == p.shape
+        assert float(entry["step"]) == 2
+        new, _ = plan.maps[name].masks()
+        assert not entry["exp_avg"][new].any() and not entry["exp_avg_sq"][new].any()
+        resumed.state[p] = entry
+    resumed.zero_grad()
+    loss(grown, batch(seed=2, length=16)).backward()
+    resumed.step()
+    assert all(float(resumed.state[p]["step"]) == 3 for p in grown.parameters())
+
+
 def test_noise_perturbs_only_the_zeros():
     source = random_model()
     target = target_config(source.config, n_embd=48, n_layer=3)
@@ -290,38 +331,33 @@ def test_impossible_growth_lists_every_problem():
 
 # --- checkpoints: exports, serving, the CLI -----------------------------------------------
 
-GROWN_FLAGS = (
-    "--n-embd",
-    "48",
-    "--n-layer",
-    "3",
-    "--n-kv-head",
-    "3",
-    "--intermediate-size",
-    "160",
-    "--block-size",
-    "256",
-)
+GROWN_FLAGS = ["--n-embd", "48", "--n-layer", "3", "--n-kv-head", "3"]  # and a longer MLP and context
+GROWN_FLAGS += ["--intermediate-size", "160", "--block-size", "256"]
 
 
-@pytest.fixture(scope="module")
-def grown_checkpoint(tmp_path_factory):
-    """A tiny llama (4 query heads, 2 kv heads) grown in every dimension by `semilla grow`."""
-    root = tmp_path_factory.mktemp("grown")
-    source = save_tiny(root / "source", "llama", "char")
+SHAPES = {  # source and grown shape lines `semilla grow` prints, by family
+    "llama": ("n_embd 32, n_layer 2, n_head 4, n_kv_head 2", "n_embd 48, n_layer 3, n_head 6, n_kv_head 3"),
+    "gpt2": ("n_embd 32, n_layer 2, n_head 2, n_kv_head 2", "n_embd 48, n_layer 3, n_head 3, n_kv_head 3"),
+}
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def grown_checkpoint(request, tmp_path_factory):
+    """A tiny llama (4 query heads, 2 kv heads) or gpt2 (2 heads) grown in every dimension by
+    `semilla grow`."""
+    root = tmp_path_factory.mktemp(f"grown-{request.param}")
+    source = save_tiny(root / "source", request.param, "char")
     proc = run_cli("grow", source, "-o", root / "grown", *GROWN_FLAGS, "--insert", "interleave")
     assert proc.returncode == 0, proc.stderr
     assert "exact" in proc.stdout and "parameters" in proc.stdout
-    return source, root / "grown", proc.stdout
+    return source, root / "grown", proc.stdout, request.param
 
 
 def test_cli_prints_shapes_and_counts(grown_checkpoint):
-    source, grown, stdout = grown_checkpoint
+    source, grown, stdout, family = grown_checkpoint
     lines = stdout.splitlines()
-    assert lines[0].startswith("source  n_embd 32, n_layer 2, n_head 4, n_kv_head 2")
-    assert lines[1].startswith(
-        "grown   n_embd 48, n_layer 3, n_head 6, n_kv_head 3, intermediate_size 160, block_size 256"
-    )
+    assert lines[0].startswith(f"source  {SHAPES[family][0]}")
+    assert lines[1].startswith(f"grown   {SHAPES[family][1]}, intermediate_size 160, block_size 256")
     model, tok, config = load_checkpoint(grown)
     assert f"{sum(p.numel() for p in model.parameters()):,} parameters" in lines[1]
     assert (Path(grown) / "tokenizer.json").read_text() == (Path(source) / "tokenizer.json").read_text()
@@ -335,7 +371,7 @@ def test_grown_checkpoint_exports_to_transformers(grown_checkpoint, tmp_path):
 
     from semilla.export.hf import export_hf
 
-    _, grown, _ = grown_checkpoint
+    _, grown, _, _ = grown_checkpoint
     model, tok, _ = load_checkpoint(grown)
     hf = AutoModelForCausalLM.from_pretrained(export_hf(grown, tmp_path / "hf"), local_files_only=True).eval()
     prompt = tok.encode(PROMPT)
@@ -351,7 +387,7 @@ def test_grown_checkpoint_exports_to_gguf(grown_checkpoint, tmp_path):
 
     from semilla.export.gguf import export_gguf
 
-    _, grown, _ = grown_checkpoint
+    _, grown, _, _ = grown_checkpoint
     model, tok, _ = load_checkpoint(grown)
     llm = load_gguf(export_gguf(grown, tmp_path / "grown-f32.gguf", "f32"))
     prompt = tok.encode(PROMPT)
@@ -367,7 +403,7 @@ def test_grown_checkpoint_serves_the_source_answers(grown_checkpoint, tmp_path):
     from semilla.serve.registry import load_models
     from semilla.serve.settings import ServerSettings
 
-    source, grown, _ = grown_checkpoint
+    source, grown, _, _ = grown_checkpoint
     messages = [{"role": "user", "content": "the quick fox"}]
     app = create_app(ServerSettings(data_dir=str(tmp_path / "data")), load_models([("grown", str(grown))]))
     with running_server(app) as url:
@@ -389,6 +425,22 @@ def test_python_api_grows_a_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "grown")[0].config.n_layer == 4
 
 
+def test_thau_preset_from_age_0_to_age_1(tmp_path):
+    """The real shapes: a THAU age-0 model (256 wide, 2 layers, head size 64) grown by preset."""
+    import semilla
+
+    tok = Tokenizer.train_char(["abcdefghijklmnopqrstuvwxyz "])
+    source = random_model(std=0.05, vocab_size=tok.vocab_size, n_embd=256, n_head=4, block_size=2048)
+    save_checkpoint(tmp_path / "age0", source, tok)
+    result = semilla.grow(str(tmp_path / "age0"), str(tmp_path / "age1"), preset="thau-age-1")
+    grown, _, _ = load_checkpoint(tmp_path / "age1")
+    assert (grown.config.n_embd, grown.config.n_layer, grown.config.n_head) == (384, 3, 6)
+    assert grown.config.vocab_size == tok.vocab_size and result["exact"]
+    data = batch(length=32, vocab=tok.vocab_size)
+    with torch.no_grad():
+        assert (source(data) - grown(data)).abs().max() < 1e-5
+
+
 def test_help_says_what_is_exact():
     proc = run_cli("grow", "--help")
     text = " ".join(proc.stdout.split())
@@ -408,6 +460,9 @@ def test_help_says_what_is_exact():
     [
         (("--n-embd", "16"), ("n_embd would shrink from 32 to 16",)),
         (("--n-layer", "1"), ("n_layer would shrink from 2 to 1",)),
+        (("--n-kv-head", "1"), ("n_kv_head would shrink from 2 to 1",)),
+        (("--intermediate-size", "64"), ("intermediate_size would shrink from 128 to 64",)),
+        (("--block-size", "64"), ("block_size would shrink from 128 to 64",)),
         (("--n-embd", "48", "--n-head", "5"), ("n_embd (48) must be divisible by n_head (5)",)),
         (("--n-embd", "48", "--n-head", "4"), ("head size must stay 8",)),
         (("--n-embd", "64", "--n-kv-head", "3"), ("n_kv_head (3) must divide n_head (8)",)),
@@ -415,10 +470,13 @@ def test_help_says_what_is_exact():
         ((), ("say what to grow to",)),
     ],
 )
-def test_cli_refuses_bad_shapes(tmp_path, flags, needles):
+def test_cli_refuses_bad_shapes(tmp_path, capsys, flags, needles):
+    """In process (`semilla.cli.main`): these fail before any model work."""
     source = save_tiny(tmp_path / "source", "llama", "char")
-    proc = run_cli("grow", source, "-o", tmp_path / "out", *flags)
-    assert_one_line_error(proc, *needles)
+    args = ["grow", str(source), "-o", str(tmp_path / "out"), *flags]
+    code = main(args)
+    captured = capsys.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess(args, code, captured.out, captured.err), *needles)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["source"]
 

@@ -193,45 +193,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if result["interrupted"] else 0
 
 
-GROW_DIMENSIONS = ("n_embd", "n_layer", "n_head", "n_kv_head", "intermediate_size", "block_size")
-
-
-def _insert_position(raw: str) -> str | int:
-    if raw in ("end", "interleave"):
-        return raw
-    try:
-        return int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--insert: end, interleave or a layer index, got {raw!r}") from None
-
-
-def cmd_grow(args: argparse.Namespace) -> int:
-    from semilla.models.grow import grow_checkpoint
-
-    dims = {name: getattr(args, name) for name in GROW_DIMENSIONS}
-    if not args.preset and all(v is None for v in dims.values()):
-        raise SemillaError(
-            "say what to grow to: --preset P or at least one of --n-embd --n-layer --n-head "
-            "--n-kv-head --intermediate-size --block-size"
-        )
-    result = grow_checkpoint(
-        args.checkpoint, args.out, mode=args.mode, noise=args.noise, insert=args.insert, seed=args.seed,
-        overwrite=args.overwrite, preset=args.preset, **dims,
-    )  # fmt: skip
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    for name in ("source", "grown"):
-        part = result[name]
-        print(f"{name:<7} {part['shape']}: {part['parameters']:,} parameters")
-    verdict = "exact: same function" if result["exact"] else "not function-preserving"
-    print(
-        f"wrote {result['path']} ({result['mode']} mode, {verdict}; "
-        f"largest logit change on a random batch {result['max_logit_change']:.2e})"
-    )
-    return 0
-
-
 def _generate_settings(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "num_samples", 1) < (0 if args.func is cmd_eval else 1):
         raise SemillaError(f"num_samples (--num-samples) must be >= 1, got {args.num_samples}")
@@ -405,6 +366,45 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+GROW_DIMENSIONS = ("n_embd", "n_layer", "n_head", "n_kv_head", "intermediate_size", "block_size")
+
+
+def _insert_position(raw: str) -> str | int:
+    if raw in ("end", "interleave"):
+        return raw
+    try:
+        return int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--insert: end, interleave or a layer index, got {raw!r}") from None
+
+
+def cmd_grow(args: argparse.Namespace) -> int:
+    from semilla.models.grow import grow_checkpoint
+
+    dims = {name: getattr(args, name) for name in GROW_DIMENSIONS}
+    if not args.preset and all(v is None for v in dims.values()):
+        raise SemillaError(
+            "say what to grow to: --preset P or at least one of --n-embd --n-layer --n-head "
+            "--n-kv-head --intermediate-size --block-size"
+        )
+    result = grow_checkpoint(
+        args.checkpoint, args.out, mode=args.mode, noise=args.noise, insert=args.insert, seed=args.seed,
+        overwrite=args.overwrite, preset=args.preset, **dims,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for name in ("source", "grown"):
+        part = result[name]
+        print(f"{name:<7} {part['shape']}: {part['parameters']:,} parameters")
+    verdict = "exact: same function" if result["exact"] else "not function-preserving"
+    print(
+        f"wrote {result['path']} ({result['mode']} mode, {verdict}; "
+        f"largest logit change on a random batch {result['max_logit_change']:.2e})"
+    )
+    return 0
+
+
 # --- parser and entry point ---------------------------------------------------------------
 
 
@@ -493,53 +493,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, ModelConfig, "model", skip=("vocab_size",))
     add_dataclass_flags(p, TrainConfig, "training", aliases={"vocab_size_bpe": "--vocab-size"})
     p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser(
-        "grow",
-        help="grow a trained model: wider, deeper, more heads, longer context",
-        description="Grow a checkpoint into a larger model that computes the same function (mode exact): "
-        "same logits for every input, up to float rounding (about 1e-6), then train it on. "
-        "Exact for the llama family in every dimension (width, MLP, heads, key/value heads, depth, context) "
-        "and for the gpt2 family too: zero padding alone would move LayerNorm's mean and variance, so in the "
-        "gpt2 family the new width coordinates carry the mean of the old ones. New weights that read the "
-        "stream are random (small), the ones that write into it start at zero (--noise perturbs them; then "
-        "not exact). Mode stack grows depth by copying existing blocks (G_stack): not function-preserving. "
-        "Dimensions not given stay the source's; n_head follows n_embd at the same head size. LSTM and int8 "
-        "checkpoints cannot grow.",
-    )
-    p.add_argument("checkpoint", help="checkpoint or run directory to grow")
-    p.add_argument("-o", "--out", required=True, help="directory of the grown checkpoint")
-    p.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        help="grow to this preset's shape (e.g. thau-age-3); the vocabulary stays",
-    )
-    for name in GROW_DIMENSIONS:
-        p.add_argument(_flag(name), type=int, metavar="N", help=f"grown {name} (overrides the preset's)")
-    p.add_argument(
-        "--mode",
-        choices=("exact", "stack"),
-        default="exact",
-        help="exact: new blocks are identities (default); stack: new blocks copy old ones (G_stack)",
-    )
-    p.add_argument(
-        "--noise",
-        type=float,
-        default=0.0,
-        help="perturb the values that keep the function (zeros, gpt2 means) by this standard deviation "
-        "(then not exact)",
-    )
-    p.add_argument(
-        "--insert",
-        type=_insert_position,
-        default="end",
-        metavar="end|interleave|N",
-        help="where new blocks go: after the old ones, spread between them, or before old block N (default: end)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the new random weights (default: 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=cmd_grow)
 
     p = sub.add_parser(
         "generate",
@@ -672,6 +625,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folders", nargs="*", default=["runs"], help="folders to search (default: runs)")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser(
+        "grow",
+        help="grow a trained model: wider, deeper, more heads, longer context",
+        description="Grow a checkpoint into a larger model that computes the same function (mode exact): "
+        "same logits for every input, up to float rounding (about 1e-6), then train it on. "
+        "Exact for the llama family in every dimension (width, MLP, heads, key/value heads, depth, context) "
+        "and for the gpt2 family too: zero padding alone would move LayerNorm's mean and variance (in the tests, "
+        "logits off by as much as their own size), so in the gpt2 family the new width coordinates carry the mean of "
+        "the old ones. New weights that read the "
+        "stream are random (small), the ones that write into it start at zero (--noise perturbs them; then "
+        "not exact). Mode stack grows depth by copying existing blocks (G_stack): not function-preserving. "
+        "Dimensions not given stay the source's; n_head follows n_embd at the same head size. LSTM and int8 "
+        "checkpoints cannot grow.",
+    )
+    p.add_argument("checkpoint", help="checkpoint or run directory to grow")
+    p.add_argument("-o", "--out", required=True, help="directory of the grown checkpoint")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="grow to this preset's shape (e.g. thau-age-3); the vocabulary stays",
+    )
+    for name in GROW_DIMENSIONS:
+        p.add_argument(_flag(name), type=int, metavar="N", help=f"grown {name} (overrides the preset's)")
+    p.add_argument(
+        "--mode",
+        choices=("exact", "stack"),
+        default="exact",
+        help="exact: new blocks are identities (default); stack: new blocks copy old ones (G_stack)",
+    )
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="perturb the values that keep the function (zeros, gpt2 means) by this standard deviation "
+        "(then not exact)",
+    )
+    p.add_argument(
+        "--insert",
+        type=_insert_position,
+        default="end",
+        metavar="end|interleave|N",
+        help="where new blocks go: after the old ones, spread between them, or before old block N (default: end)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the new random weights (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_grow)
 
     from semilla.export.cli import add_parsers as add_export_parsers
 

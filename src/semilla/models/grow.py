@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,6 +76,8 @@ BLOCK_PARAMETERS = {
 }
 NORMS = ("input_layernorm", "post_attention_layernorm")
 OUTPUT_PROJECTIONS = ("self_attn.o_proj.", "mlp.down_proj.")  # zero in a new block: an identity
+# Optimizer state entries that scale with the gradient, and their power (AdamW, Adam, SGD)
+MOMENT_POWERS = {"exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2, "momentum_buffer": 1}
 
 
 class GrowthError(ConfigError):
@@ -138,8 +141,9 @@ def target_config(source: ModelConfig, preset: str | None = None, **dims: int | 
     ones override the preset's). Dimensions not given keep the source's; n_head follows
     n_embd at the source's head size, and a model without grouped-query attention keeps none.
     Everything else (family switches, vocabulary, rope_theta) stays the source's; norm_eps
-    becomes eps * d/d' (see the module docstring). Raises GrowthError listing every problem.
-    """
+    becomes eps * d/d' (see the module docstring). Raises GrowthError listing every problem
+    (a smaller dimension, a head size change, kv heads that do not divide the query heads,
+    an LSTM or a family other than llama and gpt2)."""
     unknown = sorted(set(dims) - set(SHAPE_FIELDS))
     if unknown:
         raise GrowthError(f"unknown dimensions: {', '.join(unknown)}; choose from {', '.join(SHAPE_FIELDS)}")
@@ -165,7 +169,11 @@ def target_config(source: ModelConfig, preset: str | None = None, **dims: int | 
         "block_size": wanted.get("block_size", source.block_size),
     }
     eps = source.norm_eps * source.n_embd / n_embd if n_embd > 0 else source.norm_eps
-    return dataclasses.replace(source, **shape, norm_eps=eps)
+    target = dataclasses.replace(source, **shape, norm_eps=eps)
+    problems = growth_problems(source, target, "exact", "end")
+    if problems:
+        raise GrowthError("cannot grow the model: " + "; ".join(problems))
+    return target
 
 
 def growth_problems(source: ModelConfig, target: ModelConfig, mode: str, insert: str | int) -> list[str]:
@@ -328,18 +336,40 @@ class GrowthPlan:
         Grown parameters whose source is missing from `tensors` are left out; new blocks' are
         zeros."""
         out = {}
+        like = next(iter(tensors.values()), torch.zeros(()))
         for name, m in self.maps.items():
             if m.source is not None and m.source not in tensors:
                 continue
             new, _ = m.masks()
             if m.source is None:
-                out[name] = torch.zeros(new.shape)
+                out[name] = torch.zeros(new.shape, dtype=like.dtype, device=like.device)
                 continue
             old = tensors[m.source]
             grown = m.gather(old) * m.scale ** (-power)
             out[name] = torch.where(
                 new.to(old.device), torch.zeros((), dtype=old.dtype, device=old.device), grown
             )
+        return out
+
+    def grow_optimizer_state(self, state: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """An optimizer's per-parameter state keyed by source parameter name (AdamW: step,
+        exp_avg, exp_avg_sq) for the grown model: moments by grow_tensors, other entries (the
+        step) kept; parameters of new blocks get zero moments and the others' step."""
+        grown = {
+            key: self.grow_tensors({n: s[key] for n, s in state.items() if key in s}, power)
+            for key, power in MOMENT_POWERS.items()
+        }
+        step = next((s["step"] for s in state.values() if "step" in s), None)
+        out: dict[str, dict[str, Any]] = {}
+        for name, m in self.maps.items():
+            if m.source is not None and m.source not in state:
+                continue  # a parameter the optimizer has not touched yet
+            kept = state[m.source] if m.source is not None else {}
+            entry = {k: v for k, v in kept.items() if k not in MOMENT_POWERS}
+            if m.source is None and step is not None:
+                entry["step"] = step.clone() if torch.is_tensor(step) else step
+            entry.update({key: tensors[name] for key, tensors in grown.items() if name in tensors})
+            out[name] = entry
         return out
 
 
@@ -457,6 +487,18 @@ def grow_tensors(
     exp_avg_sq: power 2) laid out for the grown model, by the same plan as grow_model: new
     entries zero, copied entries (key/value heads, stacked blocks) copied. Steps stay as they are."""
     return plan_growth(source, target, mode, insert).grow_tensors(tensors, power)
+
+
+def grow_optimizer_state(
+    state: dict[str, dict[str, Any]],
+    source: ModelConfig,
+    target: ModelConfig,
+    mode: str = "exact",
+    insert: str | int = "end",
+) -> dict[str, dict[str, Any]]:
+    """Optimizer state keyed by parameter name ({name: {"step", "exp_avg", "exp_avg_sq"}}) for
+    the grown model, by the same plan as grow_model (see GrowthPlan.grow_optimizer_state)."""
+    return plan_growth(source, target, mode, insert).grow_optimizer_state(state)
 
 
 @torch.no_grad()
