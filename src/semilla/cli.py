@@ -644,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="directory of the grown checkpoint")
     p.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
+        choices=list(PRESETS),
         help="grow to this preset's shape (e.g. thau-age-3); the vocabulary stays",
     )
     for name in GROW_DIMENSIONS:
