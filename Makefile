@@ -79,7 +79,9 @@ screenshots: setup browser
 	SEMILLA_SCREENSHOTS=docs/screenshots $(BIN)/pytest -q tests/test_web_browser.py
 
 bench: setup
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/train_shakespeare.py
+	$(BIN)/python bench/grow.py
 	$(BIN)/python bench/generate_speed.py
 	$(BIN)/python bench/engine_speed.py
 	$(BIN)/python bench/serve_load.py --compare-auth
