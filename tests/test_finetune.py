@@ -25,6 +25,8 @@ from semilla.cli import main
 from semilla.config import TrainConfig, preset, replace
 from semilla.data import IGNORE_INDEX, MixtureDataset, TokenDataset, parse_mixture, prepare
 from semilla.errors import CheckpointError
+from semilla.export.hf import export_hf
+from semilla.export.importer import import_hf
 from semilla.export.quantize import quantize_int8
 from semilla.models import build_model
 from semilla.tokenizer import Tokenizer
@@ -205,6 +207,23 @@ def test_init_from_starts_a_new_run_from_the_weights_with_the_checkpoints_tokeni
     assert t.state.step == 0 and not t.optimizer.state
     assert Tokenizer.load(tmp_path / "run" / "data").same_encoding(tok)
     assert t.config.init_from == str((tiny_run / "best").resolve())
+
+
+def test_init_from_a_checkpoint_imported_from_hugging_face(
+    tmp_path: Path, tiny_run: Path, prepared_dir: Path
+) -> None:
+    """export hf -> import -> --init-from: the imported weights train on the original data."""
+    imported = import_hf(export_hf(tiny_run, tmp_path / "hf"), tmp_path / "imported")
+    settings = dict(max_iters=2, eval_interval=2, init_from=str(imported))
+    result = train(
+        init_model_config(str(imported), {}), tiny_configs(prepared_dir, tmp_path / "run", **settings)[1]
+    )
+    assert result["step"] == 2
+    source, _, _ = load_checkpoint(tiny_run)
+    tuned, _, _ = load_checkpoint(tmp_path / "run" / "last")
+    assert (
+        tuned.config.n_layer == source.config.n_layer and tuned.config.vocab_size == source.config.vocab_size
+    )
 
 
 def test_prepare_takes_the_tokenizer_of_a_run_directory(tmp_path: Path, tiny_run: Path) -> None:
