@@ -30,7 +30,15 @@ from semilla.export.importer import import_hf
 from semilla.export.quantize import quantize_int8
 from semilla.models import build_model
 from semilla.tokenizer import Tokenizer
-from semilla.train import loss_fn, make_optimizer, resume_configs, setup, train
+from semilla.train import (
+    batch_metrics,
+    loss_fn,
+    make_optimizer,
+    metric_sums,
+    resume_configs,
+    setup,
+    train,
+)
 from semilla.train_inputs import init_model_config
 
 QUESTIONS = ["hola", "quien eres", "que hora es", "donde vives", "como estas", "que lees", "adios"]
@@ -143,6 +151,22 @@ def test_user_turn_tokens_contribute_exactly_zero_gradient(tmp_path: Path) -> No
     (per_position[~ignored.view(-1)].mean()).backward()
     for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_metrics_and_validation_skip_ignored_targets() -> None:
+    """Whatever the model predicts where the target is ignored changes no loss or accuracy."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    targets = torch.randint(0, 11, (2, 6))
+    targets[0, :3] = IGNORE_INDEX
+    other = logits.clone()
+    other[0, :3] = torch.randn(3, 11) * 10
+    assert batch_metrics(logits, targets) == batch_metrics(other, targets)
+    counted = targets != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[counted], targets[counted])
+    assert batch_metrics(logits, targets)["loss"] == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss_fn(logits, targets)) == pytest.approx(float(expected), rel=1e-6)
+    assert metric_sums(logits, targets)["count"] == 9
 
 
 def greedy(model: torch.nn.Module, ids: list[int], stop: int, limit: int = 40) -> list[int]:
