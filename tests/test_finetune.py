@@ -14,6 +14,7 @@ from helpers import TINY_TRAIN, assert_one_line_error, run_cli, tiny_configs
 from safetensors.torch import save_file
 from test_train import assert_same_training
 
+from semilla.api import LanguageModel
 from semilla.checkpoint import (
     load_checkpoint,
     load_optimizer_state,
@@ -25,6 +26,7 @@ from semilla.cli import main
 from semilla.config import TrainConfig, preset, replace
 from semilla.data import IGNORE_INDEX, MixtureDataset, TokenDataset, parse_mixture, prepare
 from semilla.errors import CheckpointError
+from semilla.evaluate import evaluate
 from semilla.export.hf import export_hf
 from semilla.export.importer import import_hf
 from semilla.export.quantize import quantize_int8
@@ -140,6 +142,7 @@ def test_user_turn_tokens_contribute_exactly_zero_gradient(tmp_path: Path) -> No
     logits.retain_grad()
     loss_fn(logits, y).backward()
     ignored = y == IGNORE_INDEX
+    assert ignored.any() and (all_targets[ignored] == tok.token_to_id("<|user|>")).any()
     assert logits.grad[ignored].abs().max() == 0
     assert (logits.grad[~ignored].abs().sum(-1) > 0).all()
     grads = [p.grad.clone() for p in model.parameters()]
@@ -167,6 +170,28 @@ def test_metrics_and_validation_skip_ignored_targets() -> None:
     assert batch_metrics(logits, targets)["loss"] == pytest.approx(float(expected), rel=1e-6)
     assert float(loss_fn(logits, targets)) == pytest.approx(float(expected), rel=1e-6)
     assert metric_sums(logits, targets)["count"] == 9
+
+
+def test_eval_scores_chat_data_on_the_assistant_turns(tmp_path: Path) -> None:
+    """`semilla eval` on prepared chat data: the likelihood counts exactly the assistant targets
+    and equals a plain forward's cross-entropy over those positions."""
+    data = tmp_path / "chat"
+    prepare([str(write_jsonl(tmp_path / "chat.jsonl", chat_rows(10)))], str(data), split=(1.0, 0.0, 0.0))
+    tok = Tokenizer.load(data)
+    torch.manual_seed(0)
+    model = build_model(replace(preset("tiny"), vocab_size=tok.vocab_size, block_size=512)).eval()
+    lm = LanguageModel(model, tok, {"path": "tiny"})
+    report = evaluate(lm, data=str(data), split="train", num_samples=0, references=0)["likelihood"]
+    ids = torch.from_numpy(np.fromfile(data / "train_000.bin", dtype=np.uint16).astype(np.int64))
+    counted = torch.from_numpy(np.fromfile(data / "train_000.mask", dtype=np.uint8)).bool()
+    assert len(ids) < 512  # one window: the oracle is one forward pass
+    with torch.no_grad():
+        logits = model(ids[None, :-1])[0]
+    keep = counted[1:]
+    assert report["tokens"] == int(keep.sum()) < len(ids) - 1
+    expected = torch.nn.functional.cross_entropy(logits[keep], ids[1:][keep])
+    assert report["cross_entropy"] == pytest.approx(float(expected), rel=1e-5)
+    assert "bits_per_char" not in report
 
 
 def greedy(model: torch.nn.Module, ids: list[int], stop: int, limit: int = 40) -> list[int]:

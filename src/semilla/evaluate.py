@@ -45,8 +45,13 @@ def likelihood_metrics(
     n_chars: int,
     stride: int | None = None,
     max_tokens: int | None = None,
+    counted: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Perplexity, cross-entropy, token accuracy, top-5 accuracy and bits per character."""
+    """Perplexity, cross-entropy, token accuracy, top-5 accuracy and bits per character.
+
+    counted: one bool per token of `ids`, whether predicting it counts (chat data: the
+    assistant turns, see assistant_targets); then bits per character is left out, as the
+    characters of the other turns are not scored."""
     if max_tokens and len(ids) > max_tokens + 1:
         n_chars = max(1, round(n_chars * max_tokens / (len(ids) - 1)))  # characters scale with tokens
         ids = ids[: max_tokens + 1]
@@ -55,24 +60,33 @@ def likelihood_metrics(
     block = lm.model.config.block_size
     stride = stride or block
     nll = correct = top5 = count = 0.0
+    done = 0  # targets scored so far: this window's are ids[done + 1 : done + 1 + n_new]
     for window, n_new in token_windows(ids, block, stride):
         x, y = window[None, :-1].to(lm.device), window[None, 1:].to(lm.device)
         logits = lm.model(x).float()[0, -n_new:]
         targets = y[0, -n_new:]
+        if counted is not None:
+            keep = counted[done + 1 : done + 1 + n_new].to(lm.device)
+            logits, targets = logits[keep], targets[keep]
+        done += n_new
         nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
         best5 = logits.topk(min(5, logits.size(-1)), -1).indices
         correct += float((best5[:, 0] == targets).sum())
         top5 += float((best5 == targets[:, None]).any(-1).sum())
-        count += n_new
+        count += len(targets)
+    if not count:
+        raise DataError("nothing to score: the evaluation data has no assistant turns")
     ce = nll / count
-    return {
+    metrics = {
         "tokens": int(count),
         "cross_entropy": ce,
         "perplexity": math.exp(min(ce, 50)),
         "token_accuracy": correct / count,
         "top5_accuracy": top5 / count,
-        "bits_per_char": nll / math.log(2) / max(1, n_chars),
     }
+    if counted is None:
+        metrics["bits_per_char"] = nll / math.log(2) / max(1, n_chars)
+    return metrics
 
 
 def load_eval_tokens(lm: LanguageModel, source: str | None, split: str) -> tuple[torch.Tensor, int, str]:
@@ -95,6 +109,15 @@ def load_eval_tokens(lm: LanguageModel, source: str | None, split: str) -> tuple
         raise DataError(f"the evaluation file {path} is empty")
     ids = torch.tensor([lm.tokenizer.bos_id] + lm.tokenizer.encode(text))
     return ids, len(text), str(path)
+
+
+def assistant_targets(source: str, split: str) -> torch.Tensor | None:
+    """For prepared chat data, which tokens of the split count (the assistant turns), aligned
+    with load_eval_tokens' ids; None for text, where every token counts."""
+    if not is_prepared(source):
+        return None
+    masks = TokenDataset(source, split).masks
+    return torch.from_numpy(np.concatenate(masks)).bool() if masks else None
 
 
 def default_data_dir(lm: LanguageModel) -> str:
@@ -282,9 +305,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """The full report: likelihood on held-out text, sample metrics, reference metrics."""
     cfg = (cfg or GenerateConfig(max_new_tokens=100, temperature=0.8, top_k=40, seed=0)).validate()
-    ids, chars, described = load_eval_tokens(lm, data, split)
+    source = data if data is not None else default_data_dir(lm)
+    ids, chars, described = load_eval_tokens(lm, source, split)
     report: dict[str, Any] = {"checkpoint": lm.config.get("path"), "data": described}
-    report["likelihood"] = likelihood_metrics(lm, ids, chars, stride, max_tokens)
+    counted = assistant_targets(source, split)  # chat data is scored on the assistant turns
+    report["likelihood"] = likelihood_metrics(lm, ids, chars, stride, max_tokens, counted)
     if num_samples:
         report["samples"] = sample_metrics(lm, prompts or [""], num_samples, cfg)
     if references:
