@@ -89,7 +89,9 @@ def test_chat_mask_covers_the_assistant_content_and_its_end_marker(corpus_text: 
 
 def test_prepare_writes_masks_beside_the_shards_only_for_chat_data(tmp_path: Path, corpus_file: Path) -> None:
     rows = chat_rows(30) + [{"text": "una linea de texto plano"}] * 5
-    chat = prepare([str(write_jsonl(tmp_path / "chat.jsonl", rows))], str(tmp_path / "chat"))
+    proc = run_cli("prepare", write_jsonl(tmp_path / "chat.jsonl", rows), "-o", tmp_path / "chat", "-q")
+    assert proc.returncode == 0 and "loss mask" in proc.stdout, proc.stderr
+    chat = json.loads((tmp_path / "chat" / "meta.json").read_text())
     assert chat["loss_mask"]
     tok = Tokenizer.load(tmp_path / "chat")
     for split in ("train", "val", "test"):
@@ -490,6 +492,9 @@ def test_cli_refuses_a_malformed_mixture_and_mixed_tokenizers(
     proc = run_cli(*base, "--data", f"{prepared_dir}:0.7,{other_tokenizer_data}:0.3")
     assert_one_line_error(proc, "another tokenizer", str(other_tokenizer_data))
     assert parse_mixture(str(prepared_dir)) is None  # plain data keeps its meaning
+    colon = tmp_path / "notes:2024.txt"
+    colon.write_text("hola\n", encoding="utf-8")
+    assert parse_mixture(f"{colon},{prepared_dir}") is None  # an existing path is a path
 
 
 def test_resume_of_an_init_from_run_continues_exactly(
