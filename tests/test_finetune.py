@@ -14,6 +14,7 @@ from helpers import TINY_TRAIN, assert_one_line_error, run_cli, tiny_configs
 from safetensors.torch import save_file
 from test_train import assert_same_training
 
+from semilla.api import LanguageModel
 from semilla.checkpoint import (
     load_checkpoint,
     load_optimizer_state,
@@ -25,10 +26,21 @@ from semilla.cli import main
 from semilla.config import TrainConfig, preset, replace
 from semilla.data import IGNORE_INDEX, MixtureDataset, TokenDataset, parse_mixture, prepare
 from semilla.errors import CheckpointError
+from semilla.evaluate import evaluate
+from semilla.export.hf import export_hf
+from semilla.export.importer import import_hf
 from semilla.export.quantize import quantize_int8
 from semilla.models import build_model
 from semilla.tokenizer import Tokenizer
-from semilla.train import loss_fn, make_optimizer, resume_configs, setup, train
+from semilla.train import (
+    batch_metrics,
+    loss_fn,
+    make_optimizer,
+    metric_sums,
+    resume_configs,
+    setup,
+    train,
+)
 from semilla.train_inputs import init_model_config
 
 QUESTIONS = ["hola", "quien eres", "que hora es", "donde vives", "como estas", "que lees", "adios"]
@@ -77,7 +89,9 @@ def test_chat_mask_covers_the_assistant_content_and_its_end_marker(corpus_text: 
 
 def test_prepare_writes_masks_beside_the_shards_only_for_chat_data(tmp_path: Path, corpus_file: Path) -> None:
     rows = chat_rows(30) + [{"text": "una linea de texto plano"}] * 5
-    chat = prepare([str(write_jsonl(tmp_path / "chat.jsonl", rows))], str(tmp_path / "chat"))
+    proc = run_cli("prepare", write_jsonl(tmp_path / "chat.jsonl", rows), "-o", tmp_path / "chat", "-q")
+    assert proc.returncode == 0 and "loss mask" in proc.stdout, proc.stderr
+    chat = json.loads((tmp_path / "chat" / "meta.json").read_text())
     assert chat["loss_mask"]
     tok = Tokenizer.load(tmp_path / "chat")
     for split in ("train", "val", "test"):
@@ -130,6 +144,7 @@ def test_user_turn_tokens_contribute_exactly_zero_gradient(tmp_path: Path) -> No
     logits.retain_grad()
     loss_fn(logits, y).backward()
     ignored = y == IGNORE_INDEX
+    assert ignored.any() and (all_targets[ignored] == tok.token_to_id("<|user|>")).any()
     assert logits.grad[ignored].abs().max() == 0
     assert (logits.grad[~ignored].abs().sum(-1) > 0).all()
     grads = [p.grad.clone() for p in model.parameters()]
@@ -141,6 +156,44 @@ def test_user_turn_tokens_contribute_exactly_zero_gradient(tmp_path: Path) -> No
     (per_position[~ignored.view(-1)].mean()).backward()
     for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_metrics_and_validation_skip_ignored_targets() -> None:
+    """Whatever the model predicts where the target is ignored changes no loss or accuracy."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    targets = torch.randint(0, 11, (2, 6))
+    targets[0, :3] = IGNORE_INDEX
+    other = logits.clone()
+    other[0, :3] = torch.randn(3, 11) * 10
+    assert batch_metrics(logits, targets) == batch_metrics(other, targets)
+    counted = targets != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[counted], targets[counted])
+    assert batch_metrics(logits, targets)["loss"] == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss_fn(logits, targets)) == pytest.approx(float(expected), rel=1e-6)
+    assert metric_sums(logits, targets)["count"] == 9
+
+
+def test_eval_scores_chat_data_on_the_assistant_turns(tmp_path: Path) -> None:
+    """`semilla eval` on prepared chat data: the likelihood counts exactly the assistant targets
+    and equals a plain forward's cross-entropy over those positions."""
+    data = tmp_path / "chat"
+    prepare([str(write_jsonl(tmp_path / "chat.jsonl", chat_rows(10)))], str(data), split=(1.0, 0.0, 0.0))
+    tok = Tokenizer.load(data)
+    torch.manual_seed(0)
+    model = build_model(replace(preset("tiny"), vocab_size=tok.vocab_size, block_size=512)).eval()
+    lm = LanguageModel(model, tok, {"path": "tiny"})
+    report = evaluate(lm, data=str(data), split="train", num_samples=0, references=0)["likelihood"]
+    ids = torch.from_numpy(np.fromfile(data / "train_000.bin", dtype=np.uint16).astype(np.int64))
+    counted = torch.from_numpy(np.fromfile(data / "train_000.mask", dtype=np.uint8)).bool()
+    assert len(ids) < 512  # one window: the oracle is one forward pass
+    with torch.no_grad():
+        logits = model(ids[None, :-1])[0]
+    keep = counted[1:]
+    assert report["tokens"] == int(keep.sum()) < len(ids) - 1
+    expected = torch.nn.functional.cross_entropy(logits[keep], ids[1:][keep])
+    assert report["cross_entropy"] == pytest.approx(float(expected), rel=1e-5)
+    assert "bits_per_char" not in report
 
 
 def greedy(model: torch.nn.Module, ids: list[int], stop: int, limit: int = 40) -> list[int]:
@@ -205,6 +258,23 @@ def test_init_from_starts_a_new_run_from_the_weights_with_the_checkpoints_tokeni
     assert t.state.step == 0 and not t.optimizer.state
     assert Tokenizer.load(tmp_path / "run" / "data").same_encoding(tok)
     assert t.config.init_from == str((tiny_run / "best").resolve())
+
+
+def test_init_from_a_checkpoint_imported_from_hugging_face(
+    tmp_path: Path, tiny_run: Path, prepared_dir: Path
+) -> None:
+    """export hf -> import -> --init-from: the imported weights train on the original data."""
+    imported = import_hf(export_hf(tiny_run, tmp_path / "hf"), tmp_path / "imported")
+    settings = dict(max_iters=2, eval_interval=2, init_from=str(imported))
+    result = train(
+        init_model_config(str(imported), {}), tiny_configs(prepared_dir, tmp_path / "run", **settings)[1]
+    )
+    assert result["step"] == 2
+    source, _, _ = load_checkpoint(tiny_run)
+    tuned, _, _ = load_checkpoint(tmp_path / "run" / "last")
+    assert (
+        tuned.config.n_layer == source.config.n_layer and tuned.config.vocab_size == source.config.vocab_size
+    )
 
 
 def test_prepare_takes_the_tokenizer_of_a_run_directory(tmp_path: Path, tiny_run: Path) -> None:
@@ -422,6 +492,9 @@ def test_cli_refuses_a_malformed_mixture_and_mixed_tokenizers(
     proc = run_cli(*base, "--data", f"{prepared_dir}:0.7,{other_tokenizer_data}:0.3")
     assert_one_line_error(proc, "another tokenizer", str(other_tokenizer_data))
     assert parse_mixture(str(prepared_dir)) is None  # plain data keeps its meaning
+    colon = tmp_path / "notes:2024.txt"
+    colon.write_text("hola\n", encoding="utf-8")
+    assert parse_mixture(f"{colon},{prepared_dir}") is None  # an existing path is a path
 
 
 def test_resume_of_an_init_from_run_continues_exactly(

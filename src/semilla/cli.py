@@ -139,6 +139,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for name, s in stats["splits"].items():
         print(f"    {name:<5}          {s['tokens']:,} tokens in {s['pieces']:,} pieces")
     print(f"  tokenizer        {stats['tokenizer']}, vocab {stats['vocab_size']:,}")
+    if stats["loss_mask"]:
+        print("  loss mask        chat rows train on their assistant turns (--loss-on all: every token)")
     print(
         f"  vocab coverage   {stats['vocab_coverage']:.2%} of tokens known, {stats['vocab_used']:.2%} of the vocab used"
     )

@@ -581,9 +581,10 @@ class TokenDataset:
 
 
 def parse_mixture(spec: str) -> list[tuple[str, float]] | None:
-    """`new:0.7,old:0.3` -> [("new", 0.7), ("old", 0.3)]; None for plain data (no weights)."""
+    """`new:0.7,old:0.3` -> [("new", 0.7), ("old", 0.3)]; None for plain data (no weights).
+    A part that names an existing file or folder is a path, even with a colon in its name."""
     parts = spec.split(",")
-    if not any(":" in part for part in parts):
+    if not any(":" in part and not Path(part).exists() for part in parts):
         return None
     sources = []
     for part in parts:

@@ -48,8 +48,13 @@ def likelihood_metrics(
     n_chars: int,
     stride: int | None = None,
     max_tokens: int | None = None,
+    counted: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Perplexity, cross-entropy, token accuracy, top-5 accuracy and bits per character."""
+    """Perplexity, cross-entropy, token accuracy, top-5 accuracy and bits per character.
+
+    counted: one bool per token of `ids`, whether predicting it counts (chat data: the
+    assistant turns, see assistant_targets); then bits per character is left out, as the
+    characters of the other turns are not scored."""
     if max_tokens and len(ids) > max_tokens + 1:
         n_chars = max(1, round(n_chars * max_tokens / (len(ids) - 1)))  # characters scale with tokens
         ids = ids[: max_tokens + 1]
@@ -58,24 +63,33 @@ def likelihood_metrics(
     block = lm.model.config.block_size
     stride = stride or block
     nll = correct = top5 = count = 0.0
+    done = 0  # targets scored so far: this window's are ids[done + 1 : done + 1 + n_new]
     for window, n_new in token_windows(ids, block, stride):
         x, y = window[None, :-1].to(lm.device), window[None, 1:].to(lm.device)
         logits = lm.model(x).float()[0, -n_new:]
         targets = y[0, -n_new:]
+        if counted is not None:
+            keep = counted[done + 1 : done + 1 + n_new].to(lm.device)
+            logits, targets = logits[keep], targets[keep]
+        done += n_new
         nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
         best5 = logits.topk(min(5, logits.size(-1)), -1).indices
         correct += float((best5[:, 0] == targets).sum())
         top5 += float((best5 == targets[:, None]).any(-1).sum())
-        count += n_new
+        count += len(targets)
+    if not count:
+        raise DataError("nothing to score: the evaluation data has no assistant turns")
     ce = nll / count
-    return {
+    metrics = {
         "tokens": int(count),
         "cross_entropy": ce,
         "perplexity": math.exp(min(ce, 50)),
         "token_accuracy": correct / count,
         "top5_accuracy": top5 / count,
-        "bits_per_char": nll / math.log(2) / max(1, n_chars),
     }
+    if counted is None:
+        metrics["bits_per_char"] = nll / math.log(2) / max(1, n_chars)
+    return metrics
 
 
 def load_eval_tokens(lm: LanguageModel, source: str | None, split: str) -> tuple[torch.Tensor, int, str]:
@@ -123,6 +137,15 @@ def eval_text(source: str, split: str) -> tuple[str, str]:
         ids = prepared_split_ids(path, split).tolist()
         return Tokenizer.load(path).decode(ids, skip_special_tokens=True), f"{path} ({split} split)"
     return read_eval_text(path), str(path)
+
+
+def assistant_targets(source: str, split: str) -> torch.Tensor | None:
+    """For prepared chat data, which tokens of the split count (the assistant turns), aligned
+    with load_eval_tokens' ids; None for text, where every token counts."""
+    if not is_prepared(source):
+        return None
+    masks = TokenDataset(source, split).masks
+    return torch.from_numpy(np.concatenate(masks)).bool() if masks else None
 
 
 def default_data_dir(lm: LanguageModel) -> str:
@@ -313,8 +336,11 @@ def evaluate(
     what was measured (data, split, sampling settings). `text` = (text, description) scores
     that text with the model's own tokenizer instead of `data`."""
     cfg = (cfg or GenerateConfig(**EVAL_SAMPLING)).validate()
+    counted = None  # which targets count: chat data is scored on the assistant turns
     if text is None:
-        ids, chars, described = load_eval_tokens(lm, data, split)
+        source = data if data is not None else default_data_dir(lm)
+        ids, chars, described = load_eval_tokens(lm, source, split)
+        counted = assistant_targets(source, split)
     else:
         ids, chars, described = text_tokens(lm, text[0]), len(text[0]), text[1]
     report: dict[str, Any] = {
@@ -328,7 +354,7 @@ def evaluate(
             "max_tokens": max_tokens,
         },
     }
-    report["likelihood"] = likelihood_metrics(lm, ids, chars, stride, max_tokens)
+    report["likelihood"] = likelihood_metrics(lm, ids, chars, stride, max_tokens, counted)
     if num_samples:
         report["samples"] = sample_metrics(lm, prompts or [""], num_samples, cfg)
     if references:
