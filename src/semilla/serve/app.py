@@ -17,7 +17,13 @@ from semilla.serve import accounts, web
 from semilla.serve.engine import Engine
 from semilla.serve.errors import APIError, install_error_handlers
 from semilla.serve.hooks import ServerHooks
-from semilla.serve.middleware import BodySizeLimit, RequestMetrics
+from semilla.serve.middleware import (
+    AllowedHosts,
+    BodySizeLimit,
+    RequestGuard,
+    RequestMetrics,
+    UnexpectedErrors,
+)
 from semilla.serve.registry import ServedModel
 from semilla.serve.routes import compat, health, openai
 from semilla.serve.serving import ClientGone
@@ -101,4 +107,10 @@ def create_app(
     # outermost last: the size limit runs before anything reads the body
     app.add_middleware(RequestMetrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # the Host check always when names are configured, else while anyone may use the models
+    host_check = lambda: bool(settings.allowed_hosts) or app.state.hooks.serves_anonymous()  # noqa: E731
+    app.add_middleware(
+        RequestGuard, allowed=AllowedHosts(settings.host, settings.allowed_hosts), host_check=host_check
+    )
+    app.add_middleware(UnexpectedErrors)
     return app

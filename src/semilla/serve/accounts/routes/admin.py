@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel
 
 from semilla.serve.accounts import records, users
 from semilla.serve.accounts.audit import apply_retention, audit, audit_rows
@@ -11,11 +10,12 @@ from semilla.serve.accounts.content_filter import ContentFilter
 from semilla.serve.accounts.deps import Accounts, Admin, RowId, actor
 from semilla.serve.accounts.hooks import client_ip
 from semilla.serve.errors import APIError
+from semilla.serve.protocol import Body
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
-class UserChange(BaseModel):
+class UserChange(Body):
     role: str | None = None
     disabled: bool | None = None
 

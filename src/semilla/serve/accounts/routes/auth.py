@@ -13,11 +13,12 @@ from semilla.serve.accounts.audit import audit
 from semilla.serve.accounts.deps import Accounts, AccountUser
 from semilla.serve.accounts.hooks import COOKIE, client_ip
 from semilla.serve.errors import APIError
+from semilla.serve.protocol import Body
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
 
-class Credentials(BaseModel):
+class Credentials(Body):
     username: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=256)
 

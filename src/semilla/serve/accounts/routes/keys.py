@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from semilla.serve.accounts import users
 from semilla.serve.accounts.audit import audit
 from semilla.serve.accounts.deps import Accounts, AccountUser, RowId, actor
 from semilla.serve.accounts.hooks import client_ip
+from semilla.serve.protocol import Body
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
 
-class NewKey(BaseModel):
+class NewKey(Body):
     name: str = Field("default", min_length=1, max_length=100)
     scopes: list[str] | None = Field(None, max_length=len(users.SCOPES))
     expires_in_days: int | None = Field(None, ge=1, le=3650)
