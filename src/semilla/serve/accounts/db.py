@@ -69,6 +69,14 @@ class RevokedToken(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
 
 
+class AuthGenerationRow(Base):
+    """One row (id 1) whose value triggers bump: see semilla.serve.accounts.generation."""
+
+    __tablename__ = "auth_generation"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class Completion(Base):
     """The request log: one row per finished completion (feedback points here)."""
 

@@ -42,10 +42,10 @@ class TokenOut(BaseModel):
 def register(body: Credentials, request: Request, accounts: Accounts) -> dict:
     """Create an account; the first one becomes admin."""
     accounts.limit_auth_attempts(request)
+    accounts.refresh()
     if not accounts.settings.allow_registration and accounts.accounts_exist():
         raise APIError(403, "registration is closed: ask an admin for an account", code="registration_closed")
     user = users.create_user(accounts.store, body.username, body.password)
-    accounts.accounts_created()
     audit(accounts.store, "user.register", f"user:{user.id}", target=user.username, ip=client_ip(request),
           detail={"role": user.role})  # fmt: skip
     return users.user_dict(user)
@@ -87,7 +87,6 @@ async def logout(principal: AccountUser, request: Request, accounts: Accounts) -
     claims = security.decode_token(accounts.secret, credential or "")
     if claims is not None:
         await run_in_threadpool(users.revoke_token, accounts.store, claims)
-    accounts.forget(credential)
     response = Response(status_code=204)
     response.delete_cookie(COOKIE, path="/")
     return response

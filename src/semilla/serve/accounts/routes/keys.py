@@ -26,7 +26,6 @@ def create_key(body: NewKey, principal: AccountUser, request: Request, accounts:
     if scopes and "admin" in scopes and principal.role != "admin":
         scopes = [s for s in scopes if s != "admin"] or None  # a key never has more than its owner
     secret, row = users.create_key(accounts.store, principal.user_id, body.name, scopes, body.expires_in_days)
-    accounts.accounts_created()
     audit(accounts.store, "key.create", actor(principal), target=f"key:{row.id}", ip=client_ip(request),
           detail={"name": body.name, "scopes": row.scopes})  # fmt: skip
     return users.key_dict(row) | {"object": "api_key", "key": secret}
@@ -40,6 +39,5 @@ def list_keys(principal: AccountUser, accounts: Accounts) -> dict:
 @router.delete("/{key_id}", status_code=204)
 def revoke_key(key_id: RowId, principal: AccountUser, request: Request, accounts: Accounts) -> Response:
     users.revoke_key(accounts.store, key_id, principal.user_id)
-    accounts.forget()
     audit(accounts.store, "key.revoke", actor(principal), target=f"key:{key_id}", ip=client_ip(request))
     return Response(status_code=204)
