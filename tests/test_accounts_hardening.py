@@ -88,3 +88,75 @@ def test_open_mode_ends_at_once_when_accounts_are_registered_over_http(world):
     assert chat(c, login(c, "bob")).status_code == 200
     c.cookies.clear()  # the login's session cookie would make the next chat bob's
     assert chat(c).status_code == 401
+
+
+def test_cookie_writes_from_another_origin_are_refused_without_sec_fetch_site(world):
+    c = world
+    register(c, "ana")
+    c.post("/auth/login", data=RIGHT)  # the session cookie
+    own = c.base_url.host + ":" + str(c.base_url.port)
+    for header in ({"Origin": "https://evil.example"}, {"Referer": "https://evil.example/page"},
+                   {"Origin": "null"}, {"Origin": f"http://{own.split(':')[0]}:1"}):  # fmt: skip
+        assert c.post("/v1/conversations", json={"title": "x"}, headers=header).status_code == 403, header
+        assert c.post("/v1/keys", json={"name": "stolen"}, headers=header).status_code == 403, header
+    for header in ({"Origin": f"http://{own}"}, {"Referer": f"http://{own}/keys"}, {}):
+        assert c.post("/v1/conversations", json={"title": "x"}, headers=header).status_code == 201, header
+
+
+@pytest.mark.parametrize(
+    "password",
+    ["password", "12345678", "        ", "aaaaaaaaaa", "PassWord123", "qwertyuiop", "ana-the-user"],
+)
+def test_common_and_trivial_passwords_are_refused(world, tmp_path, monkeypatch, password):
+    r = world.post("/auth/register", json={"username": "ana-the-user", "password": password})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "password", r.text
+    monkeypatch.setenv("SEMILLA_ADMIN_PASSWORD", password)
+    assert admin(tmp_path, "create-user", "ana-the-user") == 2  # the CLI applies the same rule
+
+
+def test_the_database_and_its_wal_are_private(world, tmp_path):
+    register(world, "ana")
+    data = tmp_path / "data"
+    files = [data / "semilla.db", data / "semilla.db-wal", data / "semilla.db-shm"]
+    assert all(f.exists() for f in files)
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {"0o600"}
+
+
+def test_a_dangling_key_row_is_one_line_from_the_admin_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEMILLA_ADMIN_PASSWORD", "correct horse battery")
+    assert admin(tmp_path, "create-user", "ana") == 0
+    assert admin(tmp_path, "create-key", "ana") == 0
+    with sqlite3.connect(tmp_path / "data" / "semilla.db") as db:  # foreign keys off: the key is orphaned
+        db.execute("DELETE FROM users")
+    capsys.readouterr()
+    assert admin(tmp_path, "audit") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("semilla: error:") and err.count("\n") == 1 and "api_keys" in err, err
+
+
+def test_metrics_need_an_admin_once_accounts_exist_unless_public(tmp_path, tiny_run):
+    with serve(build_app(make_settings(tmp_path), tiny_run)) as url, httpx.Client(base_url=url) as c:
+        assert c.get("/metrics").status_code == 200  # open mode: everything is open
+        register(c, "root")
+        register(c, "ana")
+        c.cookies.clear()
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers=login(c, "ana")).status_code == 403
+        assert c.get("/metrics", headers=login(c, "root")).status_code == 200
+    public = make_settings(tmp_path / "public", metrics_public=True)
+    with serve(build_app(public, tiny_run)) as url, httpx.Client(base_url=url) as c:
+        register(c, "root")
+        c.cookies.clear()
+        assert c.get("/metrics").status_code == 200
+
+
+def test_docs_are_off_in_production_and_locked_down_elsewhere(tmp_path, tiny_run):
+    with serve(build_app(make_settings(tmp_path), tiny_run)) as url:
+        r = httpx.get(url + "/docs")
+        csp = r.headers["content-security-policy"]
+        assert r.status_code == 200 and "script-src https://cdn.jsdelivr.net 'sha256-" in csp
+        assert "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
+        assert httpx.get(url + "/redoc").status_code == 404
+    with serve(build_app(make_settings(tmp_path, environment="production"), tiny_run)) as url:
+        assert httpx.get(url + "/docs").status_code == 404
+        assert httpx.get(url + "/openapi.json").status_code == 404

@@ -4,6 +4,11 @@ numbers, unexpected errors, ambiguous request framing, foreign Host names and sl
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -167,3 +172,40 @@ def test_a_request_whose_answer_outlasts_the_header_deadline_is_not_cut(conn):
     assert status == 200
     time.sleep(0.5)
     assert health_on(conn) == 200  # a kept-alive connection gets a fresh deadline per request
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "semilla", "serve", *args], capture_output=True, text=True,
+                          timeout=120, env=os.environ | {"SEMILLA_DATA_DIR": tempfile.mkdtemp()})  # fmt: skip
+
+
+def test_a_bad_port_is_one_line_and_exit_2(tiny_run):
+    done = run_serve(str(tiny_run), "--port", "99999")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("semilla: error:") and done.stderr.count("\n") == 1, done.stderr
+    assert "port" in done.stderr
+
+
+def test_a_port_in_use_is_one_line_and_exit_2_before_any_banner(tiny_run):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_serve(str(tiny_run), "--port", str(port))
+    assert done.returncode == 2 and done.stdout == ""
+    assert (
+        done.stderr
+        == f"semilla: error: cannot listen on 127.0.0.1:{port}: the port is in use by another program\n"
+    )
+
+
+def test_an_int8_copy_has_as_many_parameters_as_its_model(tiny_run, tmp_path):
+    from semilla.export.quantize import quantize_int8
+
+    int8 = quantize_int8(tiny_run, tmp_path / "int8")
+    served = load_models([("fp32", str(tiny_run)), ("int8", str(int8))])
+    with running_server(create_app(settings_for(tmp_path / "data"), served)) as url:
+        import httpx
+
+        cards = {m["id"]: m["parameters"] for m in httpx.get(url + "/v1/models").json()["data"]}
+    assert cards["int8"] == cards["fp32"] > 0

@@ -25,7 +25,7 @@ from semilla.serve.middleware import (
     UnexpectedErrors,
 )
 from semilla.serve.registry import ServedModel
-from semilla.serve.routes import compat, health, openai
+from semilla.serve.routes import compat, docs, health, openai
 from semilla.serve.serving import ClientGone
 from semilla.serve.settings import ServerSettings
 
@@ -84,11 +84,15 @@ def create_app(
         yield
         engine.stop()
 
+    with_docs = docs.docs_enabled(settings)
     app = FastAPI(
         title="semilla",
         version=__version__,
         description="OpenAI-compatible API for models grown with semilla.",
         lifespan=lifespan,
+        openapi_url="/openapi.json" if with_docs else None,
+        docs_url=None,  # ours, with a CSP (routes/docs.py)
+        redoc_url=None,
     )
     app.state.semilla = state
     app.state.settings = settings
@@ -102,6 +106,8 @@ def create_app(
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(compat.router)
+    if with_docs:
+        docs.install(app)
     accounts.install(app, settings)  # store, auth, limits, cache, feedback: sets app.state.hooks
     web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
     # outermost last: the size limit runs before anything reads the body

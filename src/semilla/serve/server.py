@@ -6,6 +6,7 @@ is one clear error; uvicorn is then handed that socket, configured as `http_conf
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -48,7 +49,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except (OSError, OverflowError) as e:
         sock.close()
-        reason = "the port is in use by another program" if getattr(e, "errno", None) == 98 else e
+        reason = (
+            "the port is in use by another program" if getattr(e, "errno", None) == errno.EADDRINUSE else e
+        )
         raise SemillaError(f"cannot listen on {host}:{port}: {reason}") from None
     sock.set_inheritable(True)
     return sock

@@ -41,7 +41,8 @@ class ServerSettings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1)
 
     # --- observability ------------------------------------------------------------------
-    metrics_public: bool = True  # /metrics without a token
+    metrics_public: bool = False  # /metrics without a token even when accounts exist (else: an admin's)
+    docs: bool | None = None  # /docs and /openapi.json; None: on, except in production
 
     # --- accounts and safety (semilla.serve.accounts) ----------------------------------
     database_url: str = ""  # empty: SQLite at <data_dir>/semilla.db; postgresql+psycopg://... works too

@@ -9,6 +9,7 @@ with "database is locked" when a read transaction tries to upgrade. Any other SQ
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -166,6 +167,16 @@ def default_url(data_dir: str) -> str:
     return f"sqlite:///{Path(data_dir).resolve() / 'semilla.db'}"
 
 
+def keep_private(path: str) -> None:
+    """The database holds password hashes, keys' hashes and conversations: owner-only (0600),
+    like the JWT secret. SQLite gives its -wal and -shm files the database file's mode, so the
+    file is created 0600 before SQLite opens it; files left wider by an older version are narrowed."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for name in (path, path + "-wal", path + "-shm"):
+        if os.path.exists(name):
+            os.chmod(name, 0o600)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite gets WAL, synchronous=FULL, busy_timeout and immediate writes."""
     if not url.startswith("sqlite"):
@@ -173,6 +184,7 @@ def make_engine(url: str) -> Engine:
     path = url.split("///", 1)[-1]
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        keep_private(path)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")

@@ -60,15 +60,38 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 def refuse_cross_site_cookie_writes(request: Request, credential: str) -> None:
     """CSRF: a state-changing request authenticated only by the session cookie must come from
-    this site's own pages. Browsers say where a request comes from (Sec-Fetch-Site); other
-    clients send a token or key in a header and are not affected."""
+    this site's own pages. Browsers say where a request comes from: Sec-Fetch-Site, else the
+    Origin, else the Referer, which must name this very host. Other clients send a token or
+    key in a header and are not affected."""
     if request.method in SAFE_METHODS or credential != request.cookies.get(COOKIE):
         return
     site = request.headers.get("sec-fetch-site")
-    if site not in (None, "same-origin", "none"):
+    source = request.headers.get("origin") or request.headers.get("referer")
+    if site is not None:
+        allowed = site in ("same-origin", "none")
+    elif source is not None:
+        allowed = same_host(source, request.headers.get("host", ""))
+    else:
+        allowed = True  # not a browser (every browser sends one of them on a cross-site write)
+    if not allowed:
         raise APIError(
             403, "cross-site request refused: use this server's own pages or send a token", code="csrf"
         )
+
+
+def same_host(url: str, host: str) -> bool:
+    """Whether `url` (an Origin or Referer) points at `host` (the Host header); 'null' never does."""
+    from urllib.parse import urlsplit
+
+    source, own = urlsplit(url), urlsplit("//" + host)
+    default = {"http": 80, "https": 443}.get(source.scheme)
+    try:
+        return bool(source.hostname) and (source.hostname, source.port or default) == (
+            own.hostname,
+            own.port or default,
+        )
+    except ValueError:  # a port that is not a number
+        return False
 
 
 class AccountHooks(ServerHooks):
@@ -143,22 +166,16 @@ class AccountHooks(ServerHooks):
         principal = Principal(kind="user", role=user.role, user_id=user.id, name=user.username, scopes=scopes)
         return principal, claims.expires_at
 
-    def _cached(self, credential: str) -> Principal | None:
-        """Catch up with the store, then the cached identity of `credential` if still valid."""
-        self.refresh()
-        cached = self._principals.get(credential)
-        return cached[1] if cached is not None and cached[0] > time.time() else None
-
     async def identify(self, request: Request) -> Principal:
         """The caller, ANONYMOUS when no credential is presented; 401 for a bad one."""
+        await run_in_threadpool(self.refresh)  # first: whatever changed elsewhere applies to this request
         credential = self.credential(request)
         if credential is None:
-            await run_in_threadpool(self.refresh)  # open mode may have ended
             return ANONYMOUS
         refuse_cross_site_cookie_writes(request, credential)
-        principal = await run_in_threadpool(self._cached, credential)
-        if principal is not None:
-            return principal
+        cached = self._principals.get(credential)
+        if cached is not None and cached[0] > time.time():
+            return cached[1]
         found = await run_in_threadpool(self._identify, credential)
         if found is None:  # a wrong guess costs like a failed login: guessing keys is throttled
             self.limit_auth_attempts(request)
