@@ -110,18 +110,21 @@ class AccountHooks(ServerHooks):
 
     # --- policy ---------------------------------------------------------------------------
 
-    def refresh(self) -> None:
+    def refresh(self) -> int:
         """Catch up with the store: when the auth generation moved (a user, key or revoked token
         changed, here or anywhere else), forget every cached identity and look again at whether
-        accounts exist. One indexed read per request; blocking, so run in a thread."""
+        accounts exist. One indexed read per request; blocking, so run in a thread. Returns the
+        generation read."""
         current = self.generation.current()
         if current == self._seen_generation:
-            return
+            return current
         accounts = users.has_accounts(self.store)
         with self._lock:
-            self._principals.clear()
-            self._accounts = accounts
-            self._seen_generation = current
+            if self._seen_generation is None or current > self._seen_generation:  # never backwards
+                self._principals.clear()
+                self._accounts = accounts
+                self._seen_generation = current
+        return current
 
     def accounts_exist(self) -> bool:
         """Whether any user or key existed at the last refresh."""
@@ -168,7 +171,7 @@ class AccountHooks(ServerHooks):
 
     async def identify(self, request: Request) -> Principal:
         """The caller, ANONYMOUS when no credential is presented; 401 for a bad one."""
-        await run_in_threadpool(self.refresh)  # first: whatever changed elsewhere applies to this request
+        generation = await run_in_threadpool(self.refresh)  # first: what changed elsewhere applies now
         credential = self.credential(request)
         if credential is None:
             return ANONYMOUS
@@ -182,6 +185,8 @@ class AccountHooks(ServerHooks):
             raise unauthorized("invalid, expired or revoked token or API key")
         principal, expires = found
         with self._lock:
+            if self._seen_generation != generation:  # a change landed meanwhile: this may be stale
+                return principal
             if len(self._principals) > 10_000:
                 self._principals.clear()
             self._principals[credential] = (min(time.time() + PRINCIPAL_TTL_S, expires), principal)
