@@ -35,7 +35,7 @@ def models(tiny_run: Path):
 
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
-    app = create_app(settings_for(tmp_path_factory.mktemp("data"), header_timeout_s=1.0), models)
+    app = create_app(settings_for(tmp_path_factory.mktemp("data"), header_timeout_s=2.0), models)
 
     async def boom():
         raise RuntimeError("a bug nobody foresaw")
@@ -153,16 +153,16 @@ def test_headers_sent_a_byte_at_a_time_are_cut_off(server):
     slow = RawConnection(server)
     start = time.monotonic()
     try:
-        for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100:
+        for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 150:
             slow.send(bytes([byte]))
             time.sleep(0.05)
     except (BrokenPipeError, ConnectionResetError):
         pass
     assert slow.closed_by_server()
-    assert time.monotonic() - start < 4  # the 1 s header deadline, not the 5 s of trickling
+    assert time.monotonic() - start < 6  # the 2 s header deadline, not the 9 s of trickling
     slow.close()
     silent = RawConnection(server)
-    time.sleep(1.5)
+    time.sleep(3)
     assert silent.closed_by_server()  # a connection that never sends a request is not kept either
     silent.close()
 
@@ -170,7 +170,7 @@ def test_headers_sent_a_byte_at_a_time_are_cut_off(server):
 def test_a_request_whose_answer_outlasts_the_header_deadline_is_not_cut(conn):
     status, _, answer = post_json(conn, "/v1/chat/completions", {"messages": [USER], "max_tokens": 4})
     assert status == 200
-    time.sleep(0.5)
+    time.sleep(1)
     assert health_on(conn) == 200  # a kept-alive connection gets a fresh deadline per request
 
 
