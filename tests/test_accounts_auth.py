@@ -153,7 +153,9 @@ def test_login_brute_force_is_throttled(tmp_path, tiny_run):
 def test_register_rejects_taken_names_and_weak_input(server):
     register(server, "ana")
     assert_error(
-        server.post("/auth/register", json={"username": "ANA", "password": "x" * 10}), 409, "username_taken"
+        server.post("/auth/register", json={"username": "ANA", "password": "another fine passphrase"}),
+        409,
+        "username_taken",
     )
     assert_error(server.post("/auth/register", json={"username": "a", "password": "x" * 10}), 400)
     assert_error(server.post("/auth/register", json={"username": "bob", "password": "short"}), 400)

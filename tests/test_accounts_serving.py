@@ -44,7 +44,7 @@ def cache_stats(c: httpx.Client) -> dict:
 
 
 def metric(c: httpx.Client, name: str) -> float:
-    text = c.get("/metrics").text
+    text = c.get("/metrics", headers=c.tokens["root"]).text
     return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 

@@ -18,8 +18,10 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (a tied embedding counts once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Distinct parameters (a tied embedding counts once), int8 layers' packed weights included."""
+    from semilla.models.int8 import packed_parameters
+
+    return sum(p.numel() for p in model.parameters()) + packed_parameters(model)
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int) -> int:

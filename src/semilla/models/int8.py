@@ -75,6 +75,15 @@ def dynamic_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | No
     return layer
 
 
+def packed_parameters(model: nn.Module) -> int:
+    """Weights and biases held inside int8 layers, which `parameters()` does not list."""
+    total = 0
+    for m in model.modules():
+        if hasattr(m, "_packed_params") and hasattr(m, "in_features"):
+            total += m.in_features * m.out_features + (m.out_features if m.bias() is not None else 0)
+    return total
+
+
 def apply_int8(model: nn.Module, packed: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
     """Swap the named Linear layers for int8 ones (CPU only)."""
     for name, (q, scale) in packed.items():

@@ -17,9 +17,15 @@ from semilla.serve import accounts, web
 from semilla.serve.engine import Engine
 from semilla.serve.errors import APIError, install_error_handlers
 from semilla.serve.hooks import ServerHooks
-from semilla.serve.middleware import BodySizeLimit, RequestMetrics
+from semilla.serve.middleware import (
+    AllowedHosts,
+    BodySizeLimit,
+    RequestGuard,
+    RequestMetrics,
+    UnexpectedErrors,
+)
 from semilla.serve.registry import ServedModel
-from semilla.serve.routes import compat, health, openai
+from semilla.serve.routes import compat, docs, health, openai
 from semilla.serve.serving import ClientGone
 from semilla.serve.settings import ServerSettings
 
@@ -78,11 +84,15 @@ def create_app(
         yield
         engine.stop()
 
+    with_docs = docs.docs_enabled(settings)
     app = FastAPI(
         title="semilla",
         version=__version__,
         description="OpenAI-compatible API for models grown with semilla.",
         lifespan=lifespan,
+        openapi_url="/openapi.json" if with_docs else None,
+        docs_url=None,  # ours, with a CSP (routes/docs.py)
+        redoc_url=None,
     )
     app.state.semilla = state
     app.state.settings = settings
@@ -96,9 +106,17 @@ def create_app(
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(compat.router)
+    if with_docs:
+        docs.install(app)
     accounts.install(app, settings)  # store, auth, limits, cache, feedback: sets app.state.hooks
     web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
     # outermost last: the size limit runs before anything reads the body
     app.add_middleware(RequestMetrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # the Host check always when names are configured, else while anyone may use the models
+    host_check = lambda: bool(settings.allowed_hosts) or app.state.hooks.serves_anonymous()  # noqa: E731
+    app.add_middleware(
+        RequestGuard, allowed=AllowedHosts(settings.host, settings.allowed_hosts), host_check=host_check
+    )
+    app.add_middleware(UnexpectedErrors)
     return app

@@ -29,6 +29,26 @@ FLAGS = (  # flag, settings field, type, help
         int,
         "max_tokens when a request gives none (default: 256)",
     ),
+    (
+        "--allowed-hosts",
+        "allowed_hosts",
+        str,
+        "comma-separated host names the server answers to besides loopback names and IP addresses; "
+        "checked while the server is open, always once set; '*' for any (default: none)",
+    ),
+    (
+        "--forwarded-allow-ips",
+        "forwarded_allow_ips",
+        str,
+        "comma-separated addresses of reverse proxies whose X-Forwarded-For/-Proto are believed "
+        "(default: none, the peer's own address counts)",
+    ),
+    (
+        "--header-timeout",
+        "header_timeout_s",
+        float,
+        "seconds a client has to send a request's headers (default: 10)",
+    ),
 )
 
 

@@ -5,14 +5,10 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-log = logging.getLogger(__name__)
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -58,8 +54,10 @@ class APIError(Exception):
 def validation_error(exc: RequestValidationError) -> APIError:
     """Pydantic's list of problems as one 400 naming the first offending parameter."""
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # a value no member of a union accepts gives one error per member: the deepest one says most
+    # (messages.0.content.list[TextPart].0.text: a lone surrogate, rather than "not a string")
+    first = max(errors, key=lambda e: len(e.get("loc", ())), default={"loc": (), "msg": "invalid request"})
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not is_union_member(p)]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return APIError(400, "the request body is not valid JSON", code="invalid_json")
@@ -69,6 +67,11 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return APIError(400, message, param=param, code="invalid_value")
+
+
+def is_union_member(part) -> bool:
+    """Pydantic names the member of a union it tried in the location ('str', 'list[TextPart]')."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict") or "[" in part)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -86,8 +89,3 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code, str(exc.detail)
         )
         return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return APIError(500, "internal server error", type="server_error").response()

@@ -62,6 +62,10 @@ class ServerHooks:
         """Who the caller is; raise APIError 401/403/429 to refuse. `scope` names the route kind."""
         return ANONYMOUS
 
+    def serves_anonymous(self) -> bool:
+        """Whether a caller with no credential may use the model routes now (open mode)."""
+        return True
+
     def screen_prompt(self, principal: Principal, text: str) -> None:
         """Raise APIError(400, code='content_filter') to refuse a prompt."""
 

@@ -2,14 +2,16 @@
 simpleIA's /predict. Requests are validated here, so a route receives native, checked values.
 
 Unknown request fields are ignored (OpenAI clients send options a local model has no use
-for); a known field with a bad value is a 400 naming it.
+for); a known field with a bad value is a 400 naming it. Every request body of the server
+(these and the accounts routes') is a `Body`: strict types (`"64"` or `true` is not a number)
+and text that is valid Unicode.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 MAX_N = 8
 MAX_STOP = 4
@@ -35,16 +37,46 @@ Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
-class Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def refuse_lone_surrogates(value: Any) -> Any:
+    """`value` unchanged, unless some text in it cannot be UTF-8 (a lone surrogate such as JSON's
+    "\\ud800": tokenizers, the database and the response encoder would all fail on it)."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+    elif isinstance(value, list | tuple):
+        for item in value:
+            refuse_lone_surrogates(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            refuse_lone_surrogates(key)
+            refuse_lone_surrogates(item)
+    return value
 
 
-class TextPart(BaseModel):
+class Body(BaseModel):
+    """A request body: strict types, and every text field valid Unicode (400 naming the field)."""
+
+    model_config = ConfigDict(strict=True)
+
+    @field_validator("*")
+    @classmethod
+    def _valid_text(cls, value: Any) -> Any:
+        return refuse_lone_surrogates(value)
+
+
+class Request(Body):
+    model_config = ConfigDict(extra="ignore")  # merged with Body's: still strict
+
+
+class TextPart(Body):
     type: Literal["text"]
     text: StrictStr
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
@@ -55,7 +87,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Body):
     include_usage: StrictBool = False
 
 

@@ -15,7 +15,9 @@ class ServerSettings(BaseSettings):
 
     # --- where and what to serve -------------------------------------------------------
     host: str = "127.0.0.1"
-    port: int = Field(8000, validation_alias=AliasChoices("SEMILLA_PORT", "PORT"))  # $PORT: Render
+    port: int = Field(
+        8000, ge=0, le=65535, validation_alias=AliasChoices("SEMILLA_PORT", "PORT")
+    )  # $PORT: Render; 0: any free port
     models: str = Field(
         "", validation_alias=AliasChoices("SEMILLA_MODELS", "BETA_MODEL_PATH")
     )  # comma-separated checkpoint dirs, NAME=PATH to choose the id; BETA_MODEL_PATH: DataShark
@@ -24,6 +26,11 @@ class ServerSettings(BaseSettings):
     device: str | None = None  # None: cuda when available, else cpu
     threads: int | None = Field(None, ge=1)  # torch threads; None: all cores but one (HTTP needs one)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+
+    # --- HTTP -----------------------------------------------------------------------------
+    allowed_hosts: str = ""  # comma-separated names the Host header may carry besides loopback and IPs
+    forwarded_allow_ips: str = ""  # proxies whose X-Forwarded-For/-Proto are believed; empty: none
+    header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must arrive within this
 
     # --- engine -------------------------------------------------------------------------
     max_slots: int = Field(16, ge=1)  # sequences decoded together per model
@@ -34,7 +41,8 @@ class ServerSettings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1)
 
     # --- observability ------------------------------------------------------------------
-    metrics_public: bool = True  # /metrics without a token
+    metrics_public: bool = False  # /metrics without a token even when accounts exist (else: an admin's)
+    docs: bool | None = None  # /docs and /openapi.json; None: on, except in production
 
     # --- accounts and safety (semilla.serve.accounts) ----------------------------------
     database_url: str = ""  # empty: SQLite at <data_dir>/semilla.db; postgresql+psycopg://... works too

@@ -1,8 +1,8 @@
 """`semilla admin ...`: manage accounts, keys, feedback and the audit log from a terminal.
 
 Works on the store directly (same settings as `semilla serve`: SEMILLA_* variables, `.env`,
-or --data-dir / --database-url), so it also works while the server is down; `reload` asks a
-running server to re-read its content filter and forget cached identities.
+or --data-dir / --database-url), so it also works while the server is down; a running server
+sees every change on its next request. `reload` asks it to re-read its content filter.
 """
 
 from __future__ import annotations
@@ -215,7 +215,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--days", type=int, help="default: $SEMILLA_RETENTION_DAYS or 30")
     p.set_defaults(func=_wrap(cmd_retention))
 
-    p = sub.add_parser("reload", help="ask a running server to re-read its content filter and forget caches")
+    p = sub.add_parser(
+        "reload", help="ask a running server to re-read its content filter and clear its response cache"
+    )
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--token", help="an admin token or key (default: $SEMILLA_API_KEY)")
     p.set_defaults(func=_wrap(cmd_reload))

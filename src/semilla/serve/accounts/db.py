@@ -9,6 +9,7 @@ with "database is locked" when a read transaction tries to upgrade. Any other SQ
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -67,6 +68,14 @@ class RevokedToken(Base):
     __tablename__ = "revoked_tokens"
     jti: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class AuthGenerationRow(Base):
+    """One row (id 1) whose value triggers bump: see semilla.serve.accounts.generation."""
+
+    __tablename__ = "auth_generation"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Completion(Base):
@@ -158,6 +167,16 @@ def default_url(data_dir: str) -> str:
     return f"sqlite:///{Path(data_dir).resolve() / 'semilla.db'}"
 
 
+def keep_private(path: str) -> None:
+    """The database holds password hashes, keys' hashes and conversations: owner-only (0600),
+    like the JWT secret. SQLite gives its -wal and -shm files the database file's mode, so the
+    file is created 0600 before SQLite opens it; files left wider by an older version are narrowed."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for name in (path, path + "-wal", path + "-shm"):
+        if os.path.exists(name):
+            os.chmod(name, 0o600)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite gets WAL, synchronous=FULL, busy_timeout and immediate writes."""
     if not url.startswith("sqlite"):
@@ -165,6 +184,7 @@ def make_engine(url: str) -> Engine:
     path = url.split("///", 1)[-1]
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        keep_private(path)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")

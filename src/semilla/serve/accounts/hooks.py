@@ -8,8 +8,10 @@ filter, and the request log.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from datetime import UTC
 from typing import Any
 
 from fastapi import Request
@@ -19,6 +21,7 @@ from semilla.serve.accounts import security, users
 from semilla.serve.accounts.cache import ResponseCache, cache_key
 from semilla.serve.accounts.content_filter import ContentFilter
 from semilla.serve.accounts.db import Store
+from semilla.serve.accounts.generation import AuthGeneration
 from semilla.serve.accounts.ratelimit import RateLimiter
 from semilla.serve.accounts.records import CompletionWriter
 from semilla.serve.errors import APIError
@@ -28,7 +31,7 @@ from semilla.serve.settings import ServerSettings
 log = logging.getLogger("semilla.accounts")
 
 COOKIE = "semilla_session"
-PRINCIPAL_TTL_S = 10.0  # a revoked key or changed role takes effect within this (at once in-process)
+PRINCIPAL_TTL_S = 10.0  # how often a key's last_used_at is written; changes apply at once (generation)
 OPEN_SCOPES = ("models", "feedback", "conversations", "training")  # what anonymous may do in open mode
 ACCOUNT_SCOPE = "account"  # managing one's own keys and session: a logged-in user, never a key
 
@@ -57,15 +60,38 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 def refuse_cross_site_cookie_writes(request: Request, credential: str) -> None:
     """CSRF: a state-changing request authenticated only by the session cookie must come from
-    this site's own pages. Browsers say where a request comes from (Sec-Fetch-Site); other
-    clients send a token or key in a header and are not affected."""
+    this site's own pages. Browsers say where a request comes from: Sec-Fetch-Site, else the
+    Origin, else the Referer, which must name this very host. Other clients send a token or
+    key in a header and are not affected."""
     if request.method in SAFE_METHODS or credential != request.cookies.get(COOKIE):
         return
     site = request.headers.get("sec-fetch-site")
-    if site not in (None, "same-origin", "none"):
+    source = request.headers.get("origin") or request.headers.get("referer")
+    if site is not None:
+        allowed = site in ("same-origin", "none")
+    elif source is not None:
+        allowed = same_host(source, request.headers.get("host", ""))
+    else:
+        allowed = True  # not a browser (every browser sends one of them on a cross-site write)
+    if not allowed:
         raise APIError(
             403, "cross-site request refused: use this server's own pages or send a token", code="csrf"
         )
+
+
+def same_host(url: str, host: str) -> bool:
+    """Whether `url` (an Origin or Referer) points at `host` (the Host header); 'null' never does."""
+    from urllib.parse import urlsplit
+
+    source, own = urlsplit(url), urlsplit("//" + host)
+    default = {"http": 80, "https": 443}.get(source.scheme)
+    try:
+        return bool(source.hostname) and (source.hostname, source.port or default) == (
+            own.hostname,
+            own.port or default,
+        )
+    except ValueError:  # a port that is not a number
+        return False
 
 
 class AccountHooks(ServerHooks):
@@ -75,36 +101,43 @@ class AccountHooks(ServerHooks):
         self.cache = ResponseCache(settings.cache_max_entries, settings.cache_max_bytes, settings.cache_ttl_s)
         self.writer = CompletionWriter(store, settings.scrub_pii)
         self.content_filter = ContentFilter.load(settings.content_filter_file)
-        self._principals: dict[str, tuple[float, Principal]] = {}
+        self.generation = AuthGeneration(store)
+        self._principals: dict[str, tuple[float, Principal]] = {}  # credential -> (valid until, who)
         self._lock = threading.Lock()
-        self._accounts_seen = False
-        self._accounts_checked = 0.0
+        self._seen_generation: int | None = None
+        self._accounts = False
+        self.refresh()
 
     # --- policy ---------------------------------------------------------------------------
 
-    def accounts_exist(self) -> bool:
-        """Whether any user or key exists (checked at most every 2 s until one does, then for good)."""
-        if not self._accounts_seen and time.monotonic() - self._accounts_checked > 2.0:
-            self._accounts_seen = users.has_accounts(self.store)
-            self._accounts_checked = time.monotonic()
-        return self._accounts_seen
+    def refresh(self) -> int:
+        """Catch up with the store: when the auth generation moved (a user, key or revoked token
+        changed, here or anywhere else), forget every cached identity and look again at whether
+        accounts exist. One indexed read per request; blocking, so run in a thread. Returns the
+        generation read."""
+        current = self.generation.current()
+        if current == self._seen_generation:
+            return current
+        accounts = users.has_accounts(self.store)
+        with self._lock:
+            if self._seen_generation is None or current > self._seen_generation:  # never backwards
+                self._principals.clear()
+                self._accounts = accounts
+                self._seen_generation = current
+        return current
 
-    def accounts_created(self) -> None:
-        self._accounts_seen = True
+    def accounts_exist(self) -> bool:
+        """Whether any user or key existed at the last refresh."""
+        return self._accounts
 
     def open_for(self, scope: str) -> bool:
         """Whether an anonymous caller may use `scope` routes right now."""
         if scope == "models" and self.settings.insecure_no_auth:
             return True
-        return scope in OPEN_SCOPES and not self.accounts_exist() and is_loopback(self.settings.host)
+        return scope in OPEN_SCOPES and not self._accounts and is_loopback(self.settings.host)
 
-    def forget(self, credential: str | None = None) -> None:
-        """Drop cached identities (one credential, or all after a role change or revocation)."""
-        with self._lock:
-            if credential is None:
-                self._principals.clear()
-            else:
-                self._principals.pop(credential, None)
+    def serves_anonymous(self) -> bool:
+        return self.open_for("models")
 
     # --- who is calling -------------------------------------------------------------------
 
@@ -115,15 +148,17 @@ class AccountHooks(ServerHooks):
             return auth[7:].strip()
         return request.headers.get("x-api-key") or request.cookies.get(COOKIE) or None
 
-    def _identify(self, credential: str) -> Principal | None:
+    def _identify(self, credential: str) -> tuple[Principal, float] | None:
+        """(who presents `credential`, unix time it stops being valid), or None."""
         if security.looks_like_api_key(credential):
             found = users.resolve_key(self.store, credential)
             if found is None:
                 return None
             key, user = found
             users.touch_key(self.store, key.id)  # once per identity-cache period, not per request
+            expires = key.expires_at.replace(tzinfo=UTC).timestamp() if key.expires_at else math.inf
             return Principal(kind="key", role=user.role, user_id=user.id, key_id=key.id,
-                             name=f"{user.username}/{key.name}", scopes=tuple(key.scopes.split()))  # fmt: skip
+                             name=f"{user.username}/{key.name}", scopes=tuple(key.scopes.split())), expires  # fmt: skip
         claims = security.decode_token(self.secret, credential)
         if claims is None or users.token_revoked(self.store, claims.jti):
             return None
@@ -131,26 +166,30 @@ class AccountHooks(ServerHooks):
         if user is None or user.disabled:
             return None
         scopes = (*users.DEFAULT_SCOPES, ACCOUNT_SCOPE, *(("admin",) if user.role == "admin" else ()))
-        return Principal(kind="user", role=user.role, user_id=user.id, name=user.username, scopes=scopes)
+        principal = Principal(kind="user", role=user.role, user_id=user.id, name=user.username, scopes=scopes)
+        return principal, claims.expires_at
 
     async def identify(self, request: Request) -> Principal:
         """The caller, ANONYMOUS when no credential is presented; 401 for a bad one."""
+        generation = await run_in_threadpool(self.refresh)  # first: what changed elsewhere applies now
         credential = self.credential(request)
         if credential is None:
             return ANONYMOUS
         refuse_cross_site_cookie_writes(request, credential)
-        now = time.monotonic()
         cached = self._principals.get(credential)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.time():
             return cached[1]
-        principal = await run_in_threadpool(self._identify, credential)
-        if principal is None:  # a wrong guess costs like a failed login: guessing keys is throttled
+        found = await run_in_threadpool(self._identify, credential)
+        if found is None:  # a wrong guess costs like a failed login: guessing keys is throttled
             self.limit_auth_attempts(request)
             raise unauthorized("invalid, expired or revoked token or API key")
+        principal, expires = found
         with self._lock:
+            if self._seen_generation != generation:  # a change landed meanwhile: this may be stale
+                return principal
             if len(self._principals) > 10_000:
                 self._principals.clear()
-            self._principals[credential] = (now + PRINCIPAL_TTL_S, principal)
+            self._principals[credential] = (min(time.time() + PRINCIPAL_TTL_S, expires), principal)
         return principal
 
     async def authorize(self, request: Request, scope: str = "models") -> Principal:

@@ -11,6 +11,9 @@ from alembic import command  # noqa: E402
 from alembic.config import Config  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
+from semilla.errors import SemillaError  # noqa: E402
+from semilla.serve.accounts.generation import install_triggers  # noqa: E402
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -19,6 +22,19 @@ def alembic_config(engine: Engine) -> Config:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
     return cfg
+
+
+class DanglingReferencesError(SemillaError):
+    """Rows point at rows that do not exist (written with foreign keys off, e.g. by hand)."""
+
+    def __init__(self, database: str, broken: list):
+        # PRAGMA foreign_key_check rows: (table, rowid, referred table, constraint index)
+        first = broken[0]
+        super().__init__(
+            f"the database {database} has {len(broken)} row(s) pointing at rows that do not exist, "
+            f"e.g. {first[0]} row {first[1]} -> {first[2]}; delete or repair them "
+            f"(sqlite3 {database} 'DELETE FROM {first[0]} WHERE rowid = {first[1]}')"
+        )
 
 
 def migrate(engine: Engine) -> None:
@@ -32,12 +48,13 @@ def migrate(engine: Engine) -> None:
         with connection.begin():
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
+            install_triggers(connection)
         if sqlite:
             broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
             connection.exec_driver_sql("PRAGMA foreign_keys=ON")
             connection.commit()
             if broken:
-                raise RuntimeError(f"the migration left {len(broken)} rows with dangling references")
+                raise DanglingReferencesError(engine.url.database or "", broken)
 
 
 def new_revision(engine: Engine, message: str) -> None:

@@ -9,6 +9,7 @@ from sqlalchemy import func, select, update
 
 from semilla.serve.accounts import security
 from semilla.serve.accounts.db import ApiKey, RevokedToken, Store, User, utcnow
+from semilla.serve.accounts.passwords import password_problem
 from semilla.serve.errors import APIError
 
 USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{3,64}$")
@@ -37,15 +38,14 @@ def has_accounts(store: Store) -> bool:
 
 
 def validate_credentials(username: str, password: str) -> None:
-    problems = []
+    problems = []  # (param, message)
     if not USERNAME.match(username):
-        problems.append("username must be 3-64 letters, digits or . _ @ -")
-    if not 8 <= len(password) <= 256:
-        problems.append("password must be 8-256 characters")
+        problems.append(("username", "username must be 3-64 letters, digits or . _ @ -"))
+    problem = password_problem(password, username)
+    if problem:
+        problems.append(("password", problem))
     if problems:
-        raise APIError(
-            400, "; ".join(problems), param="username" if "username" in problems[0] else "password"
-        )
+        raise APIError(400, "; ".join(message for _, message in problems), param=problems[0][0])
 
 
 def create_user(store: Store, username: str, password: str, role: str | None = None) -> User:

@@ -47,6 +47,13 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
+    """Prometheus text. Public while the server is open or with metrics_public; otherwise an
+    admin's token or key (Prometheus: `authorization: {credentials: sk-...}`)."""
+    hooks = request.app.state.hooks
     if not request.app.state.settings.metrics_public:
-        await request.app.state.hooks.authorize(request, "admin")
+        try:
+            await hooks.authorize(request, "admin")
+        except APIError:
+            if not hooks.serves_anonymous():  # as of this request: authorize caught up with the store
+                raise
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

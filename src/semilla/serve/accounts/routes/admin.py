@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel
 
 from semilla.serve.accounts import records, users
 from semilla.serve.accounts.audit import apply_retention, audit, audit_rows
@@ -11,11 +10,12 @@ from semilla.serve.accounts.content_filter import ContentFilter
 from semilla.serve.accounts.deps import Accounts, Admin, RowId, actor
 from semilla.serve.accounts.hooks import client_ip
 from semilla.serve.errors import APIError
+from semilla.serve.protocol import Body
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
-class UserChange(BaseModel):
+class UserChange(Body):
     role: str | None = None
     disabled: bool | None = None
 
@@ -32,7 +32,6 @@ def change_user(
     if user_id == principal.user_id and (body.role not in (None, "admin") or body.disabled):
         raise APIError(400, "an admin cannot demote or disable themselves", param="user_id")
     user = users.update_user(accounts.store, user_id, body.role, body.disabled)
-    accounts.forget()
     audit(accounts.store, "user.update", actor(principal), target=f"user:{user_id}", ip=client_ip(request),
           detail=body.model_dump(exclude_none=True))  # fmt: skip
     return users.user_dict(user)
@@ -46,7 +45,6 @@ def list_all_keys(principal: Admin, accounts: Accounts) -> dict:
 @router.delete("/keys/{key_id}", status_code=204)
 def revoke_any_key(key_id: RowId, principal: Admin, request: Request, accounts: Accounts) -> Response:
     users.revoke_key(accounts.store, key_id, None)
-    accounts.forget()
     audit(accounts.store, "key.revoke", actor(principal), target=f"key:{key_id}", ip=client_ip(request))
     return Response(status_code=204)
 
@@ -88,12 +86,12 @@ def run_retention(principal: Admin, request: Request, accounts: Accounts) -> dic
 
 @router.post("/reload")
 def reload(principal: Admin, request: Request, accounts: Accounts) -> dict:
-    """Re-read the content filter and forget cached identities and responses."""
+    """Re-read the content filter and clear the response cache (cached identities follow the
+    store by themselves: see accounts.generation)."""
     try:
         accounts.content_filter = ContentFilter.load(accounts.settings.content_filter_file)
     except ValueError as e:
         raise APIError(400, str(e), code="bad_content_filter") from None
-    accounts.forget()
     cleared = accounts.cache.clear()
     audit(accounts.store, "reload", actor(principal), ip=client_ip(request))
     return {

@@ -13,11 +13,12 @@ from semilla.serve.accounts.audit import audit
 from semilla.serve.accounts.deps import Accounts, AccountUser
 from semilla.serve.accounts.hooks import COOKIE, client_ip
 from semilla.serve.errors import APIError
+from semilla.serve.protocol import Body
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
 
-class Credentials(BaseModel):
+class Credentials(Body):
     username: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=256)
 
@@ -41,10 +42,10 @@ class TokenOut(BaseModel):
 def register(body: Credentials, request: Request, accounts: Accounts) -> dict:
     """Create an account; the first one becomes admin."""
     accounts.limit_auth_attempts(request)
+    accounts.refresh()
     if not accounts.settings.allow_registration and accounts.accounts_exist():
         raise APIError(403, "registration is closed: ask an admin for an account", code="registration_closed")
     user = users.create_user(accounts.store, body.username, body.password)
-    accounts.accounts_created()
     audit(accounts.store, "user.register", f"user:{user.id}", target=user.username, ip=client_ip(request),
           detail={"role": user.role})  # fmt: skip
     return users.user_dict(user)
@@ -86,7 +87,6 @@ async def logout(principal: AccountUser, request: Request, accounts: Accounts) -
     claims = security.decode_token(accounts.secret, credential or "")
     if claims is not None:
         await run_in_threadpool(users.revoke_token, accounts.store, claims)
-    accounts.forget(credential)
     response = Response(status_code=204)
     response.delete_cookie(COOKIE, path="/")
     return response

@@ -5,25 +5,26 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from semilla.serve.accounts import records
 from semilla.serve.accounts.deps import Accounts, ConversationsCaller
+from semilla.serve.protocol import Body
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Body):
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=100_000)
 
 
-class NewConversation(BaseModel):
+class NewConversation(Body):
     title: str = Field("", max_length=200)
     messages: list[ChatMessage] = Field(default_factory=list, max_length=1000)
 
 
-class Rename(BaseModel):
+class Rename(Body):
     title: str = Field(max_length=200)
 
 

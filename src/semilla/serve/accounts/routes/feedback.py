@@ -5,17 +5,18 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from semilla.serve.accounts import records
 from semilla.serve.accounts.deps import Accounts, FeedbackCaller, RowId
+from semilla.serve.protocol import Body
 
 router = APIRouter(prefix="/feedback", tags=["feedback"])
 MAX_TEXT = 5000
 
 
-class NewFeedback(BaseModel):
+class NewFeedback(Body):
     completion_id: str | None = Field(None, max_length=64)
     conversation_id: str | None = Field(None, max_length=64)
     rating: int = Field(description="-1 or +1 (thumbs), or 1-5 (stars)")
