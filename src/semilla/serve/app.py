@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Response
 
 from semilla import __version__
-from semilla.serve import accounts, web
+from semilla.serve import accounts, retrieval, web
 from semilla.serve.engine import Engine
 from semilla.serve.errors import APIError, install_error_handlers
 from semilla.serve.hooks import ServerHooks
 from semilla.serve.middleware import BodySizeLimit, RequestMetrics
 from semilla.serve.registry import ServedModel
-from semilla.serve.routes import compat, health, openai
+from semilla.serve.routes import collections, compat, embeddings, health, openai
 from semilla.serve.serving import ClientGone
 from semilla.serve.settings import ServerSettings
 
@@ -97,6 +97,9 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(compat.router)
     accounts.install(app, settings)  # store, auth, limits, cache, feedback: sets app.state.hooks
+    retrieval.install(app, settings)  # embedding models and collections (in the accounts store)
+    app.include_router(embeddings.router)
+    app.include_router(collections.router)
     web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
     # outermost last: the size limit runs before anything reads the body
     app.add_middleware(RequestMetrics)
