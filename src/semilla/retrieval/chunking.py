@@ -30,16 +30,20 @@ class ChunkConfig:
 
 
 def chunk_text(text: str, cfg: ChunkConfig = ChunkConfig()) -> list[str]:
-    """Windows of `cfg.size` characters, each starting `size - overlap` after the last.
+    """Windows of at most `cfg.size` characters, each starting about `overlap` before the last
+    one's end; blank windows are dropped.
 
-    A window's end moves back to the last whitespace in its final fifth, so words stay whole
-    when they can; blank windows are dropped.
+    Words stay whole when they can: a window ends at the last space or newline of its final
+    fifth, and the next one starts after the first space or newline of its overlap.
     """
     chunks, start = [], 0
     while start < len(text):
         end = min(start + cfg.size, len(text))
         if end < len(text):
-            cut = text.rfind(" ", start + cfg.size * 4 // 5, end)
+            cut = max(
+                text.rfind(" ", start + cfg.size * 4 // 5, end),
+                text.rfind("\n", start + cfg.size * 4 // 5, end),
+            )
             if cut > start:
                 end = cut
         piece = text[start:end].strip()
@@ -47,7 +51,9 @@ def chunk_text(text: str, cfg: ChunkConfig = ChunkConfig()) -> list[str]:
             chunks.append(piece)
         if end >= len(text):
             break
-        start = max(start + 1, end - cfg.overlap)
+        nxt = max(start + 1, end - cfg.overlap)
+        spaces = [i for i in (text.find(" ", nxt, end), text.find("\n", nxt, end)) if i >= 0]
+        start = min(spaces) + 1 if spaces and min(spaces) + 1 < end else nxt
     return chunks
 
 
