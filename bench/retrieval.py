@@ -114,7 +114,7 @@ def dense_rankings(name: str, queries: list[str], texts: list[str], cache_dir: P
 
 
 def train_small_model(out: Path) -> Path:
-    """A small semilla model on the whole Quijote (BPE 4096, 4 x 128, 600 steps: a few minutes)."""
+    """A small semilla model on the whole Quijote (BPE 4096, 2 layers x 128, 300 steps of 8 x 256 tokens)."""
     from semilla.config import resolve_configs
     from semilla.data import prepare
     from semilla.train import train
@@ -129,15 +129,15 @@ def train_small_model(out: Path) -> Path:
                 out_dir=str(out / "run"),
                 vocab_size=4096,
                 block_size=256,
-                n_layer=4,
+                n_layer=2,
                 n_head=4,
                 n_embd=128,
-                batch_size=16,
-                max_iters=600,
-                warmup_iters=50,
+                batch_size=8,
+                max_iters=300,
+                warmup_iters=30,
                 learning_rate=3e-3,
-                eval_interval=200,
-                eval_iters=10,
+                eval_interval=150,
+                eval_iters=5,
                 device="cpu",
             ),  # fmt: skip
             environ={},

@@ -68,6 +68,7 @@ def test_token_ids_and_a_served_model(client: openai.OpenAI, tiny_run: Path):
         ({"input": ["hola", None]}, 400, "input"),
         ({"input": [[1, 2], "hola"]}, 400, "input"),
         ({"input": [10**9]}, 400, "input"),
+        ({"input": ["hola", "a\ud800"]}, 400, "input"),  # a lone surrogate: valid JSON, not Unicode
         ({"input": "hola", "dimensions": 100}, 400, "dimensions"),
         ({"input": "hola", "encoding_format": "int8"}, 400, "encoding_format"),
         ({"input": "hola", "model": "text-embedding-3-small"}, 404, "model"),

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from semilla.errors import SemillaError
 from semilla.retrieval import lexical, vector_index
 from semilla.retrieval.chunking import ChunkConfig, chunk_text, content_hash
-from semilla.retrieval.embedders import MINILM, Embedder, load_embedder
+from semilla.retrieval.embedders import MINILM, Embedder, check_unicode, load_embedder
 from semilla.retrieval.fusion import RRF_K, rrf
 from semilla.retrieval.tables import ChunkRow, CollectionRow, DocumentRow, vector_bytes, vectors_from_bytes
 
@@ -115,6 +115,13 @@ def check_document(doc: NewDocument, where: str) -> None:
     for key, value in doc.metadata.items():
         if not isinstance(value, str | int | float | bool) or value is None:
             raise SemillaError(f"{where}: metadata[{key!r}] must be a string, number or boolean")
+    strings = [
+        doc.text,
+        doc.doc_id or "",
+        *doc.metadata,
+        *(v for v in doc.metadata.values() if isinstance(v, str)),
+    ]
+    check_unicode(strings, f"{where}: text, id or metadata")
 
 
 def matches(metadata: dict[str, Any], wanted: dict[str, Any]) -> bool:
@@ -395,6 +402,7 @@ class Collections:
             raise SemillaError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not isinstance(query, str) or not query.strip():
             raise SemillaError("query must be a non-empty string")
+        check_unicode([query], "query")
         if not 1 <= k <= MAX_K:
             raise SemillaError(f"k must be in [1, {MAX_K}], got {k}")
         allowed = self._allowed(row, filter) if filter else None

@@ -46,6 +46,16 @@ class Embedder(Protocol):
         ...
 
 
+def check_unicode(texts: list[str], what: str = "input") -> None:
+    """SemillaError naming the first text that is not valid Unicode (a lone surrogate, which
+    JSON can carry but neither tokenizers nor databases take)."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SemillaError(f"{what}[{i}] is not valid Unicode (it holds a lone surrogate)") from None
+
+
 def normalize(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
