@@ -124,6 +124,11 @@ def check_document(doc: NewDocument, where: str) -> None:
     check_unicode(strings, f"{where}: text, id or metadata")
 
 
+def valid_name(name: str) -> bool:
+    """1-100 letters, digits, '-', '_' or '.'."""
+    return 0 < len(name) <= 100 and name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+
+
 def matches(metadata: dict[str, Any], wanted: dict[str, Any]) -> bool:
     """Equality on every key; a list of values means any of them."""
     for key, value in wanted.items():
@@ -161,11 +166,7 @@ class Collections:
         chunking: ChunkConfig | None = None,
     ) -> CollectionRow:
         """A new empty collection owned by `viewer`; Conflict if they already have one so named."""
-        if (
-            not name
-            or len(name) > 100
-            or not name.replace("-", "").replace("_", "").replace(".", "").isalnum()
-        ):
+        if not valid_name(name):
             raise SemillaError(f"collection name {name!r}: use 1-100 letters, digits, '-', '_' or '.'")
         chunking = (chunking or ChunkConfig()).validate()
         dim = self.embedder(embedder).dim
@@ -193,6 +194,8 @@ class Collections:
 
         Another user's private collection is NotFound (its existence is not revealed);
         changing a shared collection one does not own is Forbidden."""
+        if not valid_name(name):  # no such name can have been created
+            raise NotFound(f"collection {name!r} does not exist")
         with self._read() as s:
             rows = s.scalars(
                 select(CollectionRow)
