@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from semilla.errors import SemillaError
@@ -280,7 +281,10 @@ class Collections:
                     if progress:
                         progress(len(parts[-1]))
                 vectors = np.concatenate(parts)
-            new_ids, version = self._store(row, fresh, vectors)
+            try:
+                new_ids, version = self._store(row, fresh, vectors)
+            except IntegrityError:  # another process added one of these ids meanwhile
+                raise Conflict("a document id was taken while adding; nothing was added, try again") from None
             self._after_add(row, new_ids, vectors, version)
         return AddResult([f[0] for f in fresh], duplicates, len(texts))
 

@@ -67,8 +67,20 @@ class ServerEmbedders:
         return self(name)
 
 
+def import_libraries() -> None:
+    """Import sentence-transformers, FAISS and bm25s (several seconds, once per process) so the
+    first retrieval request only waits for its model; nothing when the extra is not installed."""
+    try:
+        import bm25s  # noqa: F401
+        import faiss  # noqa: F401
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        pass
+
+
 def install(app: FastAPI, settings: ServerSettings) -> None:
     """Embedding models and collections on app.state (the accounts store must be installed)."""
+    threading.Thread(target=import_libraries, name="semilla-retrieval-imports", daemon=True).start()
     app.state.embedders = ServerEmbedders(app)
     app.state.collections_dir = Path(settings.data_dir) / "collections"
     app.state.collections = None  # made on first use: it imports FAISS and bm25s

@@ -27,6 +27,7 @@ from semilla.serve.routes.openai import JSON_BODY
 
 router = APIRouter(tags=["collections"])
 DEFAULT_COLLECTION = "default"  # the one simpleIA's /embed/* routes use when none is named
+MAX_DOCUMENTS = 256  # per request: each is chunked and embedded before the answer
 
 
 class CreateCollection(BaseModel):
@@ -45,7 +46,7 @@ class DocumentIn(BaseModel):
 
 
 class AddDocuments(BaseModel):
-    documents: list[DocumentIn] = Field(min_length=1, max_length=10_000)
+    documents: list[DocumentIn] = Field(min_length=1, max_length=MAX_DOCUMENTS)
 
 
 class SearchRequest(BaseModel):
@@ -180,7 +181,7 @@ async def search(name: str, body: SearchRequest, request: Request) -> dict:
 
 
 class EmbedAdd(BaseModel):
-    documents: list[StrictStr] = Field(min_length=1, max_length=10_000)
+    documents: list[StrictStr] = Field(min_length=1, max_length=MAX_DOCUMENTS)
     collection: str = DEFAULT_COLLECTION
 
 
