@@ -131,3 +131,21 @@ async def run(fn: Callable[..., T], *args, **kwargs) -> T:
         ) from e  # fmt: skip
     except SemillaError as e:
         raise as_api_error(e) from e
+
+
+async def ground(
+    request: Request, principal: Principal, options, messages: list[dict], fits: Callable[[list[dict]], bool]
+) -> tuple[list[dict], list[dict]]:
+    """(messages with the passages of `options.collection` in front, their sources) for a chat;
+    the last passages are left out while the prompt does not `fit` the model."""
+    from semilla.retrieval import rag
+
+    books = collections(request)
+    row = await run(books.get, options.collection, viewer(principal))
+    question = rag.last_user_text(messages)
+    if not question:
+        raise APIError(400, "rag needs a user message to search for", param="messages")
+    hits = await run(books.search, row, question, options.k, options.mode)
+    while hits and not fits(rag.grounded_messages(messages, hits)):
+        hits = hits[:-1]
+    return rag.grounded_messages(messages, hits), rag.sources(hits)
