@@ -683,6 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
     from semilla.serve.accounts.cli import add_parsers as add_admin_parsers
 
     add_admin_parsers(sub)  # admin
+
+    from semilla.retrieval.cli import add_parsers as add_retrieval_parsers
+
+    add_retrieval_parsers(sub)  # embed, index
     return parser
 
 

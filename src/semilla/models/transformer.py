@@ -439,6 +439,16 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        return self.head(self.hidden_states(idx, positions, cache))
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The body's output after the final norm, (B, T, C): what the head turns into logits
+        and what embeddings pool."""
         B, T = idx.shape
         body = self.model
         if positions is None:
@@ -459,4 +469,4 @@ class Transformer(nn.Module):
         step = CacheStep(self.config, positions, cache, B) if cache is not None else None
         for i, layer in enumerate(body.layers):
             x = layer(x, rope, cache, step, i)
-        return self.head(body.norm(x))
+        return body.norm(x)

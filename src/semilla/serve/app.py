@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Response
 
 from semilla import __version__
-from semilla.serve import accounts, web
+from semilla.serve import accounts, retrieval, web
 from semilla.serve.engine import Engine
 from semilla.serve.errors import APIError, install_error_handlers
 from semilla.serve.hooks import ServerHooks
@@ -25,7 +25,7 @@ from semilla.serve.middleware import (
     UnexpectedErrors,
 )
 from semilla.serve.registry import ServedModel
-from semilla.serve.routes import compat, docs, health, openai
+from semilla.serve.routes import collections, compat, docs, embeddings, health, openai
 from semilla.serve.serving import ClientGone
 from semilla.serve.settings import ServerSettings
 
@@ -109,6 +109,9 @@ def create_app(
     if with_docs:
         docs.install(app)
     accounts.install(app, settings)  # store, auth, limits, cache, feedback: sets app.state.hooks
+    retrieval.install(app, settings)  # embedding models and collections (in the accounts store)
+    app.include_router(embeddings.router)
+    app.include_router(collections.router)
     web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
     # outermost last: the size limit runs before anything reads the body
     app.add_middleware(RequestMetrics)

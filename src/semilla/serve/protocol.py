@@ -118,12 +118,21 @@ class SamplingFields(Request):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class RagOptions(Request):
+    """semilla: ground the answer in a collection's passages (see semilla.retrieval.rag)."""
+
+    collection: StrictStr
+    k: Annotated[int, Field(ge=1, le=20)] = 4
+    mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     conversation_id: StrictStr | None = None  # semilla: append this turn to a stored conversation
+    rag: RagOptions | None = None  # semilla: answer from these passages; the response lists `sources`
 
 
 class CompletionRequest(SamplingFields):

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from semilla import __version__
 from semilla.errors import SemillaError
+from semilla.serve import retrieval
 from semilla.serve.errors import APIError
 from semilla.serve.hooks import CompletionRecord, Principal
 from semilla.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -221,6 +222,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     ]
     for m in messages:
         hooks.screen_prompt(principal, m["content"])
+    grounded = {}  # semilla's RAG: {"sources": [...]} in the response
+    if body.rag is not None:
+        tokenizer, context = served.lm.tokenizer, served.lm.context_length
+        messages, found = await retrieval.ground(
+            request, principal, body.rag, messages, lambda m: len(tokenizer.apply_chat_template(m)) < context
+        )
+        grounded = {"sources": found}
     prompt = served.lm.tokenizer.apply_chat_template(messages)
     asked = body.max_completion_tokens or body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
@@ -250,10 +258,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 for c in result.choices
             ],
             usage=result.usage(),
+            **grounded,
         )
 
-    def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-        return part(choices, usage=usage) if include_usage else part(choices)
+    def chunk(choices: list[dict], usage: dict | None = None, **extra) -> dict:
+        return part(choices, usage=usage, **extra) if include_usage else part(choices, **extra)
 
     def render_stream(source: Job | Result) -> AsyncIterator[str]:
         is_job = isinstance(source, Job)
@@ -269,8 +278,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             if not delta and not d.finish_reason and d.token is None:
                 return None
             logprobs = {"content": [d.token.openai()] if d.token else []} if body.logprobs else None
+            first = len(role_sent) == 1 and "role" in delta  # the sources travel with the first chunk
             return chunk(
-                [{"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish_reason}]
+                [{"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish_reason}],
+                **(grounded if first else {}),
             )
 
         def tail() -> list:

@@ -1,0 +1,300 @@
+"""Retrieval quality on Don Quijote, and FAISS speed/recall at 100k vectors.
+
+    .venv/bin/python bench/retrieval.py quality            # BM25, dense (MiniLM, semilla), hybrid
+    .venv/bin/python bench/retrieval.py quality --checkpoint runs/x/best
+    .venv/bin/python bench/retrieval.py ann                # exact vs HNSW, 100k synthetic vectors
+    .venv/bin/python bench/retrieval.py collection         # a 100k-chunk collection end to end
+
+quality: each chapter heading of ../shared/data/quijote.txt ("Capítulo VIII. Del buen suceso
+que el valeroso don Quijote tuvo en la espantable ... aventura de los molinos de viento ...")
+without its "Capítulo N." is a query; the chapter's text, heading removed, cut into chunks as
+collections cut documents, is the set of relevant chunks. All chapters' chunks form the corpus.
+recall@5 = relevant chunks in the top 5 / min(5, relevant chunks) (capped recall, as BEIR);
+nDCG@10 with binary relevance. Embeddings are cached under --cache-dir (MiniLM takes ~10 min
+for the 2,300 chunks on 2 busy cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from semilla.retrieval import lexical, vector_index
+from semilla.retrieval.chunking import ChunkConfig, chunk_text
+from semilla.retrieval.embedders import MINILM, load_embedder
+from semilla.retrieval.fusion import rrf
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIJOTE = ROOT.parent / "shared" / "data" / "quijote.txt"
+RESULTS = ROOT / "bench" / "results"
+HEADING = re.compile(r"^Capítulo [^.]+\.\s*")
+DEPTH = 50  # candidates per ranking before fusion, as Collections.search
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+def chapters(text: str) -> list[tuple[str, str]]:
+    """(query, chapter text) per chapter: the heading paragraph without "Capítulo N.", and the rest."""
+    out: list[tuple[str, str]] = []
+    paragraphs = re.split(r"\n\s*\n", text)
+    heading, body = None, []
+    for p in paragraphs:
+        if p.startswith("Capítulo "):
+            if heading is not None:
+                out.append((heading, "\n\n".join(body)))
+            heading, body = " ".join(HEADING.sub("", p).split()), []
+        elif heading is not None and not re.match(r"^(Segunda|Primera) parte", p.strip()):
+            body.append(p)
+    if heading is not None:
+        out.append((heading, "\n\n".join(body)))
+    return out
+
+
+def corpus(chunking: ChunkConfig) -> tuple[list[str], list[str], list[set[int]]]:
+    """(queries, chunk texts, relevant chunk positions per query)."""
+    queries, texts, relevant = [], [], []
+    for query, body in chapters(QUIJOTE.read_text(encoding="utf-8")):
+        pieces = chunk_text(body, chunking)
+        queries.append(query)
+        relevant.append(set(range(len(texts), len(texts) + len(pieces))))
+        texts.extend(pieces)
+    return queries, texts, relevant
+
+
+def recall_at(ranked: list[int], relevant: set[int], k: int) -> float:
+    return len(set(ranked[:k]) & relevant) / min(k, len(relevant))
+
+
+def ndcg_at(ranked: list[int], relevant: set[int], k: int) -> float:
+    dcg = sum(1 / math.log2(i + 2) for i, d in enumerate(ranked[:k]) if d in relevant)
+    ideal = sum(1 / math.log2(i + 2) for i in range(min(k, len(relevant))))
+    return dcg / ideal
+
+
+def score(rankings: list[list[int]], relevant: list[set[int]]) -> dict[str, float]:
+    return {
+        "recall@5": float(np.mean([recall_at(r, rel, 5) for r, rel in zip(rankings, relevant, strict=True)])),
+        "ndcg@10": float(np.mean([ndcg_at(r, rel, 10) for r, rel in zip(rankings, relevant, strict=True)])),
+    }
+
+
+def cached_embeddings(name: str, texts: list[str], cache_dir: Path) -> np.ndarray:
+    key = hashlib.sha256((name + "\0" + "\0".join(texts)).encode()).hexdigest()[:16]
+    path = cache_dir / f"{Path(name).name}-{key}.npy"
+    if path.exists():
+        return np.load(path)
+    embedder = load_embedder(name)
+    start, parts = time.perf_counter(), []
+    for i in range(0, len(texts), 64):
+        parts.append(embedder.embed(texts[i : i + 64]))
+        print(f"  {name}: {min(i + 64, len(texts))}/{len(texts)} chunks embedded", file=sys.stderr, end="\r")
+    vectors = np.concatenate(parts)
+    print(f"\n  {name}: {len(texts)} chunks in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors
+
+
+def dense_rankings(name: str, queries: list[str], texts: list[str], cache_dir: Path) -> list[list[int]]:
+    ids = np.arange(len(texts), dtype=np.int64)
+    chunks = cached_embeddings(name, texts, cache_dir)
+    index = vector_index.build(ids, chunks, chunks.shape[1], 0)
+    query_vectors = load_embedder(name).embed(queries)
+    return [[i for i, _ in index.search(q, DEPTH)] for q in query_vectors]
+
+
+def train_small_model(out: Path) -> Path:
+    """A small semilla model on the whole Quijote (BPE 4096, 2 layers x 128, 300 steps of 8 x 256 tokens)."""
+    from semilla.config import resolve_configs
+    from semilla.data import prepare
+    from semilla.train import train
+
+    data = out / "data"
+    if not (out / "run" / "best").exists():
+        prepare([str(QUIJOTE)], str(data), tokenizer="bpe", vocab_size=4096)
+        model_cfg, train_cfg = resolve_configs(
+            "tiny",
+            overrides=dict(
+                data=str(data),
+                out_dir=str(out / "run"),
+                vocab_size=4096,
+                block_size=256,
+                n_layer=2,
+                n_head=4,
+                n_embd=128,
+                batch_size=8,
+                max_iters=300,
+                warmup_iters=30,
+                learning_rate=3e-3,
+                eval_interval=150,
+                eval_iters=5,
+                device="cpu",
+            ),  # fmt: skip
+            environ={},
+        )
+        train(model_cfg, train_cfg)
+    return out / "run" / "best"
+
+
+def quality(args: argparse.Namespace) -> dict:
+    queries, texts, relevant = corpus(ChunkConfig(args.chunk_size, args.chunk_overlap))
+    print(f"{len(queries)} queries, {len(texts)} chunks of {args.chunk_size} chars", file=sys.stderr)
+    ids = np.arange(len(texts), dtype=np.int64)
+    bm25 = lexical.build(ids, texts, 0)
+    runs: dict[str, list[list[int]]] = {"bm25": [[i for i, _ in bm25.search(q, DEPTH)] for q in queries]}
+    runs["dense MiniLM"] = dense_rankings(MINILM, queries, texts, args.cache_dir)
+    checkpoint = args.checkpoint or str(train_small_model(args.cache_dir / "semilla-model"))
+    runs["dense semilla"] = dense_rankings(checkpoint, queries, texts, args.cache_dir)
+    rows = {name: score(r, relevant) for name, r in runs.items()}
+    for dense in ("dense MiniLM", "dense semilla"):
+        for k in (10, 30, 60, 100):
+            for w in (1.0, 2.0):  # weight of BM25 against dense
+                fused = [
+                    [i for i, _ in rrf([b, d], k=k, weights=[w, 1.0])]
+                    for b, d in zip(runs["bm25"], runs[dense], strict=True)
+                ]
+                rows[f"hybrid bm25 + {dense.split()[1]}, rrf k={k}, bm25 weight {w:g}"] = score(
+                    fused, relevant
+                )
+    best_single = max(rows["bm25"]["ndcg@10"], rows["dense MiniLM"]["ndcg@10"])
+    default = rows["hybrid bm25 + MiniLM, rrf k=60, bm25 weight 1"]["ndcg@10"]
+    print("\n| run | recall@5 | nDCG@10 |\n|---|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['recall@5']:.3f} | {r['ndcg@10']:.3f} |")
+    print(f"\nhybrid (defaults) - best single = {default - best_single:+.3f} nDCG@10 (target >= +0.02)")
+    return {"queries": len(queries), "chunks": len(texts), "chunk_size": args.chunk_size,
+            "checkpoint": checkpoint, "runs": rows}  # fmt: skip
+
+
+# --- FAISS at 100k ---------------------------------------------------------------------------
+
+
+def synthetic_vectors(n: int, dim: int, seed: int = 0, clusters: int = 1000) -> np.ndarray:
+    """Unit vectors around `clusters` random centres: closer to sentence embeddings than uniform noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.8 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def latencies_ms(search, queries: np.ndarray) -> dict[str, float]:
+    times = []
+    for q in queries:
+        start = time.perf_counter()
+        search(q)
+        times.append((time.perf_counter() - start) * 1000)
+    return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95))}
+
+
+def ann(args: argparse.Namespace) -> dict:
+    import faiss
+
+    dim, out = 384, {}
+    data = synthetic_vectors(args.size, dim)
+    queries = synthetic_vectors(args.queries, dim, seed=1)
+    ids = np.arange(args.size, dtype=np.int64)
+    for n in (10_000, 50_000, 100_000, 200_000):
+        if n > args.size:
+            break
+        flat = vector_index.build(ids[:n], data[:n], dim, 0)
+        out[f"exact {n}"] = latencies_ms(lambda q, f=flat: f.search(q, 10), queries)
+        print(f"exact, {n} vectors: {out[f'exact {n}']}", file=sys.stderr)
+    exact = vector_index.build(ids, data, dim, 0)
+    truth = [[i for i, _ in exact.search(q, 10)] for q in queries]
+    start = time.perf_counter()
+    inner = faiss.IndexHNSWFlat(dim, vector_index.HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    inner.hnsw.efConstruction = vector_index.HNSW_EF_CONSTRUCTION
+    hnsw = vector_index.VectorIndex(faiss.IndexIDMap2(inner), 0)
+    hnsw.add(ids, data)
+    build_s = time.perf_counter() - start
+    found = [[i for i, _ in hnsw.search(q, 10)] for q in queries]
+    recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)]))
+    out[f"hnsw {args.size}"] = {**latencies_ms(lambda q: hnsw.search(q, 10), queries),
+                                "recall@10_vs_exact": recall, "build_s": build_s}  # fmt: skip
+    print(f"HNSW (M={vector_index.HNSW_M}, efSearch={vector_index.HNSW_EF_SEARCH}), {args.size} vectors: "
+          f"{out[f'hnsw {args.size}']}", file=sys.stderr)  # fmt: skip
+    return out
+
+
+def collection(args: argparse.Namespace) -> dict:
+    """Collections.search on a collection of `size` chunks: real Quijote chunk texts (repeated) in
+    the database, synthetic vectors; the query's embedding is timed apart (MiniLM)."""
+    from sqlalchemy import insert
+
+    from semilla.retrieval.collections import Collections, Viewer
+    from semilla.retrieval.tables import ChunkRow, CollectionRow, DocumentRow, vector_bytes
+    from semilla.serve.accounts.db import make_engine
+    from semilla.serve.accounts.migrate import migrate
+
+    dim = 384
+    queries, texts, _ = corpus(ChunkConfig())
+    vectors = synthetic_vectors(args.size, dim)
+
+    class Synthetic:
+        name, max_tokens = "synthetic", 256
+
+        def __init__(self):
+            self.dim = dim
+
+        def embed(self, items: list[str]) -> np.ndarray:
+            return synthetic_vectors(len(items), dim, seed=hash(items[0]) % 1000)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = make_engine(f"sqlite:///{tmp}/bench.db")
+        migrate(engine)
+        books = Collections(engine, Path(tmp) / "indexes", embedder=lambda name: Synthetic())
+        row = books.create("big", Viewer())
+        with engine.begin() as c:
+            c.execute(insert(DocumentRow), [{"id": 1, "collection_id": row.id, "doc_id": "all", "content_hash": "x",
+                                             "meta": "{}", "chars": 0}])  # fmt: skip
+            c.execute(insert(ChunkRow), [{"collection_id": row.id, "document_id": 1, "position": i,
+                                          "text": texts[i % len(texts)], "vector": vector_bytes(vectors[i])}
+                                         for i in range(args.size)])  # fmt: skip
+            c.execute(CollectionRow.__table__.update().values(version=1))
+        start = time.perf_counter()
+        books.vector_index(row)
+        books.lexical_index(row)
+        build_s = time.perf_counter() - start
+        out = {"size": args.size, "first search build_s": build_s}
+        for mode in ("hybrid", "dense", "bm25"):
+            out[mode] = latencies_ms(lambda q, m=mode: books.search(row, q, k=10, mode=m), queries)
+            print(f"{mode}, {args.size} chunks: {out[mode]}", file=sys.stderr)
+    minilm = load_embedder(MINILM)
+    out["MiniLM query embedding"] = latencies_ms(lambda q: minilm.embed([q]), queries)
+    print(f"MiniLM query embedding: {out['MiniLM query embedding']}", file=sys.stderr)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="part", required=True)
+    q = sub.add_parser("quality")
+    q.add_argument("--checkpoint", help="a semilla checkpoint for the dense run (default: train a small one)")
+    q.add_argument("--chunk-size", type=int, default=1000)
+    q.add_argument("--chunk-overlap", type=int, default=100)
+    q.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "semilla" / "bench-retrieval")
+    a = sub.add_parser("ann")
+    a.add_argument("--size", type=int, default=100_000)
+    a.add_argument("--queries", type=int, default=500)
+    c = sub.add_parser("collection")
+    c.add_argument("--size", type=int, default=100_000)
+    args = parser.parse_args()
+    result = {"quality": quality, "ann": ann, "collection": collection}[args.part](args)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"retrieval_{args.part}.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""`semilla index add|search|list|rm` and `semilla embed` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from helpers import assert_one_line_error, run_cli
+
+from semilla.retrieval.embedders import MINILM, load_embedder
+
+
+def test_index_round_trip(tmp_path: Path):
+    data = ["--data-dir", str(tmp_path / "data")]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "molinos.txt").write_text(
+        "Don Quijote atacó los molinos de viento.", encoding="utf-8"
+    )
+    (tmp_path / "docs" / "insula.md").write_text("Sancho gobernó la ínsula Barataria.", encoding="utf-8")
+    added = run_cli("index", "add", "libros", str(tmp_path / "docs"), "--metadata", '{"parte": 1}', *data)
+    assert added.returncode == 0, added.stderr
+    assert "added 2 documents (2 chunks), 0 already there" in added.stdout
+    assert "created collection libros" in added.stderr and "embedding into libros" in added.stderr  # progress
+    again = run_cli("index", "add", "libros", str(tmp_path / "docs" / "insula.md"), "--quiet", *data)
+    assert "added 0 documents (0 chunks), 1 already there" in again.stdout
+    listed = run_cli("index", "list", "--json", *data)
+    assert [(c["name"], c["documents"]) for c in json.loads(listed.stdout)] == [("libros", 2)]
+    found = run_cli("index", "search", "libros", "ínsula Barataria", "-k", "1", "--json", *data)
+    hit = json.loads(found.stdout)
+    assert hit["document_id"].endswith("insula.md") and hit["metadata"]["parte"] == 1
+    doc_id = hit["document_id"]
+    assert run_cli("index", "rm", "libros", doc_id, *data).returncode == 0
+    assert_one_line_error(run_cli("index", "rm", "libros", *data), "--yes")
+    assert run_cli("index", "rm", "libros", "--yes", *data).returncode == 0
+    assert_one_line_error(
+        run_cli("index", "search", "libros", "x", *data), "collection 'libros' does not exist"
+    )
+
+
+def test_index_refuses_binary_files_with_one_line(tmp_path: Path):
+    (tmp_path / "x.bin").write_bytes(bytes(range(256)))
+    proc = run_cli("index", "add", "libros", str(tmp_path / "x.bin"), "--data-dir", str(tmp_path / "data"))
+    assert_one_line_error(proc, "x.bin", "binary")
+
+
+def test_embed_prints_the_library_vectors(tmp_path: Path):
+    proc = run_cli("embed", "hola", "adiós")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["text"] for r in rows] == ["hola", "adiós"]
+    expected = load_embedder(MINILM).embed(["hola", "adiós"])
+    assert np.abs(np.array([r["embedding"] for r in rows]) - expected).max() < 1e-6
+    assert_one_line_error(run_cli("embed", "palabra " * 400), "tokens", "at most 256")

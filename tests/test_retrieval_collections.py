@@ -1,0 +1,129 @@
+"""Collections on a real SQLite database: chunking, dedup, filters, ownership, and indexes that
+are only caches of the database."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from semilla.errors import SemillaError
+from semilla.retrieval.chunking import ChunkConfig, chunk_text
+from semilla.retrieval.collections import Collections, Conflict, Forbidden, NewDocument, NotFound, Viewer
+from semilla.retrieval.fusion import rrf
+from semilla.serve.accounts.db import make_engine
+from semilla.serve.accounts.migrate import migrate
+
+DOCS = [
+    NewDocument(
+        "Don Quijote atacó los molinos de viento creyendo que eran gigantes.", "molinos", {"parte": 1}
+    ),
+    NewDocument("Sancho Panza gobernó la ínsula Barataria con buen juicio.", "insula", {"parte": 2}),
+    NewDocument(
+        "Dulcinea del Toboso era la dama de los pensamientos del caballero.", "dulcinea", {"parte": 1}
+    ),
+]
+
+
+@pytest.fixture
+def engine(tmp_path: Path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'semilla.db'}")
+    migrate(engine)
+    return engine
+
+
+@pytest.fixture
+def books(engine, tmp_path: Path) -> Collections:
+    return Collections(engine, tmp_path / "collections")
+
+
+def test_chunks_cover_the_text_with_the_overlap_asked():
+    text = " ".join(f"palabra{i}" for i in range(400))
+    chunks = chunk_text(text, ChunkConfig(200, 40))
+    assert all(len(c) <= 200 for c in chunks)
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        assert b[:20] in a  # each chunk starts inside the one before: the overlap
+    words = set(text.split())
+    assert words == set(" ".join(chunks).split())
+    with pytest.raises(SemillaError, match="overlap"):
+        ChunkConfig(100, 100).validate()
+
+
+def test_rrf_prefers_what_both_rankings_found():
+    assert [i for i, _ in rrf([[1, 2, 3], [3, 4, 1]])][:2] == [1, 3]
+
+
+def test_add_search_dedup_filter_and_delete(books: Collections):
+    c = books.create("libros", Viewer())
+    added = books.add(c, DOCS)
+    assert added.added == ["molinos", "insula", "dulcinea"] and added.chunks == 3
+    again = books.add(c, [NewDocument(DOCS[0].text, "otra-id")])  # same content: stored once
+    assert again.added == [] and again.duplicates == ["molinos"]
+    for mode in ("hybrid", "dense", "bm25"):
+        assert books.search(c, "gigantes y molinos", k=1, mode=mode)[0].document_id == "molinos"
+    hits = books.search(c, "la dama del caballero", k=3, filter={"parte": 2})
+    assert [h.document_id for h in hits] == ["insula"]
+    assert books.search(c, "molinos", filter={"parte": 9}) == []
+    with pytest.raises(Conflict, match="insula"):
+        books.add(c, [NewDocument("otro texto distinto", "insula")])
+    books.delete_document(c, "molinos")
+    assert "molinos" not in {h.document_id for h in books.search(c, "molinos de viento", k=3)}
+    assert books.info(c).documents == 2 and books.info(c).chunks == 2
+    with pytest.raises(NotFound):
+        books.delete_document(c, "molinos")
+
+
+def test_a_bad_document_adds_nothing(books: Collections):
+    c = books.create("libros", Viewer())
+    with pytest.raises(SemillaError, match="NUL"):
+        books.add(c, [DOCS[0], NewDocument("texto\x00binario", "malo")])
+    with pytest.raises(SemillaError, match="empty"):
+        books.add(c, [NewDocument("   ")])
+    assert books.info(c).documents == 0
+
+
+def test_owners_see_their_own_others_get_not_found(books: Collections):
+    ana, bea, admin = Viewer(1), Viewer(2), Viewer(3, admin=True)
+    c = books.create("privada", ana)
+    books.add(c, DOCS[:1])
+    with pytest.raises(NotFound):
+        books.get("privada", bea)
+    assert [i.name for i in books.list(bea)] == []
+    assert books.get("privada", admin).id == c.id
+    books.share(c, True)
+    assert books.search(books.get("privada", bea), "molinos")[0].document_id == "molinos"
+    with pytest.raises(Forbidden):
+        books.get("privada", bea, write=True)
+    books.create("privada", bea)  # the same name is free for another owner
+    assert books.get("privada", bea).owner_id == 2
+
+
+def test_a_damaged_index_file_is_rebuilt_from_the_database(
+    books: Collections, engine, tmp_path: Path, caplog
+):
+    c = books.create("libros", Viewer())
+    books.add(c, DOCS)
+    before = [(h.document_id, round(h.score, 6)) for h in books.search(c, "molinos", mode="dense")]
+    index_file = tmp_path / "collections" / f"{c.id}.faiss"
+    assert index_file.exists()
+    index_file.write_bytes(index_file.read_bytes()[:100])  # truncated, as after a crash mid-write
+    fresh = Collections(engine, tmp_path / "collections")  # a restarted server
+    with caplog.at_level(logging.WARNING):
+        after = [(h.document_id, round(h.score, 6)) for h in fresh.search(c, "molinos", mode="dense")]
+    assert after == before
+    assert any("damaged" in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
+
+
+def test_an_index_file_older_than_the_database_is_rebuilt(books: Collections, engine, tmp_path: Path):
+    c = books.create("libros", Viewer())
+    books.add(c, DOCS[:2])
+    assert len(books.search(c, "dama", mode="dense", k=5)) == 2
+    # another process (the CLI) adds a document: this one's memory and file are behind
+    other = Collections(engine, tmp_path / "collections")
+    other.add(other.get("libros", Viewer()), DOCS[2:])
+    assert {h.document_id for h in books.search(c, "dama", mode="dense", k=5)} == {
+        "molinos",
+        "insula",
+        "dulcinea",
+    }
