@@ -14,7 +14,7 @@ import semilla.train as training
 from semilla.ages import THAU_AGES, age_shape, plan_stages
 from semilla.checkpoint import load_checkpoint
 from semilla.config import TrainConfig
-from semilla.errors import ConfigError
+from semilla.errors import CheckpointError, ConfigError
 from semilla.train import resume_configs, train
 
 # THAU's ages 0 -> 1 at 1/8 scale: 4 heads of 8 (width 32, 1 layer) -> 6 heads of 8 (48, 1 layer)
@@ -187,3 +187,96 @@ def test_ages_can_start_from_a_checkpoint_grown_into_the_first_age(
     assert done.returncode == 0, done.stderr
     grown, _, _ = load_checkpoint(run / "ages" / "age_1_final")
     assert (grown.config.n_embd, grown.config.n_head) == (48, 6)
+
+
+def test_a_crash_while_growing_resumes_into_the_grown_model(
+    tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """last/ saved at the boundary step, then a kill before the growth is saved: the resume ends
+    the age and grows, as the straight run did."""
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train(*tiny_configs(prepared_dir, straight, **AGES))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed while growing")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "grow_trainer", crash)
+        with pytest.raises(RuntimeError, match="killed while growing"):
+            train(*tiny_configs(prepared_dir, crashed, **AGES))  # save_interval 4: last/ at step 4
+    assert json.loads((crashed / "last" / "trainer_state.json").read_text())["step"] == 4
+    model_cfg, train_cfg = resume_configs(str(crashed), {})
+    train(model_cfg, train_cfg, resume=str(crashed))
+    assert_same_training(straight, crashed, 8)
+    assert load_checkpoint(crashed / "last")[0].config.n_embd == 48
+
+
+def test_a_run_through_ages_keeps_its_schedule_on_resume(tmp_path: Path, prepared_dir: Path) -> None:
+    run = tmp_path / "ages"
+    train(*tiny_configs(prepared_dir, run, **AGES))
+    for overrides in ({"max_iters": 20}, {"steps_per_age": 9}, {"age_scale": 0.25}, {"ages": "0,1,3"}):
+        with pytest.raises(CheckpointError, match="changed age schedule"):
+            resume_configs(str(run), overrides)
+
+
+def test_a_refused_new_run_leaves_the_old_one_alone(tmp_path: Path, prepared_dir: Path) -> None:
+    run = tmp_path / "run"
+    train(*tiny_configs(prepared_dir, run))
+    (run / "database_backup").mkdir()
+    proc = run_cli(
+        "train", "--data", prepared_dir, "--out-dir", run, *tiny_train_flags(), "--ages", "0,5", "--overwrite"
+    )
+    assert_one_line_error(proc, "unknown age 5")
+    assert (run / "last").is_dir() and (run / "database_backup").is_dir()
+    done = run_cli("train", "--data", prepared_dir, "--out-dir", run, *tiny_train_flags(), "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert (run / "database_backup").is_dir()  # only the run's own files go
+
+
+@pytest.mark.parametrize(
+    "settings, needle",
+    [
+        (dict(ages=","), "at least one age"),
+        (dict(ages="0,1", early_stopping_patience=2), "early stopping"),
+    ],
+)
+def test_settings_that_cannot_run_through_ages(
+    tmp_path: Path, prepared_dir: Path, settings: dict, needle: str
+) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        train(*tiny_configs(prepared_dir, tmp_path / "x", **{**AGES, **settings}))
+
+
+@pytest.mark.parametrize("name", ["../escape", "two words"])
+def test_stage_names_name_directories_safely(tmp_path: Path, name: str) -> None:
+    schedule = tmp_path / "s.yaml"
+    schedule.write_text(yaml.safe_dump({"stages": [{"name": name, "steps": 2, "n_embd": 32, "n_head": 4}]}))
+    with pytest.raises(ConfigError, match="must be unique"):
+        plan_stages(TrainConfig(age_schedule=str(schedule)))
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(yaml.safe_dump({"stages": [{"name": "a", "steps": 2}, {"name": "a", "steps": 2}]}))
+    with pytest.raises(ConfigError, match="must be unique"):
+        plan_stages(TrainConfig(age_schedule=str(twice)))
+
+
+def test_a_schedule_that_grows_the_context_trains_on_the_longer_windows(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    schedule = tmp_path / "longer.yaml"
+    schedule.write_text(
+        yaml.safe_dump(
+            {
+                "stages": [
+                    {"name": "short", "steps": 3, "n_embd": 32, "n_head": 4, "n_layer": 1, "block_size": 16},
+                    {"name": "long", "steps": 3, "n_embd": 32, "n_head": 4, "n_layer": 1, "block_size": 32},
+                ]
+            }
+        )
+    )
+    run = tmp_path / "ctx"
+    train(*tiny_configs(prepared_dir, run, age_schedule=str(schedule), deterministic=True))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    tokens = {r["step"]: r["tokens_per_s"] for r in rows if r["kind"] == "train"}
+    state = json.loads((run / "last" / "trainer_state.json").read_text())
+    assert state["tokens_seen"] == 3 * 4 * 16 + 3 * 4 * 32  # batch 4: three short steps, three long
+    assert len(tokens) == 6

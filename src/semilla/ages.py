@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from semilla.config import ModelConfig, TrainConfig
+from semilla.config import SHAPE_FIELDS, ModelConfig, TrainConfig
 from semilla.errors import ConfigError
+from semilla.models.grow import plan_growth
 
 # age -> (width, layers) from THAU's table. Heads keep THAU's head size of 64 at every age so each
 # growth is exact; THAU-2B's own preset (thau-age-15) has 32 heads of 80, which no exact growth
@@ -35,7 +37,8 @@ THAU_AGES: dict[int, tuple[int, int]] = {
     15: (2560, 24),
 }
 THAU_HEAD_SIZE = 64
-SHAPE_FIELDS = ("n_embd", "n_layer", "n_head", "n_kv_head", "intermediate_size", "block_size")
+AGE_SETTINGS = ("ages", "target_age", "steps_per_age", "age_scale", "age_schedule", "grow_mode")
+STAGE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # it names a directory: ages/NAME_final
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,14 @@ class Stage:
         return dataclasses.replace(base, **{**follow, **self.shape})
 
 
-def age_shape(age: int, scale: float = 1.0) -> dict[str, int]:
-    """THAU's shape of one age with widths and depths times `scale` (head count kept)."""
+def check_age(age: int) -> None:
     if age not in THAU_AGES:
         raise ConfigError(f"unknown age {age}; THAU's ages are {', '.join(map(str, THAU_AGES))}")
+
+
+def age_shape(age: int, scale: float = 1.0) -> dict[str, int]:
+    """THAU's shape of one age with widths and depths times `scale` (head count kept)."""
+    check_age(age)
     width, layers = THAU_AGES[age]
     heads = width // THAU_HEAD_SIZE
     head_size = max(8, 8 * round(THAU_HEAD_SIZE * scale / 8))  # a multiple of 8 (RoPE, kernels)
@@ -68,9 +75,10 @@ def parse_ages(text: str) -> list[int]:
         ages = [int(a) for a in text.split(",") if a.strip()]
     except ValueError:
         raise ConfigError(f"ages must be comma-separated numbers like 0,1,3, got {text!r}") from None
+    if not ages:
+        raise ConfigError(f"ages must name at least one age, like 0,1,3, got {text!r}")
     for age in ages:
-        if age not in THAU_AGES:
-            raise ConfigError(f"unknown age {age}; THAU's ages are {', '.join(map(str, THAU_AGES))}")
+        check_age(age)
     if ages != sorted(set(ages)):
         raise ConfigError(f"ages must be distinct and increasing, got {text!r}")
     return ages
@@ -83,7 +91,7 @@ def load_schedule(path: str) -> list[Stage]:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"age schedule {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"age schedule {path} cannot be parsed: {str(e).splitlines()[0]}") from None
     rows = data.get("stages") if isinstance(data, dict) else None
     if not isinstance(rows, list) or not rows:
@@ -103,7 +111,13 @@ def load_schedule(path: str) -> list[Stage]:
         shape = {k: row[k] for k in SHAPE_FIELDS if k in row}
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in shape.values()):
             raise ConfigError(f"age schedule {path}: stage {i + 1} shape values must be integers")
-        stages.append(Stage(str(row.get("name", f"stage_{i}")), shape, steps))
+        name = str(row.get("name", f"stage_{i}"))
+        if not STAGE_NAME.fullmatch(name) or name in {s.name for s in stages}:
+            raise ConfigError(
+                f"age schedule {path}: stage {i + 1}'s name {name!r} must be unique and made of letters, "
+                "digits, '_', '.' or '-' (it names ages/NAME_final)"
+            )
+        stages.append(Stage(name, shape, steps))
     return stages
 
 
@@ -117,10 +131,7 @@ def plan_stages(cfg: TrainConfig) -> list[Stage]:
     if cfg.ages and cfg.target_age is not None:
         raise ConfigError("give either --ages or --target-age, not both")
     if cfg.target_age is not None:
-        if cfg.target_age not in THAU_AGES:
-            raise ConfigError(
-                f"unknown age {cfg.target_age}; THAU's ages are {', '.join(map(str, THAU_AGES))}"
-            )
+        check_age(cfg.target_age)
         ages = [a for a in THAU_AGES if a <= cfg.target_age]
     elif cfg.ages:
         ages = parse_ages(cfg.ages)
@@ -130,16 +141,22 @@ def plan_stages(cfg: TrainConfig) -> list[Stage]:
     return [Stage(f"age_{a}", age_shape(a, cfg.age_scale), steps) for a in ages]
 
 
-def stage_at(stages: list[Stage], step: int) -> int:
-    """Index of the stage that trains step `step` (0-based count of steps already taken)."""
-    end = 0
-    for i, stage in enumerate(stages):
-        end += stage.steps
-        if step < end:
-            return i
-    return len(stages) - 1
-
-
 def stage_end(stages: list[Stage], index: int) -> int:
     """The step count at which stage `index` is finished."""
     return sum(s.steps for s in stages[: index + 1])
+
+
+def check_growth(start: ModelConfig, stages: list[Stage], mode: str) -> list[ModelConfig]:
+    """The model config of every stage, grown from `start` (the first stage's shape, or an
+    --init-from checkpoint's); refuses a schedule that cannot grow through, before training."""
+    problems = start.problems()
+    if problems:
+        raise ConfigError("invalid model: " + "; ".join(problems))
+    configs, cfg = [], start
+    for stage in stages:
+        try:
+            cfg = plan_growth(cfg, stage.config(cfg), mode).target
+        except ConfigError as e:
+            raise ConfigError(f"age {stage.name}: {e}") from None
+        configs.append(cfg)
+    return configs

@@ -25,6 +25,7 @@ from semilla.config import (
     EVAL_SAMPLING,
     FIELD_CHOICES,
     PRESETS,
+    SHAPE_FIELDS,
     TOKENIZERS,
     GenerateConfig,
     ModelConfig,
@@ -368,9 +369,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-GROW_DIMENSIONS = ("n_embd", "n_layer", "n_head", "n_kv_head", "intermediate_size", "block_size")
-
-
 def _insert_position(raw: str) -> str | int:
     if raw in ("end", "interleave"):
         return raw
@@ -383,7 +381,7 @@ def _insert_position(raw: str) -> str | int:
 def cmd_grow(args: argparse.Namespace) -> int:
     from semilla.models.grow import grow_checkpoint
 
-    dims = {name: getattr(args, name) for name in GROW_DIMENSIONS}
+    dims = {name: getattr(args, name) for name in SHAPE_FIELDS}
     if not args.preset and all(v is None for v in dims.values()):
         raise SemillaError(
             "say what to grow to: --preset P or at least one of --n-embd --n-layer --n-head "
@@ -649,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(PRESETS),
         help="grow to this preset's shape (e.g. thau-age-3); the vocabulary stays",
     )
-    for name in GROW_DIMENSIONS:
+    for name in SHAPE_FIELDS:
         p.add_argument(_flag(name), type=int, metavar="N", help=f"grown {name} (overrides the preset's)")
     p.add_argument(
         "--mode",

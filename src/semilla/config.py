@@ -25,6 +25,14 @@ ARCHS = ("transformer", "lstm")
 SCHEDULES = ("cosine", "plateau", "constant")
 LOSS_ON = ("assistant", "all")
 GROW_MODES = ("exact", "stack")
+SHAPE_FIELDS = (
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "intermediate_size",
+    "block_size",
+)  # what growth grows
 TOKENIZERS = ("char", "bpe")
 DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on CUDA (autocast when training), float32 elsewhere
 DTYPE_HELP = (

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -25,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semilla.ages import Stage, plan_stages, stage_end
+from semilla.ages import AGE_SETTINGS, Stage, check_growth, plan_stages, stage_end
 from semilla.atomic import atomic_write_text, existing_dir
 from semilla.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state_by_name, save_checkpoint
 from semilla.config import ModelConfig, TrainConfig, apply_overrides, model_config_from_dict
 from semilla.data import IGNORE_INDEX, MixtureDataset, TokenDataset
 from semilla.errors import CheckpointError, ConfigError, DataError
 from semilla.models import build_model, count_parameters
+from semilla.models.grow import grow_model, plan_growth
 from semilla.tokenizer import Tokenizer
 from semilla.train_inputs import (
     changed_fields,
@@ -57,6 +59,7 @@ class TrainState:
     plateau_bad_evals: int = 0
     elapsed_s: float = 0.0
     stopped_early: bool = False
+    stages: list[dict[str, Any]] = field(default_factory=list)  # the ages' schedule (Stage fields)
     stage: int = 0  # index of the age (schedule stage) being trained
     ages: list[dict[str, Any]] = field(default_factory=list)  # one row per finished age
     rng: dict[str, str] = field(default_factory=dict)  # base64 RNG states (torch, data, cuda)
@@ -116,6 +119,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
+PREPARED_DATA = re.compile(r"data(_\d+)?")  # raw text prepared into a run: data/, data_N/
 RUN_FILES = ("last", "best", ".last.old", ".best.old", "metrics.jsonl", "tb", "ages")  # what a run writes
 
 
@@ -137,7 +141,7 @@ def claim_run_dir(run_dir: Path, data: str, overwrite: bool) -> None:
     if any(src.is_relative_to(run_dir.resolve()) for src in sources):  # training on data kept here
         names = RUN_FILES
     else:  # the old run's prepared copies of its raw text: data/, data_N/
-        names = RUN_FILES + tuple(p.name for p in run_dir.glob("data*") if p.is_dir())
+        names = RUN_FILES + tuple(p.name for p in run_dir.iterdir() if PREPARED_DATA.fullmatch(p.name))
     for name in names:
         path = run_dir / name
         if path.is_dir():
@@ -153,22 +157,31 @@ def setup(
     """Build a Trainer for a new run, or restore one from `resume` (a run directory). A new
     run in a directory that holds one needs `overwrite`."""
     run_dir = Path(resume or config.out_dir)
-    if not resume:
-        claim_run_dir(run_dir, config.data, overwrite)
     state = TrainState()
-    stages = plan_stages(config)
-    if stages:  # a run through ages: its length is theirs; it starts at the first one's shape,
-        # from scratch, or from an --init-from checkpoint grown into it
+    if resume:
+        state = TrainState(**json.loads((last_checkpoint(run_dir) / "trainer_state.json").read_text()))
+    # a run through ages keeps the schedule it started with; its length is the schedule's, and it
+    # starts at the first age's shape, from scratch or from an --init-from checkpoint grown into it
+    stages = [Stage(**s) for s in state.stages] if resume else plan_stages(config)
+    stage_configs: list[ModelConfig] = []
+    if stages:
+        if config.early_stopping_patience:
+            raise ConfigError("early stopping cannot be combined with ages: each age trains its steps")
         config = dataclasses.replace(config, max_iters=stage_end(stages, len(stages) - 1))
+        state.stages = [dataclasses.asdict(s) for s in stages]
         if not resume:
             first = stages[0].config(model_config)
-            check_growth(model_config if config.init_from else first, stages, config.grow_mode)
+            stage_configs = check_growth(
+                model_config if config.init_from else first, stages, config.grow_mode
+            )
             model_config = model_config if config.init_from else first
     device = pick_device(config.device)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.seed)
     source = init_checkpoint(config.init_from) if config.init_from and not resume else None
+    if not resume:  # after every check that can refuse the run: a refused run deletes nothing
+        claim_run_dir(run_dir, config.data, overwrite)
     data = load_data(config, run_dir, config.progress, tokenizer_from=source)
     # the run's config.json keeps absolute inputs, so `--resume` works from any directory
     config = dataclasses.replace(
@@ -194,8 +207,9 @@ def setup(
                 f"--init-from {config.init_from}: the model differs from the checkpoint's "
                 f"(semilla.train_inputs.init_model_config gives it): {', '.join(changed)}"
             )
-    train_data.check_block_size(model_config.block_size)
-    val_data.check_block_size(model_config.block_size)
+    for block_size in {model_config.block_size, *(c.block_size for c in stage_configs)}:
+        train_data.check_block_size(block_size)
+        val_data.check_block_size(block_size)
     with torch.device(device):
         model = build_model(model_config)
     optimizer = make_optimizer(model, config, device)
@@ -205,7 +219,6 @@ def setup(
         restored, _, _ = load_checkpoint(last, device=device, prefer="last")
         model.load_state_dict(restored.state_dict())
         load_optimizer_state(last, optimizer, model)
-        state = TrainState(**json.loads((last / "trainer_state.json").read_text()))
         torch.set_rng_state(_unpack(state.rng["torch"]))
         data_rng.set_state(_unpack(state.rng["data"]))
         if "cuda" in state.rng and device.type == "cuda":
@@ -215,11 +228,8 @@ def setup(
         initial, _, _ = load_checkpoint(source, device=device)
         model.load_state_dict(initial.state_dict())
         if stages:  # ages from a checkpoint: grown into the first age's shape
-            from semilla.models.grow import grow_model
-
-            first = stages[0].config(model_config)
-            model = grow_model(model, first, mode=config.grow_mode, seed=config.seed).to(device).train()
-            model_config, optimizer = model.config, make_optimizer(model, config, device)
+            model = grow_model(model, stage_configs[0], mode=config.grow_mode, seed=config.seed).to(device)
+            model_config, optimizer = model.config, make_optimizer(model.train(), config, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     forward = torch.compile(model) if config.compile else model
     return Trainer(
@@ -228,44 +238,19 @@ def setup(
     )  # fmt: skip
 
 
-def check_growth(start: ModelConfig, stages: list[Stage], mode: str) -> None:
-    """Refuse a schedule that cannot grow from `start` through every stage, before training."""
-    from semilla.models.grow import plan_growth
-
-    problems = start.problems()
-    if problems:
-        raise ConfigError(f"age {stages[0].name}: " + "; ".join(problems))
-    cfg = start
-    for stage in stages:
-        try:
-            cfg = plan_growth(cfg, stage.config(cfg), mode).target
-        except ConfigError as e:
-            raise ConfigError(f"age {stage.name}: {e}") from None
-
-
 def grow_trainer(t: Trainer, stage: Stage) -> None:
-    """Grow the model to `stage`'s shape and its AdamW moments with it (new entries zero, the
-    step count kept), so training goes on where it was."""
-    from semilla.models.grow import grow_model, grow_tensors
-
-    old_cfg, new_cfg = t.model_config, stage.config(t.model_config)
+    """Grow the model to `stage`'s shape and its AdamW state with it (new moments zero, the step
+    count kept), so training goes on where it was."""
+    plan = plan_growth(t.model_config, stage.config(t.model_config), t.config.grow_mode)
     seed = t.config.seed + 1000 * (t.state.stage + 1)  # new weights: the same on every resume
-    model = grow_model(t.model, new_cfg, mode=t.config.grow_mode, seed=seed).to(t.device).train()
+    model = plan.grow_weights(t.model.state_dict(), seed).to(t.device).train()
     names = {p: n for n, p in t.model.named_parameters()}
-    moments: dict[str, dict[str, torch.Tensor]] = {}
-    for p, values in t.optimizer.state.items():
-        for key, value in values.items():
-            moments.setdefault(key, {})[names[p]] = value
-    step = next(iter(moments.pop("step").values()))
-    grown = {
-        key: grow_tensors(
-            values, old_cfg, new_cfg, mode=t.config.grow_mode, power=2 if key == "exp_avg_sq" else 1
-        )
-        for key, values in moments.items()
-    }  # the second moment scales with the square of a rescaled weight
+    state = plan.grow_optimizer_state({names[p]: s for p, s in t.optimizer.state.items()})
     optimizer = make_optimizer(model, t.config, t.device)
     for name, p in model.named_parameters():
-        optimizer.state[p] = {"step": step.clone(), **{key: grown[key][name].to(p) for key in grown}}
+        if name in state:
+            optimizer.state[p] = {k: v.to(p) if k != "step" else v for k, v in state[name].items()}
+    t.train_data.check_block_size(model.config.block_size)
     t.model, t.model_config, t.optimizer = model, model.config, optimizer
     t.forward = torch.compile(model) if t.config.compile else model
 
@@ -300,10 +285,17 @@ def resume_configs(run_dir: str, overrides: dict[str, Any]) -> tuple[ModelConfig
     if changed:
         raise CheckpointError(f"cannot resume {run_dir} with a changed model shape: {', '.join(changed)}")
     train_cfg = TrainConfig(**saved["train"])
+    started = dataclasses.replace(train_cfg)
     problems += apply_overrides(
         train_cfg, {k: v for k, v in overrides.items() if k not in ("out_dir", "data")}, "flags"
     )
     problems += train_cfg.problems()
+    if plan_stages(started):  # the schedule (and so the length) of a run through ages is fixed
+        changed = [k for k in (*AGE_SETTINGS, "max_iters") if getattr(train_cfg, k) != getattr(started, k)]
+        if changed:
+            raise CheckpointError(
+                f"cannot resume {run_dir} with a changed age schedule: {', '.join(changed)}"
+            )
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
     return model_cfg, train_cfg
@@ -323,7 +315,7 @@ def _unpack(s: str) -> torch.Tensor:
 def lr_at(step: int, cfg: TrainConfig, lr_scale: float, grown_at: int | None = None) -> float:
     """Linear warmup, then cosine decay to min_lr (or constant, or the plateau factor); after
     a growth (at step `grown_at`) a short linear re-warmup to that value."""
-    if grown_at is not None and step - grown_at < cfg.grow_warmup_iters:
+    if grown_at is not None and 0 <= step - grown_at < cfg.grow_warmup_iters:
         return lr_at(step, cfg, lr_scale) * (step - grown_at + 1) / (cfg.grow_warmup_iters + 1)
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
@@ -335,8 +327,11 @@ def lr_at(step: int, cfg: TrainConfig, lr_scale: float, grown_at: int | None = N
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over the targets that count (not IGNORE_INDEX); 0 if none does."""
+def loss_fn(
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0, count: int | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy over the targets that count (not IGNORE_INDEX), or their sum over
+    `count` (a whole step's counted targets, when it spans micro-batches); 0 if none counts."""
     total = F.cross_entropy(
         logits.view(-1, logits.size(-1)).float(),
         targets.view(-1),
@@ -344,7 +339,7 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
         label_smoothing=label_smoothing,
         reduction="sum",
     )
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return total / (count if count is not None else (targets != IGNORE_INDEX).sum().clamp(min=1))
 
 
 def metric_sums(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -477,9 +472,8 @@ def fit(t: Trainer) -> dict[str, Any]:
     from tqdm import tqdm
 
     cfg, st = t.config, t.state
-    block = t.model_config.block_size
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * block
-    writer = SummaryWriter(str(t.run_dir / "tb"), purge_step=st.step or None)
+    # a resume drops the events a killed run logged past its checkpoint (those at its step stay)
+    writer = SummaryWriter(str(t.run_dir / "tb"), purge_step=st.step + 1 if st.step else None)
     keep_metrics_until(t.run_dir / "metrics.jsonl", st.step)
     metrics_log = open(t.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
     bar = tqdm(
@@ -513,22 +507,31 @@ def fit(t: Trainer) -> dict[str, Any]:
     window_start, window_tokens = time.perf_counter(), 0
     with StopFlag() as stop:
         while st.step < cfg.max_iters and not stop.requested:
+            # 0. an age just ended (here, or before the checkpoint a resume starts from): grow
+            if age_ended(t):
+                end_age(t, record)
             step_start = time.perf_counter()
+            block = t.model_config.block_size  # ages may grow the context
+            tokens_per_step = cfg.batch_size * cfg.grad_accum * block
             # 1. learning rate for this step
             grown_at = stage_end(t.stages, st.stage - 1) if st.stage else None
             lr = lr_at(st.step, cfg, st.lr_scale, grown_at)
             for group in t.optimizer.param_groups:
                 group["lr"] = lr
-            # 2. forward and backward over grad_accum micro-batches
-            for _ in range(cfg.grad_accum):
-                x, y = t.train_data.random_batch(cfg.batch_size, block, t.data_rng)
+            # 2. forward and backward over grad_accum micro-batches: the loss is the mean over
+            # the step's counted targets (chat masks leave micro-batches unequal)
+            batches = [
+                t.train_data.random_batch(cfg.batch_size, block, t.data_rng) for _ in range(cfg.grad_accum)
+            ]
+            counted = max(1, sum(int((y != IGNORE_INDEX).sum()) for _, y in batches))
+            for x, y in batches:
                 x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
                 with torch.autocast(
                     t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None
                 ):
                     logits = t.forward(x)
-                    loss = loss_fn(logits, y, cfg.label_smoothing)
-                (loss / cfg.grad_accum).backward()
+                    loss = loss_fn(logits, y, cfg.label_smoothing, counted)
+                loss.backward()
             # 3. clip, step
             grad_norm = nn.utils.clip_grad_norm_(
                 t.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -586,9 +589,8 @@ def fit(t: Trainer) -> dict[str, Any]:
             # 7. periodic checkpoint
             if st.step % cfg.save_interval == 0:
                 save(t, "last")
-            # 8. the end of an age: keep its model, grow into the next one
-            if t.stages and st.step == stage_end(t.stages, st.stage):
-                end_age(t, record)
+        if age_ended(t):  # the last age, or one whose end a Ctrl-C met
+            end_age(t, record)
         save(t, "last")
     bar.close()
     writer.close()
@@ -602,6 +604,12 @@ def fit(t: Trainer) -> dict[str, Any]:
         "interrupted": stop.requested,
         **last,
     }
+
+
+def age_ended(t: Trainer) -> bool:
+    """Whether the age being trained has had all its steps but was not ended (kept, grown) yet."""
+    st = t.state
+    return bool(t.stages) and st.step == stage_end(t.stages, st.stage) and len(st.ages) <= st.stage
 
 
 def end_age(t: Trainer, record) -> None:

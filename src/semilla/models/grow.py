@@ -47,11 +47,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from semilla.config import ModelConfig
+from semilla.config import SHAPE_FIELDS, ModelConfig
 from semilla.config import preset as preset_config
 from semilla.errors import ConfigError
 
-SHAPE_FIELDS = ("n_embd", "n_layer", "n_head", "n_kv_head", "intermediate_size", "block_size")
 MODES = ("exact", "stack")
 INSERTS = ("end", "interleave")
 FAMILIES = ("llama", "gpt2")
@@ -335,8 +334,10 @@ class GrowthPlan:
         power: how the tensor scales with a gradient (1: AdamW exp_avg, 2: exp_avg_sq, 0: as is).
         Grown parameters whose source is missing from `tensors` are left out; new blocks' are
         zeros."""
+        if not tensors:  # a state key no parameter has (momentum_buffer, max_exp_avg_sq)
+            return {}
         out = {}
-        like = next(iter(tensors.values()), torch.zeros(()))
+        like = next(iter(tensors.values()))
         for name, m in self.maps.items():
             if m.source is not None and m.source not in tensors:
                 continue
@@ -355,6 +356,8 @@ class GrowthPlan:
         """An optimizer's per-parameter state keyed by source parameter name (AdamW: step,
         exp_avg, exp_avg_sq) for the grown model: moments by grow_tensors, other entries (the
         step) kept; parameters of new blocks get zero moments and the others' step."""
+        if not state:  # an optimizer that has not stepped yet
+            return {}
         grown = {
             key: self.grow_tensors({n: s[key] for n, s in state.items() if key in s}, power)
             for key, power in MOMENT_POWERS.items()
