@@ -116,10 +116,13 @@ def create_app(
     # outermost last: the size limit runs before anything reads the body
     app.add_middleware(RequestMetrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    # the Host check always when names are configured, else while anyone may use the models
-    host_check = lambda: bool(settings.allowed_hosts) or app.state.hooks.serves_anonymous()  # noqa: E731
-    app.add_middleware(
-        RequestGuard, allowed=AllowedHosts(settings.host, settings.allowed_hosts), host_check=host_check
-    )
+
+    def host_check() -> bool:
+        """The Host check applies always when names are configured, else while anyone may use
+        the models (DNS rebinding matters only where no credential is needed)."""
+        return bool(settings.allowed_hosts) or app.state.hooks.serves_anonymous()
+
+    allowed = AllowedHosts(settings.host, settings.allowed_hosts)
+    app.add_middleware(RequestGuard, allowed=allowed, host_check=host_check)
     app.add_middleware(UnexpectedErrors)
     return app
