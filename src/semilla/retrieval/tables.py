@@ -2,7 +2,7 @@
 
 collections 1-n documents 1-n chunks; a chunk's row id is its id in the FAISS index and its
 vector is stored with it (float32 bytes, never pickle), so an index can be rebuilt without
-embedding again. The tables live in the server's database (Alembic revision 0003).
+embedding again. The tables live in the server's database (Alembic revision 0004).
 """
 
 from __future__ import annotations
