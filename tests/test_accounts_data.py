@@ -273,6 +273,17 @@ def test_training_runs_are_indexed_from_run_directories(tmp_path, tiny_run):
         assert latest["id"] == "tiny" and latest["step"] == 999 and latest["last"]["train"]["loss"] == 1.5
         assert len(c.get("/training/runs/tiny/metrics", params={"since_step": 998}).json()["data"]) == 1
 
+        # a resume rewrites the file: the rows past its step go, and new ones soon pass the old end
+        kept = [line for line in lines if json.loads(line)["step"] <= 4]
+        new = [
+            json.dumps({"kind": "train", "step": s, "time": time.time(), "loss": 2.0}) for s in range(5, 60)
+        ]
+        (runs / "tiny" / "metrics.jsonl").write_text("\n".join(kept + new) + "\n")
+        metrics = c.get("/training/runs/tiny/metrics").json()["data"]
+        assert [(m["kind"], m["step"]) for m in metrics] == [
+            (json.loads(line)["kind"], json.loads(line)["step"]) for line in kept + new
+        ]
+
 
 def test_audit_log_records_logins_keys_and_admin_actions_without_pii(server):
     server.post("/auth/login", data={"username": "mallory@example.com", "password": "wrongwrong"})

@@ -75,7 +75,7 @@ def test_set_changes_a_sampling_setting(session):
         ("/set bogus 1", "unknown setting 'bogus'"),
         ("/set stop x", "unknown setting 'stop'"),
         ("/set top_p 0", "error: invalid generation settings: top_p must be in (0, 1]"),
-        ("/set temperature warm", "error: could not convert string to float"),
+        ("/set temperature warm", "error: expected a number, got 'warm'"),
     ],
 )
 def test_a_bad_set_explains_itself_and_changes_nothing(session, line, answer):

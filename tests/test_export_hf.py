@@ -120,18 +120,28 @@ def test_import_refuses_pickles_and_other_architectures(tmp_path):
     assert_one_line_error(proc, "cannot import MistralForCausalLM")
 
 
-def test_tokenizer_length_and_generation_config_fit_the_model(exported, caplog):
+def test_tokenizer_length_and_generation_config_fit_the_model(exported):
     """model_max_length is the context (not 1e6); generating with the stored generation
-    config and a max_new_tokens, as a transformers user does, warns about nothing."""
+    config and a max_new_tokens, as a transformers user does, warns about nothing (a stored
+    max_length did: 'Both max_new_tokens and max_length seem to have been set')."""
+    import logging
     import warnings
 
     root, model, tok, _ = exported
     hf_tok = AutoTokenizer.from_pretrained(root / "hf", local_files_only=True)
     assert hf_tok.model_max_length == model.config.block_size
     hf = AutoModelForCausalLM.from_pretrained(root / "hf", local_files_only=True).eval()
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
-        warnings.simplefilter("always")
-        inputs = hf_tok(PROMPT, return_tensors="pt", add_special_tokens=False)
-        hf.generate(**inputs, max_new_tokens=5)
+    inputs = hf_tok(PROMPT, return_tensors="pt", add_special_tokens=False)
+    records: list[logging.LogRecord] = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = records.append
+    library = logging.getLogger("transformers")  # its own handler, no propagation to the root
+    library.addHandler(catch)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hf.generate(**inputs, max_new_tokens=5)
+    finally:
+        library.removeHandler(catch)
     assert [str(w.message) for w in caught] == []
-    assert [r.getMessage() for r in caplog.records if r.name.startswith("transformers")] == []
+    assert [r.getMessage() for r in records] == []

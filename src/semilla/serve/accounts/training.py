@@ -49,9 +49,11 @@ def _index_run(store: Store, run_dir: Path) -> int:
         offset = run.indexed_bytes if run is not None and run.path == str(run_dir) else 0
     if run is not None and offset == size:
         return 0
-    if offset > size:  # the file was replaced: read it again
-        offset = 0
     with open(path, "rb") as f:
+        if offset:  # indexed up to a line end; not one now: the file was replaced, read it again
+            f.seek(offset - 1)
+            if offset > size or f.read(1) != b"\n":
+                offset = 0
         f.seek(offset)
         chunk = f.read(size - offset)
     complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for next time
