@@ -219,7 +219,11 @@ def test_kill_9_during_a_feedback_burst_loses_no_acknowledged_write(tmp_path, ti
         threads = [threading.Thread(target=burst, args=(n,)) for n in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.5)
+        deadline = (
+            time.monotonic() + 60
+        )  # a burst long enough to kill in the middle of, however slow the machine
+        while len(acknowledged) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         stop.set()
         for t in threads:

@@ -19,10 +19,11 @@ import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import ConfigDict, Field, StrictStr
 
 from semilla.serve import retrieval
 from semilla.serve.errors import APIError
+from semilla.serve.protocol import Body
 from semilla.serve.routes.openai import JSON_BODY
 
 router = APIRouter(tags=["collections"])
@@ -30,7 +31,7 @@ DEFAULT_COLLECTION = "default"  # the one simpleIA's /embed/* routes use when no
 MAX_DOCUMENTS = 256  # per request: each is chunked and embedded before the answer
 
 
-class CreateCollection(BaseModel):
+class CreateCollection(Body):
     model_config = ConfigDict(extra="forbid")
     name: str
     embedding_model: str = retrieval.MINILM_NAMES[0]
@@ -38,18 +39,18 @@ class CreateCollection(BaseModel):
     chunk_overlap: int = Field(100, ge=0)
 
 
-class DocumentIn(BaseModel):
+class DocumentIn(Body):
     model_config = ConfigDict(extra="forbid")
     text: StrictStr
     id: str | None = Field(None, min_length=1, max_length=200)
     metadata: dict[str, str | int | float | bool] = {}
 
 
-class AddDocuments(BaseModel):
+class AddDocuments(Body):
     documents: list[DocumentIn] = Field(min_length=1, max_length=MAX_DOCUMENTS)
 
 
-class SearchRequest(BaseModel):
+class SearchRequest(Body):
     model_config = ConfigDict(extra="forbid")
     query: StrictStr
     k: int = Field(4, ge=1, le=100)
@@ -57,7 +58,7 @@ class SearchRequest(BaseModel):
     filter: dict[str, str | int | float | bool | list[str | int | float | bool]] | None = None
 
 
-class ShareRequest(BaseModel):
+class ShareRequest(Body):
     shared: bool
 
 
@@ -180,12 +181,12 @@ async def search(name: str, body: SearchRequest, request: Request) -> dict:
 # --- simpleIA's /embed/* -----------------------------------------------------------------------
 
 
-class EmbedAdd(BaseModel):
+class EmbedAdd(Body):
     documents: list[StrictStr] = Field(min_length=1, max_length=MAX_DOCUMENTS)
     collection: str = DEFAULT_COLLECTION
 
 
-class EmbedSearch(BaseModel):
+class EmbedSearch(Body):
     query: StrictStr
     k: int = Field(5, ge=1, le=100)
     collection: str = DEFAULT_COLLECTION

@@ -13,18 +13,19 @@ from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import ConfigDict, Field, StrictInt, StrictStr
 
 from semilla.retrieval.embedders import check_unicode
 from semilla.serve import retrieval
 from semilla.serve.errors import APIError
+from semilla.serve.protocol import Body
 from semilla.serve.routes.openai import JSON_BODY
 
 router = APIRouter(tags=["embeddings"])
 MAX_INPUTS = 2048
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(Body):
     model_config = ConfigDict(extra="ignore")
 
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
@@ -109,7 +110,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict:
     }
 
 
-class EncodeRequest(BaseModel):
+class EncodeRequest(Body):
     texts: list[StrictStr]
     model: str = retrieval.MINILM_NAMES[0]
 
