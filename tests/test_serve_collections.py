@@ -3,6 +3,7 @@ bad input (right status, OpenAI's error shape, nothing lost, server healthy) and
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -110,7 +111,8 @@ def test_another_users_collection_is_not_found_until_an_admin_shares_it(site):
         ("non-string text", dict(method="POST", url="/v1/collections/{c}/documents",
                                  json={"documents": [{"text": 42}]}), 400),
         ("lone surrogate", dict(method="POST", url="/v1/collections/{c}/documents",
-                                json={"documents": [{"text": "hola \ud800"}]}), 400),
+                                content=json.dumps({"documents": [{"text": "hola \ud800"}]}),
+                                headers={"Content-Type": "application/json"}), 400),
         ("empty query", dict(method="POST", url="/v1/collections/{c}/search", json={"query": " "}), 400),
         ("bad filter", dict(method="POST", url="/v1/collections/{c}/search",
                             json={"query": "x", "filter": {"parte": {"$gt": 1}}}), 400),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import httpx
@@ -75,7 +76,10 @@ def test_token_ids_and_a_served_model(client: openai.OpenAI, tiny_run: Path):
     ],
 )
 def test_bad_input_is_an_openai_error_and_the_server_stays_healthy(server: str, body, status, param):
-    r = httpx.post(server + "/v1/embeddings", json={"model": MINILM, **body}, timeout=60)
+    payload = json.dumps({"model": MINILM, **body})  # ASCII: a lone surrogate travels as \ud800
+    r = httpx.post(
+        server + "/v1/embeddings", content=payload, headers={"Content-Type": "application/json"}, timeout=60
+    )
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"].startswith(param)
