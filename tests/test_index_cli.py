@@ -38,10 +38,16 @@ def test_index_round_trip(tmp_path: Path):
     )
 
 
-def test_index_refuses_binary_files_with_one_line(tmp_path: Path):
+def test_index_bad_input_is_one_line(tmp_path: Path):
+    data = ["--data-dir", str(tmp_path / "data")]
     (tmp_path / "x.bin").write_bytes(bytes(range(256)))
-    proc = run_cli("index", "add", "libros", str(tmp_path / "x.bin"), "--data-dir", str(tmp_path / "data"))
-    assert_one_line_error(proc, "x.bin", "binary")
+    assert_one_line_error(
+        run_cli("index", "add", "libros", str(tmp_path / "x.bin"), *data), "x.bin", "binary"
+    )
+    assert_one_line_error(
+        run_cli("index", "add", "libros", "--text", "hola", "--metadata", "{parte", *data), "--metadata"
+    )
+    assert_one_line_error(run_cli("index", "list", "--owner", "nadie", *data), "nadie")
 
 
 def test_embed_prints_the_library_vectors(tmp_path: Path):

@@ -110,9 +110,9 @@ def test_another_users_collection_is_not_found_until_an_admin_shares_it(site):
                               files=[("file", ("big.txt", b"a" * (50 * 1024 * 1024), "text/plain"))]), 413),
         ("non-string text", dict(method="POST", url="/v1/collections/{c}/documents",
                                  json={"documents": [{"text": 42}]}), 400),
-        ("lone surrogate", dict(method="POST", url="/v1/collections/{c}/documents",  # JSON's \ud800 escape
+        ("lone surrogate", dict(method="POST", url="/v1/collections/{c}/documents",
                                 content=json.dumps({"documents": [{"text": "hola \ud800"}]}),
-                                headers={"content-type": "application/json"}), 400),
+                                headers={"Content-Type": "application/json"}), 400),
         ("empty query", dict(method="POST", url="/v1/collections/{c}/search", json={"query": " "}), 400),
         ("bad filter", dict(method="POST", url="/v1/collections/{c}/search",
                             json={"query": "x", "filter": {"parte": {"$gt": 1}}}), 400),

@@ -76,11 +76,9 @@ def test_token_ids_and_a_served_model(client: openai.OpenAI, tiny_run: Path):
     ],
 )
 def test_bad_input_is_an_openai_error_and_the_server_stays_healthy(server: str, body, status, param):
-    r = httpx.post(  # json.dumps escapes a lone surrogate as \ud800, as a client's JSON would
-        server + "/v1/embeddings",
-        content=json.dumps({"model": MINILM, **body}),
-        headers={"content-type": "application/json"},
-        timeout=60,
+    payload = json.dumps({"model": MINILM, **body})  # ASCII: a lone surrogate travels as \ud800
+    r = httpx.post(
+        server + "/v1/embeddings", content=payload, headers={"Content-Type": "application/json"}, timeout=60
     )
     assert r.status_code == status, r.text
     error = r.json()["error"]

@@ -43,16 +43,34 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(raw: str | None, flag: str) -> dict | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise SemillaError(f"{flag} must be a JSON object, like '{{\"parte\": 1}}'")
+    return value
+
+
 def _open(args: argparse.Namespace):
     """(Collections over the server's database, the Viewer the CLI acts as)."""
     from semilla.retrieval.collections import Collections, Viewer
     from semilla.serve.accounts import open_store, users
+    from semilla.serve.errors import APIError
     from semilla.serve.settings import ServerSettings
 
     overrides = {k: v for k, v in (("data_dir", args.data_dir), ("database_url", args.database_url)) if v}
     settings = ServerSettings(**overrides)
     store = open_store(settings)
-    owner = users.find_user(store, args.owner).id if getattr(args, "owner", None) else None
+    owner = None
+    if getattr(args, "owner", None):
+        try:
+            owner = users.find_user(store, args.owner).id
+        except APIError as e:
+            raise SemillaError(e.message) from None
     return Collections(store.engine, Path(settings.data_dir) / "collections"), Viewer(
         owner, admin=owner is None
     )
@@ -62,9 +80,7 @@ def _documents(args: argparse.Namespace):
     from semilla.retrieval.collections import NewDocument
     from semilla.retrieval.files import file_text
 
-    metadata = json.loads(args.metadata) if args.metadata else {}
-    if not isinstance(metadata, dict):
-        raise SemillaError("--metadata must be a JSON object")
+    metadata = _json_object(args.metadata, "--metadata") or {}
     docs = []
     for name in args.files:
         paths = (
@@ -106,9 +122,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
 def cmd_index_search(args: argparse.Namespace) -> int:
     books, viewer = _open(args)
     row = books.get(args.collection, viewer)
-    wanted = json.loads(args.filter) if args.filter else None
-    if wanted is not None and not isinstance(wanted, dict):
-        raise SemillaError("--filter must be a JSON object")
+    wanted = _json_object(args.filter, "--filter")
     hits = books.search(row, args.query, args.k, args.mode, wanted)
     for rank, hit in enumerate(hits, start=1):
         if args.json:

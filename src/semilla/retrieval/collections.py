@@ -354,20 +354,22 @@ class Collections:
     def _index_path(self, collection_id: int) -> Path:
         return self.index_dir / f"{collection_id}.faiss"
 
-    def _state(self, s: Session, row: CollectionRow) -> tuple[int, int]:
+    def _version(self, s: Session, row: CollectionRow) -> int:
+        """The collection's version in the database (one indexed row: cheap on every search)."""
         version = s.scalar(select(CollectionRow.version).where(CollectionRow.id == row.id))
         if version is None:
             raise NotFound(f"collection {row.name!r} does not exist")
-        return version, s.scalar(select(func.count()).where(ChunkRow.collection_id == row.id)) or 0
+        return version
 
     def vector_index(self, row: CollectionRow) -> vector_index.VectorIndex:
         """The collection's FAISS index at the database's version: memory, file, or rebuilt."""
         with self._lock(row.id), self._read() as s:
-            version, size = self._state(s, row)
+            version = self._version(s, row)
             cached = self._vectors.get(row.id)
             if cached is not None and cached.version == version:
                 return cached
             path = self._index_path(row.id)
+            size = s.scalar(select(func.count()).where(ChunkRow.collection_id == row.id)) or 0
             index = vector_index.load(path, version, size)
             if index is None:
                 ids, blobs = self._column(s, row, ChunkRow.vector)
@@ -378,7 +380,7 @@ class Collections:
 
     def lexical_index(self, row: CollectionRow) -> lexical.LexicalIndex:
         with self._lock(row.id), self._read() as s:
-            version, _ = self._state(s, row)
+            version = self._version(s, row)
             cached = self._lexical.get(row.id)
             if cached is None or cached.version != version:
                 ids, texts = self._column(s, row, ChunkRow.text)

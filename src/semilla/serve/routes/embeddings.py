@@ -15,6 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import ConfigDict, Field, StrictInt, StrictStr
 
+from semilla.errors import SemillaError
 from semilla.retrieval.embedders import check_unicode
 from semilla.serve import retrieval
 from semilla.serve.errors import APIError
@@ -57,7 +58,10 @@ def as_inputs(raw) -> tuple[list[str] | None, list[list[int]] | None]:
 def check_lengths(embedder, texts: list[str] | None, ids: list[list[int]] | None) -> list[int]:
     """Tokens per input; 400 naming the first input over the model's limit or a bad token id."""
     if texts is not None:
-        check_unicode(texts)
+        try:
+            check_unicode(texts)
+        except SemillaError as e:
+            raise APIError(400, str(e), param="input", code="invalid_value") from None
         counts = embedder.count_tokens(texts)
     else:
         vocab = embedder.vocab_size
