@@ -14,12 +14,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from semilla.checkpoint import load_checkpoint
+from semilla.errors import SemillaError
 from semilla.export.hf import export_hf
 from semilla.models.lora import (
     AdapterError,
     LoraConfig,
     LoRALinear,
     apply_lora,
+    export_peft,
     load_adapter,
     lora_layers,
     merge_and_unload,
@@ -157,6 +159,23 @@ def test_semilla_loads_a_peft_trained_adapter_with_the_same_logits(base, tmp_pat
         with peft_model.disable_adapter():
             assert (theirs - peft_model(x).logits).abs().max() > 1e-3  # trained: not the base any more
         assert (model(x) - theirs).abs().max() < 1e-4
+
+
+def test_export_hf_with_an_adapter_merges_it_and_export_peft_copies_it(base, tmp_path):
+    ckpt, _, _ = base
+    model, tok = adapted(ckpt, "all-linear")
+    save_adapter(tmp_path / "a", model, LoraConfig(r=4, alpha=8, target_modules="all-linear"), str(ckpt))
+    export_hf(ckpt, tmp_path / "merged", adapter=tmp_path / "a")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True).eval()
+    x = ids(tok)
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max() < 1e-4
+    export_peft(tmp_path / "a", tmp_path / "copy")
+    assert (tmp_path / "copy" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "a" / "adapter_model.safetensors"
+    ).read_bytes()
+    with pytest.raises(SemillaError, match="already exists; pass --overwrite"):
+        export_peft(tmp_path / "a", tmp_path / "copy")
 
 
 # --- bad input ----------------------------------------------------------------------------------

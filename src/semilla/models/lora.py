@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from semilla.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
+from semilla.atomic import atomic_directory, atomic_write_bytes, atomic_write_text, refuse_to_replace
 from semilla.errors import SemillaError
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -399,3 +400,16 @@ def _matches(semilla_name: str, pattern: str) -> bool:
     if pattern in GPT2_MODULES:
         return semilla_name.endswith(GPT2_MODULES[pattern])
     return semilla_name.endswith("." + tail)
+
+
+def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Copy a LoRA adapter directory (checked: a readable PEFT LoRA) to `out`, atomically; the
+    adapter is PEFT's layout already. An existing `out` is replaced only with `overwrite`."""
+    refuse_to_replace(out, overwrite)
+    adapter = Path(adapter)
+    read_adapter_config(adapter)
+    _read_tensors(adapter)
+    with atomic_directory(out) as tmp:
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            shutil.copyfile(adapter / name, tmp / name)
+    return Path(out)
