@@ -9,6 +9,10 @@ def __getattr__(name: str):
         from semilla.api import load
 
         return load
+    if name == "finetune":
+        from semilla.finetuning import finetune
+
+        return finetune
     if name == "grow":
         from semilla.models.grow import grow_checkpoint
 

@@ -196,6 +196,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if result["interrupted"] else 0
 
 
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+AGE_FIELDS = (
+    "ages",
+    "target_age",
+    "steps_per_age",
+    "age_scale",
+    "age_schedule",
+    "grow_mode",
+    "grow_warmup_iters",
+)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from semilla.finetuning import finetune
+
+    settings = explicit_overrides(args, TrainConfig)
+    data, out = settings.pop("data", None), settings.pop("out_dir", None)
+    if args.resume:
+        if args.checkpoint or data or out:
+            raise SemillaError(
+                "--resume RUN_DIR continues a fine-tune as it was: drop CHECKPOINT, --data and -o"
+            )
+        settings = {
+            k: v for k, v in settings.items() if k not in LORA_FIELDS
+        }  # the run keeps its adapter's shape
+        result = finetune(None, "", args.resume, resume=True, **settings)
+    else:
+        missing = [
+            name
+            for name, value in (("CHECKPOINT", args.checkpoint), ("--data", data), ("-o", out))
+            if not value
+        ]
+        if missing:
+            raise SemillaError(f"semilla finetune needs {', '.join(missing)} (or --resume RUN_DIR)")
+        result = finetune(args.checkpoint, data, out, overwrite=args.overwrite, **settings)
+    summary = {
+        k: v
+        for k, v in result.items()
+        if k in ("step", "loss", "val_loss", "best_val_loss", "adapter", "interrupted")
+    }
+    print(
+        json.dumps(summary)
+        if args.json
+        else "done: "
+        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+    )
+    return 130 if result["interrupted"] else 0
+
+
 def _generate_settings(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "num_samples", 1) < (0 if args.func is cmd_eval else 1):
         raise SemillaError(f"num_samples (--num-samples) must be >= 1, got {args.num_samples}")
@@ -493,6 +542,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, ModelConfig, "model", skip=("vocab_size",))
     add_dataclass_flags(p, TrainConfig, "training", aliases={"vocab_size_bpe": "--vocab-size"})
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "finetune",
+        help="train a LoRA adapter for a checkpoint on chats or text (PEFT format)",
+        description="Train a LoRA adapter: the checkpoint's weights stay frozen, low-rank adapters on "
+        "--target-modules learn from --data (chat JSONL rows train on their assistant turns). The output "
+        "directory is a PEFT adapter (adapter_config.json, adapter_model.safetensors: the best on the "
+        "held-out split) and the run's last/, metrics.jsonl and tb/; --resume OUT continues it.",
+    )
+    p.add_argument("checkpoint", nargs="?", help="the base model: a checkpoint or run directory")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a fine-tune where its last checkpoint left it"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the adapter and run in the output directory"
+    )
+    p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    add_dataclass_flags(
+        p, TrainConfig, "fine-tuning", skip=("init_from", "tokenizer", "vocab_size_bpe", *AGE_FIELDS),
+        defaults={"lora_r": 8, "out_dir": None}, aliases={"out_dir": "-o"},
+    )  # fmt: skip
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser(
         "generate",

@@ -127,6 +127,10 @@ class TrainConfig:
     out_dir: str = "runs/semilla"  # the run directory: last/, best/, metrics.jsonl, tb/
     init_from: str = ""  # a checkpoint: start from its weights and tokenizer (new optimizer, schedule)
     loss_on: str = "assistant"  # chat rows: loss on the assistant turns only, or on all tokens: all
+    lora_r: int = 0  # LoRA rank: train only low-rank adapters on the --init-from model; 0 trains every weight
+    lora_alpha: float = 16.0  # LoRA scale: the adapter's update is multiplied by lora_alpha / lora_r
+    lora_dropout: float = 0.05  # dropout on the LoRA adapters' input
+    target_modules: str = "q_proj,v_proj"  # layers LoRA adapts: comma-separated names, or all-linear
     tokenizer: str = "char"  # tokenizer to train when --data is raw text
     vocab_size_bpe: int = 8192  # BPE vocabulary size when --data is raw text and --tokenizer bpe
     max_iters: int = 2000  # optimizer steps to train for
@@ -193,6 +197,19 @@ class TrainConfig:
             p.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.tokenizer not in TOKENIZERS:
             p.append(f"tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
+        if self.lora_r < 0:
+            p.append(f"lora_r must be >= 1 for LoRA (0 trains every weight), got {self.lora_r}")
+        elif self.lora_r and not self.init_from:
+            p.append("lora_r needs init_from: a LoRA adapter is trained on a checkpoint's model")
+        elif self.lora_r and (self.ages or self.target_age is not None or self.age_schedule):
+            p.append("lora_r cannot be combined with ages: an adapter does not grow")
+        if self.lora_r > 0:
+            from semilla.models.lora import AdapterError, LoraConfig
+
+            try:
+                LoraConfig(self.lora_r, self.lora_alpha, self.lora_dropout, self.target_modules)
+            except AdapterError as e:
+                p.append(str(e))
         if self.loss_on not in LOSS_ON:
             p.append(f"loss_on must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):

@@ -27,13 +27,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from semilla.ages import AGE_SETTINGS, Stage, check_growth, plan_stages, stage_end
-from semilla.atomic import atomic_write_text, existing_dir
-from semilla.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state_by_name, save_checkpoint
+from semilla.atomic import atomic_directory, atomic_write_text, existing_dir
+from semilla.checkpoint import (
+    load_checkpoint,
+    load_optimizer_state,
+    optimizer_state_by_name,
+    save_checkpoint,
+    write_optimizer_tensors,
+)
 from semilla.config import ModelConfig, TrainConfig, apply_overrides, model_config_from_dict
 from semilla.data import IGNORE_INDEX, MixtureDataset, TokenDataset
 from semilla.errors import CheckpointError, ConfigError, DataError
 from semilla.models import build_model, count_parameters
 from semilla.models.grow import grow_model, plan_growth
+from semilla.models.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LoraConfig,
+    apply_lora,
+    load_adapter,
+    write_adapter,
+)
 from semilla.tokenizer import Tokenizer
 from semilla.train_inputs import (
     changed_fields,
@@ -120,13 +134,25 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
 
 
 PREPARED_DATA = re.compile(r"data(_\d+)?")  # raw text prepared into a run: data/, data_N/
-RUN_FILES = ("last", "best", ".last.old", ".best.old", "metrics.jsonl", "tb", "ages")  # what a run writes
+RUN_FILES = (
+    "last",
+    "best",
+    ".last.old",
+    ".best.old",
+    "metrics.jsonl",
+    "tb",
+    "ages",
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+)
+# (what a run writes; a LoRA run's best adapter lies at the top, a PEFT directory)
 
 
 def claim_run_dir(run_dir: Path, data: str, overwrite: bool) -> None:
     """A new run may not silently replace a trained one: an `out_dir` holding a checkpoint is
     an error naming --resume and --overwrite; with `overwrite`, the old run's files go."""
     last, best = existing_dir(run_dir / "last"), existing_dir(run_dir / "best")
+    best = best or (run_dir if (run_dir / ADAPTER_CONFIG).is_file() else None)
     if not (last or best):
         return
     if not overwrite:
@@ -216,8 +242,14 @@ def setup(
     data_rng = torch.Generator().manual_seed(config.seed)
     if resume:
         last = last_checkpoint(run_dir)
-        restored, _, _ = load_checkpoint(last, device=device, prefer="last")
-        model.load_state_dict(restored.state_dict())
+        if config.lora_r:  # an adapter run: the base model from init_from, the adapter from last/
+            base, _, _ = load_checkpoint(config.init_from, device=device)
+            model.load_state_dict(base.state_dict())
+            load_adapter(model, last)
+            optimizer = make_optimizer(model, config, device)
+        else:
+            restored, _, _ = load_checkpoint(last, device=device, prefer="last")
+            model.load_state_dict(restored.state_dict())
         load_optimizer_state(last, optimizer, model)
         torch.set_rng_state(_unpack(state.rng["torch"]))
         data_rng.set_state(_unpack(state.rng["data"]))
@@ -230,12 +262,19 @@ def setup(
         if stages:  # ages from a checkpoint: grown into the first age's shape
             model = grow_model(model, stage_configs[0], mode=config.grow_mode, seed=config.seed).to(device)
             model_config, optimizer = model.config, make_optimizer(model.train(), config, device)
+        if config.lora_r:  # the checkpoint's weights frozen; only the adapter trains
+            apply_lora(model, lora_config(config))
+            optimizer = make_optimizer(model, config, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     forward = torch.compile(model) if config.compile else model
     return Trainer(
         model, tokenizer, model_config, config, optimizer, train_data, val_data, device,
         pick_autocast(config.dtype, device), run_dir, state, data_rng, forward, stages,
     )  # fmt: skip
+
+
+def lora_config(config: TrainConfig) -> LoraConfig:
+    return LoraConfig(config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules)
 
 
 def grow_trainer(t: Trainer, stage: Stage) -> None:
@@ -413,11 +452,31 @@ def save(t: Trainer, name: str) -> None:
     if t.device.type == "cuda":
         t.state.rng["cuda"] = _pack(torch.cuda.get_rng_state())
     resumable = name == "last"
+    if t.config.lora_r:
+        save_adapter_run(t, resumable)
+        return
     save_checkpoint(
         t.run_dir / name, t.model, t.tokenizer, t.config,
         trainer_state=asdict(t.state) if resumable else None,
         optimizer_state=optimizer_state_by_name(t.optimizer, t.model) if resumable else None,
     )  # fmt: skip
+
+
+def save_adapter_run(t: Trainer, resumable: bool) -> None:
+    """A LoRA run saves adapters, not models: the best one as the PEFT directory at the top of
+    the run directory, and last/ (an adapter too) with what a resume needs."""
+    cfg = lora_config(t.config)
+    if not resumable:  # the config never changes within a run: replacing the weights file is atomic
+        write_adapter(t.run_dir, t.model, cfg, t.config.init_from)
+        return
+    with atomic_directory(t.run_dir / "last") as tmp:
+        write_adapter(tmp, t.model, cfg, t.config.init_from)
+        config = {"model": asdict(t.model_config), "train": asdict(t.config)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / "trainer_state.json").write_text(
+            json.dumps(asdict(t.state), indent=2) + "\n", encoding="utf-8"
+        )
+        write_optimizer_tensors(tmp, optimizer_state_by_name(t.optimizer, t.model))
 
 
 def peak_memory_mb(device: torch.device) -> float:

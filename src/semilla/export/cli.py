@@ -6,16 +6,26 @@ from __future__ import annotations
 import argparse
 import json
 
+from semilla.export import ExportError
 from semilla.export.gguf import TYPES
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     fmt, out = args.format, args.out
+    if args.adapter and fmt != "hf":
+        raise ExportError(f"--adapter is for export hf (merged weights), not {fmt}")
     if fmt == "hf":
         from semilla.export.hf import export_hf
 
         print(
-            f"wrote {export_hf(args.checkpoint, out, args.overwrite)} (load with AutoModelForCausalLM.from_pretrained)"
+            f"wrote {export_hf(args.checkpoint, out, args.overwrite, args.adapter)} "
+            "(load with AutoModelForCausalLM.from_pretrained)"
+        )
+    elif fmt == "peft":
+        from semilla.models.lora import export_peft
+
+        print(
+            f"wrote {export_peft(args.checkpoint, out, args.overwrite)} (load with peft.PeftModel.from_pretrained)"
         )
     elif fmt == "gguf":
         from semilla.export.gguf import export_gguf
@@ -66,10 +76,11 @@ def add_parsers(sub) -> None:
         "export",
         help="write a checkpoint as a Hugging Face dir, GGUF, Ollama model, ONNX or int8",
         description="Export a checkpoint. hf: transformers directory; gguf: llama.cpp file; ollama: GGUF + "
-        "Modelfile; onnx: ONNX Runtime model; int8: quantized checkpoint for CPU inference.",
+        "Modelfile; onnx: ONNX Runtime model; int8: quantized checkpoint for CPU inference; peft: a LoRA "
+        "adapter directory (semilla finetune's output) as a PEFT adapter.",
     )
-    p.add_argument("format", choices=("hf", "gguf", "ollama", "onnx", "int8"), help="target format")
-    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p.add_argument("format", choices=("hf", "gguf", "ollama", "onnx", "int8", "peft"), help="target format")
+    p.add_argument("checkpoint", help="checkpoint or run directory (peft: the adapter directory)")
     p.add_argument("out", help="output directory (gguf: the .gguf file)")
     p.add_argument(
         "--type",
@@ -78,6 +89,7 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--name", help="gguf/ollama model name (default: the output's name)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--adapter", metavar="DIR", help="hf: merge this LoRA adapter into the exported weights")
     g = p.add_argument_group("ollama")
     g.add_argument("--system", help="SYSTEM prompt of the Modelfile")
     g.add_argument("--temperature", type=float, default=0.8, help="default temperature (default: 0.8)")

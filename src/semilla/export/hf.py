@@ -139,12 +139,23 @@ def hf_files(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torch.Te
     return gpt2_config(cfg), gpt2_state(state, cfg)
 
 
-def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+def export_hf(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    adapter: str | os.PathLike | None = None,
+) -> Path:
     """Write a Hugging Face model directory (config, safetensors, tokenizer, generation config)
-    that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(out)` load offline. An existing
-    `out` is replaced only with `overwrite`."""
+    that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(out)` load offline; with
+    `adapter` (a LoRA directory), the adapter merged into the weights. An existing `out` is
+    replaced only with `overwrite`."""
     refuse_to_replace(out, overwrite)
     model, tokenizer = load_float_checkpoint(checkpoint)
+    if adapter is not None:
+        from semilla.models.lora import load_adapter, merge_and_unload
+
+        load_adapter(model, adapter)
+        model = merge_and_unload(model)
     config, state = hf_files(model)
     ids = special_ids(tokenizer)
     config.update(ids, torch_dtype="float32", use_cache=True)
