@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from accounts_helpers import build_app, login, make_settings, register, serve
 
 EXCLUDED = ["/auth/logout"]  # would end the session the run authenticates with
 
 
+@pytest.mark.slow
 def test_no_server_errors_on_generated_requests(tmp_path, tiny_run):
     with serve(build_app(make_settings(tmp_path), tiny_run)) as url:
         c = httpx.Client(base_url=url)

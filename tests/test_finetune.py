@@ -293,6 +293,7 @@ def other_tokenizer_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "data"
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_starts_with_one_line(
     tmp_path: Path, tiny_run: Path, prepared_dir: Path, other_tokenizer_data: Path
 ) -> None:

@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import assert_one_line_error, run_cli
 
 from semilla.retrieval.embedders import MINILM, load_embedder
 
 
+@pytest.mark.slow
 def test_index_round_trip(tmp_path: Path):
     data = ["--data-dir", str(tmp_path / "data")]
     (tmp_path / "docs").mkdir()

@@ -25,7 +25,10 @@ from semilla.serve.registry import load_models
 from semilla.serve.settings import ServerSettings
 from semilla.tokenizer import Tokenizer
 
-pytestmark = pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (make browser)")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (make browser)"),
+]
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
