@@ -182,11 +182,15 @@ def server_process(tmp_path, tiny_run) -> Iterator[tuple[subprocess.Popen, str]]
     proc = subprocess.Popen([sys.executable, "-c", code])
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):  # the subprocess imports torch and loads the model first
+        # the subprocess imports torch, loads the model and may build the CPU kernels first
+        deadline = time.monotonic() + 180
+        while True:
             try:
                 httpx.get(base + "/auth/me", timeout=1)
                 break
             except httpx.HTTPError:
+                assert proc.poll() is None, f"the server exited with {proc.returncode}"
+                assert time.monotonic() < deadline, "the server did not answer within 180 s"
                 time.sleep(0.05)
         yield proc, base
     finally:
