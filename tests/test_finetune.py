@@ -129,6 +129,19 @@ def test_batches_ignore_every_target_outside_the_assistant_turns(tmp_path: Path)
     assert (unmasked_y[~counted] == tok.token_to_id("<|user|>")).any()
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_masking_targets_never_touches_the_inputs(tmp_path: Path, rows: int) -> None:
+    """One row (a mixture's source picked once): the input and target slices of one window are
+    views of the same memory unless copied; the masked targets must not reach the inputs."""
+    data = tmp_path / "chat"
+    prepare([str(write_jsonl(tmp_path / "chat.jsonl", chat_rows(40)))], str(data), split=(1.0, 0.0, 0.0))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x, y = TokenDataset(data).random_batch(rows, 48, gen)
+        assert (y == IGNORE_INDEX).any()
+        assert int(x.min()) >= 0
+
+
 def test_user_turn_tokens_contribute_exactly_zero_gradient(tmp_path: Path) -> None:
     """The gradient reaching the logits of positions whose target is a system/user token (or a
     role tag) is exactly zero; assistant positions get gradient; and the parameter gradient

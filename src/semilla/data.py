@@ -562,7 +562,9 @@ class TokenDataset:
             if self.masks is not None:  # a token's mask says whether predicting it counts
                 keeps.append(torch.from_numpy(self.masks[s][start + 1 : start + block_size + 1].astype(bool)))
         batch = torch.stack(rows)
-        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        # copies: for one row both slices are already contiguous views of `batch`, and masking y
+        # must not write IGNORE_INDEX into x
+        x, y = batch[:, :-1].clone(), batch[:, 1:].clone()
         if keeps:
             y[~torch.stack(keeps)] = IGNORE_INDEX
         return x, y
