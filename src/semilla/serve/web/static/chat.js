@@ -119,7 +119,9 @@ async function loadModels() {
   }
 }
 
-async function loadConversations() {
+async function loadConversations(force = false) {
+  // a refresh in the background (a reply ended) must not undo a rename or a delete being confirmed
+  if (!force && ui.conversations.querySelector(".conv-rename, .conv-confirm")) return;
   try {
     const list = (await api("/v1/conversations")).data;
     ui.conversations.replaceChildren(...list.map(conversationItem));
@@ -142,11 +144,11 @@ function conversationItem(c) {
       } catch (err) {
         handleError(err);
       }
-      loadConversations();
+      loadConversations(true);
     };
     input.addEventListener("keydown", (event) => {
       if (event.key === "Enter") save();
-      if (event.key === "Escape") loadConversations();
+      if (event.key === "Escape") loadConversations(true);
     });
     input.addEventListener("blur", save);
     item.replaceChildren(input);
@@ -155,7 +157,7 @@ function conversationItem(c) {
   });
   remove.addEventListener("click", () => {
     item.replaceChildren(
-      el("span", { class: "muted small" }, "Delete this chat?"),
+      el("span", { class: "muted small conv-confirm" }, "Delete this chat?"),
       el("button", { type: "button", class: "small danger", onclick: async () => {
         try {
           await api(`/v1/conversations/${encodeURIComponent(c.id)}`, { method: "DELETE" });
@@ -163,9 +165,9 @@ function conversationItem(c) {
         } catch (err) {
           handleError(err);
         }
-        loadConversations();
+        loadConversations(true);
       } }, "Delete"),
-      el("button", { type: "button", class: "small ghost", onclick: loadConversations }, "Keep"));
+      el("button", { type: "button", class: "small ghost", onclick: () => loadConversations(true) }, "Keep"));
   });
   item.append(el("span", { class: "conv-actions" }, rename, remove));
   return item;
