@@ -120,10 +120,13 @@ async function loadModels() {
 }
 
 async function loadConversations(force = false) {
-  // a refresh in the background (a reply ended) must not undo a rename or a delete being confirmed
-  if (!force && ui.conversations.querySelector(".conv-rename, .conv-confirm")) return;
+  // a refresh in the background (a reply ended) must not undo a rename or a delete being
+  // confirmed, whether it began before or while the list was fetched
+  const editing = () => !force && ui.conversations.querySelector(".conv-rename, .conv-confirm");
+  if (editing()) return;
   try {
     const list = (await api("/v1/conversations")).data;
+    if (editing()) return;
     ui.conversations.replaceChildren(...list.map(conversationItem));
   } catch (err) {
     handleError(err, loadConversations);
