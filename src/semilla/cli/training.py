@@ -47,6 +47,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_run(result: dict, as_json: bool, extra: tuple[str, ...]) -> int:
+    """Print a finished (or interrupted) run's summary; the exit code says which it was."""
+    keys = ("step", "loss", "val_loss", *extra, "best_val_loss", "interrupted")
+    summary = {k: v for k, v in result.items() if k in keys}
+    print(
+        json.dumps(summary)
+        if as_json
+        else "done: "
+        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+    )
+    return 130 if result["interrupted"] else 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from semilla.config import environment_overrides, load_config_file
     from semilla.train import resume_configs, train
@@ -78,18 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 )
             model_cfg = init_model_config(train_cfg.init_from, merged)
     result = train(model_cfg, train_cfg, resume=args.resume, overwrite=args.overwrite)
-    summary = {
-        k: v
-        for k, v in result.items()
-        if k in ("step", "loss", "val_loss", "val_ppl", "best_val_loss", "run_dir", "interrupted")
-    }
-    print(
-        json.dumps(summary)
-        if args.json
-        else "done: "
-        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
-    )
-    return 130 if result["interrupted"] else 0
+    return report_run(result, args.json, ("val_ppl", "run_dir"))
 
 
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
@@ -127,18 +129,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if missing:
             raise SemillaError(f"semilla finetune needs {', '.join(missing)} (or --resume RUN_DIR)")
         result = finetune(args.checkpoint, data, out, overwrite=args.overwrite, **settings)
-    summary = {
-        k: v
-        for k, v in result.items()
-        if k in ("step", "loss", "val_loss", "best_val_loss", "adapter", "interrupted")
-    }
-    print(
-        json.dumps(summary)
-        if args.json
-        else "done: "
-        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
-    )
-    return 130 if result["interrupted"] else 0
+    return report_run(result, args.json, ("adapter",))
 
 
 def _insert_position(raw: str) -> str | int:
