@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := runs/demo
 
-.PHONY: setup demo test bench lint format clean llama-cpp browser screenshots
+.PHONY: setup demo test bench peers lint format clean llama-cpp browser screenshots
 
 # llama-cpp-python compiles llama.cpp (about 7 minutes on 2 cores): the wheel is built once into
 # a cache outside the clone, then every fresh venv installs it from there. Portable x86-64 build
@@ -78,8 +78,9 @@ browser:
 screenshots: setup browser
 	SEMILLA_SCREENSHOTS=docs/screenshots $(BIN)/pytest -q tests/test_web_browser.py
 
-bench: setup
+bench: setup peers
 	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/train_peers.py --litgpt-python $(PEERS)/bin/python
 	$(BIN)/python bench/train_shakespeare.py
 	$(BIN)/python bench/grow.py
 	$(BIN)/python bench/generate_speed.py
@@ -98,3 +99,13 @@ format: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# The training peers of bench/train_peers.py that cannot share semilla's venv: litgpt pins
+# huggingface-hub below what transformers needs. Same torch, so the comparison is like for like.
+PEERS := .venv-peers
+peers: $(PEERS)/.installed
+$(PEERS)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet torch==2.13.0
+	$(PEERS)/bin/pip install --quiet -e . 'litgpt>=0.5.13,<0.6' 'requests>=2.31,<3'
+	touch $@

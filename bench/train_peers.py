@@ -1,0 +1,256 @@
+"""Training throughput side by side with the tools people would use instead.
+
+    make peers                                       # .venv-peers: torch 2.13 + litgpt + semilla
+    pip install -e '.[bench]'                        # transformers, for the hf trainer
+    python bench/train_peers.py --rounds 3 --steps 200 --threads 2 --litgpt-python .venv-peers/bin/python
+
+Three trainers on the same data, shape, batch and thread count, each in its own process, in
+interleaved rounds (semilla, hf, litgpt, semilla, hf, litgpt, ...):
+
+- semilla: `semilla.train.train`, its own loop (nanoGPT's CPU recipe shape: gpt2 family, tied
+  head, 4 layers x 4 heads x 128, block 64, batch 12, AdamW 1e-3, betas 0.9/0.99, wd 0.1).
+- hf: what most users would write: a plain PyTorch loop over Hugging Face's `GPT2LMHeadModel` of
+  the same shape with `torch.optim.AdamW` and gradient clipping at 1.0.
+- litgpt: `litgpt pretrain`, litgpt's own pretraining loop from scratch (it compiles the model
+  with torch.compile), same sizes; litgpt has no learned position embeddings, so its attention
+  uses RoPE on a quarter of each head (its default for GPT-NeoX-style models).
+
+Data: ../shared/data/tinyshakespeare.txt, char-level, prepared once by `semilla prepare`; every
+trainer draws random 65-token windows of the same token array. Each trainer reports the median of
+its tokens/s over 10-step windows after a warm-up (the first 30% of steps: compilation, caches);
+the table gives each trainer's median over rounds, its spread, and semilla's ratio to each peer.
+Writes bench/results/train_peers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH = 4, 4, 128, 64, 12
+LR, BETAS, WEIGHT_DECAY = 1e-3, (0.9, 0.99), 0.1
+WINDOW = 10  # steps per throughput window
+TRAINERS = ("semilla", "hf", "litgpt")
+
+
+def train_tokens(data: Path) -> np.ndarray:
+    from semilla.data import TokenDataset
+
+    return np.concatenate([np.asarray(s) for s in TokenDataset(data, "train").shards])
+
+
+def warm_median(rates: list[float]) -> float:
+    """Median of the windows after the warm-up (the first 30% of them)."""
+    return statistics.median(rates[int(0.3 * len(rates)) :])
+
+
+# --- the trainers, one per process ---------------------------------------------------------------
+
+
+def run_semilla(data: Path, steps: int, work: Path) -> float:
+    from semilla.config import ModelConfig, TrainConfig
+    from semilla.train import train
+
+    model = ModelConfig(
+        norm="layernorm", pos="learned", mlp="gelu_exact", bias=True, tie_embeddings=True,
+        n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, block_size=BLOCK, dropout=0.0,
+    )  # fmt: skip
+    cfg = TrainConfig(
+        data=str(data), out_dir=str(work / "semilla"), batch_size=BATCH, max_iters=steps,
+        learning_rate=LR, min_lr=LR / 10, warmup_iters=10, beta1=BETAS[0], beta2=BETAS[1],
+        weight_decay=WEIGHT_DECAY, grad_clip=1.0, eval_interval=steps, eval_iters=1,
+        log_interval=WINDOW, save_interval=10**9, sample_interval=10**9, progress=False, device="cpu",
+    )  # fmt: skip
+    train(model, cfg)
+    rows = [json.loads(line) for line in (work / "semilla" / "metrics.jsonl").open()]
+    return warm_median([r["tokens_per_s"] for r in rows if r["kind"] == "train"])
+
+
+def run_hf(data: Path, steps: int, work: Path) -> float:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokens = torch.from_numpy(train_tokens(data).astype(np.int64))
+    vocab = int(tokens.max()) + 1
+    config = GPT2Config(
+        vocab_size=vocab, n_positions=BLOCK, n_embd=N_EMBD, n_layer=N_LAYER, n_head=N_HEAD,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    generator = torch.Generator().manual_seed(0)
+    rates, start = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        offsets = torch.randint(len(tokens) - BLOCK - 1, (BATCH,), generator=generator)
+        batch = torch.stack([tokens[o : o + BLOCK + 1] for o in offsets.tolist()])
+        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss  # HF shifts labels itself
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % WINDOW == 0:
+            loss.item()
+            now = time.perf_counter()
+            rates.append(WINDOW * BATCH * BLOCK / (now - start))
+            start = now
+    return warm_median(rates)
+
+
+def run_litgpt(data: Path, steps: int, work: Path, python: str) -> float:
+    import csv
+
+    config = dict(
+        name="semilla-bench", block_size=BLOCK, vocab_size=int(train_tokens(data).max()) + 1,
+        padding_multiple=1, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, bias=True,
+        norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", parallel_residual=False,
+        intermediate_size=4 * N_EMBD, gelu_approximate="none",
+    )  # fmt: skip
+    optimizer = {"class_path": "torch.optim.AdamW",
+                 "init_args": {"lr": LR, "betas": list(BETAS), "weight_decay": WEIGHT_DECAY}}  # fmt: skip
+    out = work / "litgpt"
+    command = [
+        python, "-m", "litgpt", "pretrain", "semilla-bench", "--model_config", json.dumps(config),
+        "--data", "train_peers.SameWindows", "--data.path", str(data),
+        "--out_dir", str(out), "--precision", "32-true", "--devices", "1", "--logger_name", "csv",
+        "--tokenizer_dir", "null", "--optimizer", json.dumps(optimizer),
+        "--train.micro_batch_size", str(BATCH), "--train.global_batch_size", str(BATCH),
+        "--train.max_tokens", str(steps * BATCH * BLOCK), "--train.max_seq_length", str(BLOCK),
+        "--train.log_interval", str(WINDOW), "--train.save_interval", str(10**9),
+        "--train.lr_warmup_steps", "10", "--train.min_lr", str(LR / 10), "--train.max_norm", "1.0", "--train.tie_embeddings", "true",
+        "--eval.interval", str(10**9), "--eval.initial_validation", "false",
+        "--eval.final_validation", "false",
+    ]  # fmt: skip
+    threads = str(torch.get_num_threads())
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": threads,
+        "PYTHONPATH": f"{ROOT / 'bench'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"litgpt pretrain failed:\n{done.stderr[-3000:]}")
+    rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
+    # litgpt logs each window's wall time since its start; successive differences give the windows
+    key = next(k for k in rows[0] if k == "time" or k.endswith("/time"))
+    times = [float(r[key]) for r in rows if r.get(key)]
+    rates = [WINDOW * BATCH * BLOCK / (b - a) for a, b in zip(times, times[1:], strict=False)]
+    return warm_median(rates)
+
+
+try:  # litgpt's data module protocol, only where litgpt is installed (the litgpt trainer's process)
+    from litgpt.data import DataModule
+
+    class SameWindows(DataModule):
+        """Random (block + 1)-token windows of the prepared dataset, as the other trainers draw."""
+
+        def __init__(self, path: str = ""):
+            super().__init__()
+            self.path = path
+            self.batch_size, self.seq = 1, BLOCK
+
+        def connect(self, tokenizer=None, batch_size: int = 1, max_seq_length: int | None = None) -> None:
+            self.batch_size, self.seq = batch_size, max_seq_length or BLOCK
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(
+                _Windows(Path(self.path), self.seq + 1), batch_size=self.batch_size
+            )
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(
+                _Windows(Path(self.path), self.seq + 1, 4), batch_size=self.batch_size
+            )
+
+    class _Windows(torch.utils.data.IterableDataset):
+        def __init__(self, data: Path, length: int, limit: int | None = None):
+            self.tokens = torch.from_numpy(train_tokens(data).astype(np.int64))
+            self.length, self.limit = length, limit
+
+        def __iter__(self):
+            generator = torch.Generator().manual_seed(0)
+            n = 0
+            while self.limit is None or n < self.limit:
+                o = int(torch.randint(len(self.tokens) - self.length, (1,), generator=generator))
+                yield self.tokens[o : o + self.length]
+                n += 1
+except ImportError:
+    pass
+
+
+# --- the rounds ----------------------------------------------------------------------------------
+
+
+def worker(name: str, data: Path, steps: int, threads: int, litgpt_python: str) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        if name == "litgpt":  # its own process, in its own venv; the threads go by environment
+            rate = run_litgpt(data, steps, Path(tmp), litgpt_python)
+        else:
+            rate = {"semilla": run_semilla, "hf": run_hf}[name](data, steps, Path(tmp))
+    print(json.dumps({"trainer": name, "tokens_per_s": rate}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per trainer and round")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every trainer")
+    parser.add_argument("--trainers", default=",".join(TRAINERS), help="which, comma-separated")
+    parser.add_argument(
+        "--litgpt-python", default=str(ROOT / ".venv-peers" / "bin" / "python"),
+        help="the Python of a venv with litgpt (`make peers` makes .venv-peers)",
+    )  # fmt: skip
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, Path(args.data), args.steps, args.threads, args.litgpt_python)
+    if not CORPUS.is_file():
+        raise SystemExit(f"missing {CORPUS}: the shared corpora must sit beside the project")
+    from semilla.data import prepare
+
+    trainers = args.trainers.split(",")
+    rates: dict[str, list[float]] = {t: [] for t in trainers}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        prepare(
+            [str(CORPUS)], str(data), tokenizer="char", split=(0.9, 0.1, 0.0), shuffle=False, progress=False
+        )
+        for r in range(args.rounds):
+            for name in trainers:
+                command = [sys.executable, __file__, "--worker", name, "--data", str(data), "--steps",
+                           str(args.steps), "--threads", str(args.threads), "--litgpt-python", args.litgpt_python]  # fmt: skip
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(f"the {name} trainer failed:\n{done.stderr[-3000:]}")
+                rate = json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]
+                rates[name].append(rate)
+                print(f"round {r + 1}: {name:8s} {rate:9.0f} tokens/s", flush=True)
+    medians = {t: statistics.median(v) for t, v in rates.items()}
+    print(f"\n{'trainer':10s} {'median tok/s':>12s} {'min':>8s} {'max':>8s} {'semilla/it':>10s}")
+    for t, v in rates.items():
+        ratio = medians["semilla"] / medians[t] if "semilla" in medians else float("nan")
+        print(f"{t:10s} {medians[t]:12.0f} {min(v):8.0f} {max(v):8.0f} {ratio:10.2f}")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"rounds": args.rounds, "steps": args.steps, "threads": args.threads, "tokens_per_s": rates,
+              "medians": medians, "machine": os.uname().machine, "cpus": os.cpu_count()}  # fmt: skip
+    (out / "train_peers.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
