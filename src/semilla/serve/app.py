@@ -14,6 +14,8 @@ from fastapi import FastAPI, Response
 
 from semilla import __version__
 from semilla.serve import accounts, retrieval, web
+from semilla.serve.backends.base import Backend
+from semilla.serve.backends.local import LocalBackend
 from semilla.serve.engine import Engine
 from semilla.serve.errors import APIError, install_error_handlers
 from semilla.serve.hooks import ServerHooks
@@ -34,31 +36,37 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServerState:
-    """What the routes share: settings, the served models and the engine that runs them."""
+    """What the routes share: settings, the engine, and the backends model names resolve to."""
 
     settings: ServerSettings
     engine: Engine
-    models: dict[str, ServedModel] = field(default_factory=dict)
+    models: dict[str, ServedModel] = field(default_factory=dict)  # the local checkpoints
+    local: dict[str, LocalBackend] = field(default_factory=dict)  # their backends, by id
     started: float = field(default_factory=time.time)
 
     def add_model(self, served: ServedModel) -> None:
         lm = served.lm
         self.engine.add_model(served.id, lm.model, lm.tokenizer.pad_id)
         self.models[served.id] = served
+        self.local[served.id] = LocalBackend(served, self.engine)
 
-    def model(self, name: str | None) -> ServedModel:
-        """The model a request names; with no name, the first one served."""
+    def backend(self, name: str | None) -> Backend:
+        """The backend a request's model names; with no name, the first model served."""
         if name is None or name == "":
-            if not self.models:
+            if not self.local:
                 raise APIError(503, "no model is loaded yet", code="model_not_ready")
-            return next(iter(self.models.values()))
-        served = self.models.get(name)
-        if served is None:
-            known = ", ".join(self.models) or "none"
+            return next(iter(self.local.values()))
+        backend = self.local.get(name)
+        if backend is None:
+            known = ", ".join(self.local) or "none"
             raise APIError(
                 404, f"model {name!r} does not exist (served: {known})", param="model", code="model_not_found"
             )
-        return served
+        return backend
+
+    def cards(self, admin: bool = False) -> list[dict]:
+        """/v1/models: every name a request may use."""
+        return [b.card(admin) for b in self.local.values()]
 
     @property
     def ready(self) -> bool:
