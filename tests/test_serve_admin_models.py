@@ -52,6 +52,13 @@ def test_an_admin_switches_models_without_a_restart(tiny_run: Path, tmp_path: Pa
             "/admin/models", json={"name": "third", "path": str(tmp_path / "nope")}, headers=admin
         )
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "path"
+        for body in (
+            {"name": "x", "path": "a\u0000b"},
+            {"name": "x/y", "path": str(tiny_run)},
+            {"name": "", "path": "p"},
+        ):
+            assert client.post("/admin/models", json=body, headers=admin).status_code == 400, body
+        assert client.post("/model", json={"model_name": "a\u0000b"}, headers=admin).status_code == 400
         assert chat(client, "second", user).json()["model"] == "second"
         assert client.post("/admin/models/default", json={"model": "second"}, headers=admin).json() == {
             "default": "second"

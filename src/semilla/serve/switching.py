@@ -52,7 +52,7 @@ def load_checkpoint(state, name: str, path: str) -> ServedModel:
         )
     try:
         served = _load(state, [(name, path)])[name]
-    except (SemillaError, OSError) as e:
+    except (SemillaError, OSError, ValueError) as e:  # ValueError: a path no file system takes (NUL)
         raise APIError(400, f"cannot load {path!r}: {e}", param="path", code="invalid_checkpoint") from None
     state.add_model(served)
     log.info("loaded %s from %s", name, path)

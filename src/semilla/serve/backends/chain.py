@@ -188,10 +188,13 @@ class FallbackGeneration(Generation):
                 yield ChoiceDelta(c.index, c.text, None, c.finish_reason)
             return
         assert self._rest is not None, "start() first"
-        if self._first is not None:
-            yield self._first
-        async for delta in self._rest:
-            yield delta
+        try:
+            if self._first is not None:
+                yield self._first
+            async for delta in self._rest:
+                yield delta
+        finally:  # a client that leaves frees the link's work now, not when collected
+            await self._rest.aclose()
 
     async def result(self) -> Result:
         if self._result is not None:

@@ -3,10 +3,13 @@ reload the providers file; simpleIA's GET/POST /model as aliases."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Request, Response
-from pydantic import StrictStr
+from pydantic import Field, StrictStr
 from starlette.concurrency import run_in_threadpool
 
+from semilla.errors import SemillaError
 from semilla.serve import switching
 from semilla.serve.accounts.audit import audit
 from semilla.serve.accounts.hooks import client_ip
@@ -20,17 +23,20 @@ from semilla.serve.routes.openai import JSON_BODY
 router = APIRouter(tags=["admin"])
 
 
+NonEmpty = Annotated[StrictStr, Field(min_length=1)]
+
+
 class LoadModel(Body):
-    name: StrictStr
-    path: StrictStr
+    name: NonEmpty
+    path: NonEmpty
 
 
 class DefaultModel(Body):
-    model: StrictStr
+    model: NonEmpty
 
 
 class SimpleIAModel(RequestBody):
-    model_name: StrictStr
+    model_name: NonEmpty
 
 
 async def admin(request: Request) -> Principal:
@@ -128,7 +134,10 @@ async def switch_model(body: SimpleIAModel, request: Request) -> dict:
     try:
         state.backend(name)
     except APIError:
-        name, path = model_specs([body.model_name])[0]
+        try:
+            name, path = model_specs([body.model_name])[0]
+        except (SemillaError, ValueError):  # ValueError: a path no file system takes (NUL)
+            raise APIError(400, f"no model or checkpoint {name!r}", param="model_name") from None
         if name not in state.local:
             await run_in_threadpool(switching.load_checkpoint, state, name, path)
     switching.set_default(state, name)
