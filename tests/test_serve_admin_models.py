@@ -79,6 +79,14 @@ def test_an_admin_switches_models_without_a_restart(tiny_run: Path, tmp_path: Pa
         r = client.post("/admin/models/reload", headers=admin)
         assert r.status_code == 200 and r.json()["routes"] == ["main", "other"]
         assert chat(client, "other", user).status_code == 200
+        body = {
+            "model": "other",
+            "messages": [{"role": "user", "content": "Hola"}],
+            "max_tokens": 2,
+            "stream": True,
+        }
+        r = client.post("/v1/chat/completions", json=body, headers=user)  # a route's local link streams too
+        assert r.headers["x-semilla-provider"] == "tiny" and r.text.endswith("data: [DONE]\n\n")
         write_providers(tmp_path / "providers.yaml", "routes:\n  main: nowhere\n")
         r = client.post("/admin/models/reload", headers=admin)
         assert (

@@ -64,7 +64,6 @@ class Secret:
 class ProviderConfig:
     name: str
     kind: str
-    line: int = 0
     path: str = ""  # semilla: the checkpoint (relative paths: from the providers file's folder)
     base_url: str = ""  # openai, anthropic
     api_key_env: str = ""
@@ -215,7 +214,7 @@ def _read_provider(reader: _Reader, name, raw, folder: Path) -> ProviderConfig |
             (*where, "kind"), f"provider {name!r}: unknown kind {kind!r} (kinds: {', '.join(KINDS)})"
         )
         return None
-    cfg = ProviderConfig(name, kind, reader.lines.get(where, 0))
+    cfg = ProviderConfig(name, kind)
     for key in ("path", "base_url", "api_key_env", "api_key_file", "model"):
         value = raw.get(key, "")
         if not isinstance(value, str):
