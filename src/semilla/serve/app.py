@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Response
 
 from semilla import __version__
-from semilla.serve import accounts, retrieval, web
+from semilla.serve import accounts, retrieval, switching, web
+from semilla.serve.backends.base import Backend
+from semilla.serve.backends.local import LocalBackend
+from semilla.serve.backends.router import ModelRouter
 from semilla.serve.engine import Engine
-from semilla.serve.errors import APIError, install_error_handlers
+from semilla.serve.errors import install_error_handlers
 from semilla.serve.hooks import ServerHooks
 from semilla.serve.middleware import (
     AllowedHosts,
@@ -24,8 +27,10 @@ from semilla.serve.middleware import (
     RequestMetrics,
     UnexpectedErrors,
 )
+from semilla.serve.providers import ProvidersFile
 from semilla.serve.registry import ServedModel
 from semilla.serve.routes import collections, compat, docs, embeddings, health, openai
+from semilla.serve.routes import models as model_admin
 from semilla.serve.serving import ClientGone
 from semilla.serve.settings import ServerSettings
 
@@ -34,55 +39,72 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServerState:
-    """What the routes share: settings, the served models and the engine that runs them."""
+    """What the routes share: settings, the engine, and the backends model names resolve to."""
 
     settings: ServerSettings
     engine: Engine
-    models: dict[str, ServedModel] = field(default_factory=dict)
+    models: dict[str, ServedModel] = field(default_factory=dict)  # the local checkpoints
+    local: dict[str, LocalBackend] = field(default_factory=dict)  # their backends, by id
     started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.router = ModelRouter(self.local)
 
     def add_model(self, served: ServedModel) -> None:
         lm = served.lm
         self.engine.add_model(served.id, lm.model, lm.tokenizer.pad_id)
         self.models[served.id] = served
+        self.local[served.id] = LocalBackend(served, self.engine)
 
-    def model(self, name: str | None) -> ServedModel:
-        """The model a request names; with no name, the first one served."""
-        if name is None or name == "":
-            if not self.models:
-                raise APIError(503, "no model is loaded yet", code="model_not_ready")
-            return next(iter(self.models.values()))
-        served = self.models.get(name)
-        if served is None:
-            known = ", ".join(self.models) or "none"
-            raise APIError(
-                404, f"model {name!r} does not exist (served: {known})", param="model", code="model_not_found"
-            )
+    def remove_model(self, name: str) -> ServedModel:
+        """Stop serving a local model; its requests in flight end with an error."""
+        served = self.models.pop(name)
+        del self.local[name]
+        self.engine.remove_model(name)
         return served
+
+    def backend(self, name: str | None) -> Backend:
+        """The backend a request's model names (see backends.router); 404 naming what is served."""
+        return self.router.backend(name)
+
+    def cards(self, admin: bool = False) -> list[dict]:
+        """/v1/models: every name a request may use."""
+        return self.router.cards(admin)
 
     @property
     def ready(self) -> bool:
-        return bool(self.models) and self.engine.alive
+        return bool(self.models or self.router.routes or self.router.upstreams) and self.engine.alive
 
 
 def create_app(
-    settings: ServerSettings | None = None, models: dict[str, ServedModel] | None = None
+    settings: ServerSettings | None = None,
+    models: dict[str, ServedModel] | None = None,
+    providers: ProvidersFile | None = None,
 ) -> FastAPI:
-    """An app serving `models` (already loaded) with the engine settings of `settings`."""
+    """An app serving `models` (already loaded) with the engine settings of `settings`, and the
+    providers and routes of `providers` (default: the file settings.providers names, whose
+    checkpoints are loaded here)."""
     settings = settings or ServerSettings()
     engine = Engine(settings.max_slots, settings.queue_size, settings.request_timeout_s)
     state = ServerState(settings, engine)
     for served in (models or {}).values():
         state.add_model(served)
+    if providers is None and settings.providers:
+        providers = switching.read_providers(state)
+    if providers is not None:
+        switching.use_providers(state, providers)
+    if settings.default_model:
+        state.router.default = settings.default_model
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
-        log.info(
-            "serving %s on http://%s:%s", ", ".join(state.models) or "no model", settings.host, settings.port
-        )
+        log.info("serving %s on http://%s:%s", ", ".join(state.router.names()) or "no model", settings.host,
+                 settings.port)  # fmt: skip
         yield
         engine.stop()
+        for upstream in state.router.upstreams.values():
+            await upstream.aclose()
 
     with_docs = docs.docs_enabled(settings)
     app = FastAPI(
@@ -112,6 +134,7 @@ def create_app(
     retrieval.install(app, settings)  # embedding models and collections (in the accounts store)
     app.include_router(embeddings.router)
     app.include_router(collections.router)
+    app.include_router(model_admin.router)
     web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
     # outermost last: the size limit runs before anything reads the body
     app.add_middleware(RequestMetrics)

@@ -15,6 +15,19 @@ FLAGS = (  # flag, settings field, type, help
         str,
         "serve the checkpoints found here when none is named (default: models)",
     ),
+    (
+        "--providers",
+        "providers",
+        str,
+        "providers.yaml: remote OpenAI/Anthropic-compatible providers, named routes that fall back "
+        "from one to the next (local -> deepseek -> templates), cooldown; see the README ($SEMILLA_PROVIDERS)",
+    ),
+    (
+        "--default-model",
+        "default_model",
+        str,
+        "the model or route of requests that name none (default: the providers file's, else the first model)",
+    ),
     ("--data-dir", "data_dir", str, "where the database and logs live (default: semilla-data)"),
     ("--device", "device", str, "cpu, cuda, mps (default: cuda when available)"),
     ("--threads", "threads", int, "CPU threads for the model (default: all cores but one, left to HTTP)"),
@@ -58,7 +71,10 @@ def add_parser(sub) -> None:
         help="serve models over an OpenAI-compatible HTTP API",
         description="Serve checkpoints over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), "
         "robo-poet's /v1/generate and simpleIA's /predict, with continuous batching, /health, /ready and "
-        "Prometheus /metrics. Settings: defaults < .env < SEMILLA_* variables < flags.",
+        "Prometheus /metrics. With --providers, a request's model may also be PROVIDER/MODEL of a remote "
+        "OpenAI- or Anthropic-compatible service or a named route that falls back from one provider to the "
+        "next; admins switch models at run time (semilla admin model). "
+        "Settings: defaults < .env < SEMILLA_* variables < flags.",
     )
     p.add_argument(
         "checkpoints",

@@ -48,6 +48,10 @@ class QueueFullError(Exception):
     """Every slot is busy and the waiting line is full."""
 
 
+class ModelUnloadedError(Exception):
+    """The model was unloaded while the request was being made."""
+
+
 class QueueTimeoutError(Exception):
     """A request waited for a free slot longer than its timeout."""
 
@@ -158,6 +162,7 @@ class ModelWorker:
         self.active: list[Sequence] = []  # row i of the cache
         self.waiting: deque[Sequence] = deque()
         self.lock = threading.Lock()  # guards `waiting` (the HTTP threads append to it)
+        self.closed = False  # unloaded: takes no new sequence
         self.params: SamplingParams | None = None  # of the active rows; rebuilt when they change
         self.ttft = metrics.TIME_TO_FIRST_TOKEN.labels(name)
         self.itl = metrics.INTER_TOKEN_LATENCY.labels(name)
@@ -169,6 +174,8 @@ class ModelWorker:
 
     def submit(self, seq: Sequence) -> None:
         with self.lock:
+            if self.closed:
+                raise ModelUnloadedError(f"model {self.name!r} was unloaded")
             if len(self.waiting) >= self.queue_size:
                 raise QueueFullError(f"model {self.name!r}: {self.queue_size} requests already waiting")
             self.waiting.append(seq)
@@ -329,12 +336,26 @@ class Engine:
     def __init__(self, max_slots: int = 16, queue_size: int = 64, request_timeout_s: float = 300.0):
         self.max_slots, self.queue_size, self.request_timeout_s = max_slots, queue_size, request_timeout_s
         self.workers: dict[str, ModelWorker] = {}
+        self.retired: deque[ModelWorker] = deque()  # removed workers whose requests must be failed
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
 
     def add_model(self, name: str, model: nn.Module, pad_id: int) -> None:
         self.workers[name] = ModelWorker(name, model, self.max_slots, self.queue_size, pad_id)
+        self.wake.set()
+
+    def remove_model(self, name: str) -> None:
+        """Stop serving `name`: its sequences end with an error at the scheduler's next turn
+        (the scheduler thread owns the worker's rows, so it is the one to fail them)."""
+        worker = self.workers.pop(name)
+        with worker.lock:
+            worker.closed = True
+        if self.alive:
+            self.retired.append(worker)
+            self.wake.set()
+        else:
+            worker.fail_all(RuntimeError(f"model {name!r} was unloaded"))
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="semilla-engine", daemon=True)
@@ -362,16 +383,23 @@ class Engine:
         queue: asyncio.Queue,
     ) -> Sequence:
         """Queue a generation whose (sequence, event) pairs go to `queue`; raises QueueFullError
-        when the waiting line is full. Several sequences may share one queue (n > 1)."""
+        when the waiting line is full, ModelUnloadedError when the model is gone. Several
+        sequences may share one queue (n > 1)."""
         seq = Sequence(prompt, cfg, stop_ids, self.request_timeout_s, loop, queue)
-        self.workers[model].submit(seq)
+        worker = self.workers.get(model)
+        if worker is None:
+            raise ModelUnloadedError(f"model {model!r} was unloaded")
+        worker.submit(seq)
         self.wake.set()
         return seq
 
     @torch.inference_mode()
     def _run(self) -> None:
         while not self.stopping.is_set():
-            busy = [w for w in self.workers.values() if w.busy]
+            while self.retired:
+                worker = self.retired.popleft()
+                worker.fail_all(RuntimeError(f"model {worker.name!r} was unloaded"))
+            busy = [w for w in list(self.workers.values()) if w.busy]
             if not busy:
                 self.wake.wait(timeout=0.5)
                 self.wake.clear()

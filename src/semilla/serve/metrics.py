@@ -33,3 +33,25 @@ PROMPT_TOKENS = Counter("semilla_prompt_tokens", "Prompt tokens of accepted requ
 COMPLETION_TOKENS = Counter("semilla_completion_tokens", "Completion tokens returned", ["model"])
 QUEUE_DEPTH = Gauge("semilla_queue_depth", "Requests waiting for a slot", ["model"])
 ACTIVE_SLOTS = Gauge("semilla_active_slots", "Sequences being decoded", ["model"])
+
+# Providers: every attempt of a model name's backends (local models by id, remote ones by
+# provider name, the canned 'templates' answer), as fallback chains make them.
+PROVIDER_CALLS = Counter("semilla_provider_calls", "Attempts to answer through a provider", ["provider"])
+PROVIDER_SUCCESSES = Counter("semilla_provider_successes", "Attempts that answered", ["provider"])
+PROVIDER_FAILURES = Counter(
+    "semilla_provider_failures", "Attempts that failed (reason: timeout, connection, status, invalid)",
+    ["provider", "reason"],
+)  # fmt: skip
+PROVIDER_FALLBACKS = Counter(
+    "semilla_provider_fallbacks", "Requests handed to the next provider after this one failed", ["provider"]
+)
+PROVIDER_SKIPS = Counter(
+    "semilla_provider_skips", "Requests that skipped a cooling-down provider", ["provider"]
+)
+PROVIDER_LATENCY = Histogram(
+    "semilla_provider_latency_seconds",
+    "From an attempt's start to its answer (streams: to the first token)",
+    ["provider"],
+    buckets=LATENCY_BUCKETS,
+)
+TEMPLATE_ANSWERS = Counter("semilla_template_answers", "Requests answered with the canned last-resort text")

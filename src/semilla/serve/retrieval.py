@@ -30,8 +30,6 @@ class ServerEmbedders:
 
     def __init__(self, app: FastAPI):
         self.app = app
-        self._checkpoints: dict[str, object] = {}
-        self._lock = threading.Lock()
 
     def names(self) -> list[str]:
         return [MINILM_NAMES[0], *self.app.state.semilla.models]
@@ -42,15 +40,12 @@ class ServerEmbedders:
     def __call__(self, name: str):
         """The embedder for `name`; a checkpoint path is accepted here only because collections
         created with `semilla index` may name one (requests are checked with `known` first)."""
-        from semilla.retrieval.embedders import CheckpointEmbedder, load_embedder
+        from semilla.retrieval.embedders import load_embedder
 
-        served = self.app.state.semilla.models.get(name)
-        if served is None:
+        backend = self.app.state.semilla.local.get(name)
+        if backend is None:
             return load_embedder(MINILM_NAMES[0] if name in MINILM_NAMES else name)
-        with self._lock:
-            if name not in self._checkpoints:
-                self._checkpoints[name] = CheckpointEmbedder(served.lm.model, served.lm.tokenizer, name)
-            return self._checkpoints[name]
+        return backend.embedder()
 
     def check(self, name: str, param: str = "model") -> None:
         """404 naming the models offered, unless `name` is one of them."""

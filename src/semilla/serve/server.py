@@ -21,6 +21,7 @@ from semilla.checkpoint import resolve_checkpoint
 from semilla.errors import SemillaError
 from semilla.serve.accounts import StartupPolicyError, check_startup_policy
 from semilla.serve.app import create_app
+from semilla.serve.providers import load_providers
 from semilla.serve.registry import discover, load_models, model_specs
 from semilla.serve.settings import ServerSettings
 
@@ -29,11 +30,12 @@ log = logging.getLogger(__name__)
 
 def resolve_model_specs(settings: ServerSettings, checkpoints: list[str], names: list[str] | None = None):
     """(id, path) of every model to serve: the checkpoints named, else $SEMILLA_MODELS /
-    $BETA_MODEL_PATH, else whatever the models directory holds."""
+    $BETA_MODEL_PATH, else whatever the models directory holds (none is needed with a
+    providers file)."""
     paths = list(checkpoints) or [p for p in settings.models.split(",") if p.strip()]
     if not paths:
         paths = discover(settings.models_dir)
-    if not paths:
+    if not paths and not settings.providers:
         raise SemillaError(
             f"no model to serve: name a checkpoint (semilla serve runs/mine) or put one in {settings.models_dir}/"
         )
@@ -110,20 +112,25 @@ def http_config(app, settings: ServerSettings, **overrides) -> uvicorn.Config:
 def serve(
     checkpoints: list[str], settings: ServerSettings | None = None, names: list[str] | None = None
 ) -> None:
-    """Serve checkpoints over the OpenAI-compatible API until interrupted."""
+    """Serve checkpoints, and the providers and routes of settings.providers, over the
+    OpenAI-compatible API until interrupted."""
     settings = settings or ServerSettings()
     specs = resolve_model_specs(settings, checkpoints, names)
     for _, path in specs:  # a wrong path is reported before anything else happens
         resolve_checkpoint(path)
+    providers = (
+        load_providers(settings.providers, [name for name, _ in specs]) if settings.providers else None
+    )
     sock = bind_socket(settings.host, settings.port)
     try:
         check_startup_policy(settings)
     except StartupPolicyError as e:
         raise SemillaError(str(e)) from None
     torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 2) - 1))
+    specs += providers.checkpoints() if providers else []
     models = load_models(specs, device=settings.device, dtype=settings.dtype)
     try:
-        app = create_app(settings, models)
+        app = create_app(settings, models, providers)
     except (ValueError, OSError) as e:  # e.g. a content filter file that is missing or invalid
         raise SemillaError(f"cannot start the server: {e}") from None
     # What is loaded by now (torch, the models, the app: ~400k objects) lives as long as the

@@ -1,10 +1,11 @@
-"""Between the routes and the engine: prompts and settings in, choice deltas and results out.
+"""Between the routes and the backends: settings in, choice deltas and results out.
 
-A `Job` submits one engine sequence per choice (n choices of each prompt), merges their
-events, turns tokens into text (stop strings cut, unfinished UTF-8 held back) and yields
-`ChoiceDelta`s; `Job.result()` collects the whole answer. The routes only render these as
-OpenAI JSON or SSE chunks. A job that is abandoned (client gone, error) cancels its
-sequences, which frees their slots at the engine's next step.
+A `Generation` is one request's n choices as any backend produces them: `ChoiceDelta`s as
+they come (`deltas()`), the whole `Result` at the end. The routes only render these as
+OpenAI JSON or SSE chunks. `Job` is the local engine's generation: it submits one engine
+sequence per choice (n choices of each prompt), merges their events and turns tokens into
+text (stop strings cut, unfinished UTF-8 held back). A job that is abandoned (client gone,
+error) cancels its sequences, which frees their slots at the engine's next step.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from semilla import __version__
 from semilla.api import StopStringFilter
 from semilla.config import GenerateConfig
+from semilla.errors import SemillaError
 from semilla.serve import metrics
-from semilla.serve.engine import Engine, QueueFullError, QueueTimeoutError, Sequence
+from semilla.serve.engine import Engine, ModelUnloadedError, QueueFullError, QueueTimeoutError, Sequence
 from semilla.serve.errors import APIError
 from semilla.serve.hooks import CompletionRecord
 from semilla.serve.registry import ServedModel
+
+FINGERPRINT = f"semilla-{__version__}"
 
 
 def new_id(prefix: str) -> str:
@@ -123,40 +128,113 @@ def sampling_config(req: Any, max_new_tokens: int, logprobs: int | None = None) 
     )
 
 
-def fit_max_tokens(
-    served: ServedModel,
-    prompt_len: int,
-    asked: int | None,
-    default: int,
-    param: str = "max_tokens",
-    prompt_param: str = "messages",
-) -> int:
-    """How many tokens to generate; a prompt or request that does not fit the context is a 400."""
-    cfg = served.lm.model.config
-    limit = None if cfg.arch == "lstm" else served.lm.context_length
+def settings_or_400(cfg: GenerateConfig) -> GenerateConfig:
+    """`cfg`, validated; a 400 naming every bad value otherwise."""
+    try:
+        return cfg.validate()
+    except SemillaError as e:
+        raise APIError(400, str(e), code="invalid_value") from e
+
+
+@dataclass
+class GenerationCall:
+    """What a route asks of a backend, whatever answers: the request's settings, checked."""
+
+    cfg: GenerateConfig  # max_new_tokens: what the client asked for, or the server's default
+    asked: bool = True  # False: a default that a short context may cut instead of refusing
+    n: int = 1
+    stream: bool = False  # a fallback chain commits to a backend at its first delta
+    param: str = "max_tokens"  # the request's names for error messages
+    prompt_param: str = "messages"
+    screen: Callable[[str], bool] | None = None  # True: withhold the output (content filter)
+    on_tokens: Callable[[int], None] | None = None  # told the tokens generated, however it ends
+
+
+def fit_max_tokens(model: str, limit: int | None, prompt_len: int, call: GenerationCall) -> int:
+    """How many tokens to generate within a context of `limit` tokens (None: unbounded); a
+    prompt that does not fit, or an asked max_tokens that does not, is a 400."""
+    asked = call.cfg.max_new_tokens
     if limit is None:
-        return asked or default
+        return asked
     if prompt_len >= limit:
         raise APIError(
             400,
-            f"the prompt has {prompt_len} tokens; model {served.id!r} has a context of {limit} tokens",
-            param=prompt_param,
+            f"the prompt has {prompt_len} tokens; model {model!r} has a context of {limit} tokens",
+            param=call.prompt_param,
             code="context_length_exceeded",
         )
     room = limit - prompt_len
-    if asked is not None and asked > room:
+    if call.asked and asked > room:
         raise APIError(
             400,
-            f"{param}={asked} does not fit: the prompt has {prompt_len} tokens and model {served.id!r} "
+            f"{call.param}={asked} does not fit: the prompt has {prompt_len} tokens and model {model!r} "
             f"has a context of {limit} tokens ({room} left)",
-            param=param,
+            param=call.param,
             code="context_length_exceeded",
         )
-    return asked or min(default, room)
+    return min(asked, room)
 
 
-class Job:
-    """The n choices of one or more prompts, running in the engine."""
+class Generation:
+    """The n choices of one request from some backend: `start()`, then `deltas()` as they
+    come (each choice ends with a finish_reason) or `result()` at once."""
+
+    model: str  # the id that answers: reported as the response's `model` and recorded
+    fingerprint: str = FINGERPRINT  # the response's system_fingerprint
+    cacheable: bool = False  # a deterministic answer may be replayed from the response cache
+
+    def __init__(self, model: str, n_choices: int, call: GenerationCall):
+        self.model, self.call, self.cfg = model, call, call.cfg
+        self.screen, self.on_tokens = call.screen, call.on_tokens
+        self.choices = [Choice(i) for i in range(n_choices)]
+        self.headers: dict[str, str] = {}  # added to the HTTP response (which provider answered)
+        self.texts: list = []  # the prompt as the request gave it: messages, or the prompt texts
+        self.prompt_tokens = 0
+        self.failed = False
+        self.started = time.perf_counter()
+
+    async def start(self) -> None:
+        """Begin generating; refusals (busy, bad settings, no provider) raise APIError here."""
+
+    def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        """Stop generating (the client left): free whatever the generation holds."""
+
+    def _screen(self, choice: Choice, delta: ChoiceDelta) -> bool:
+        """Pass the delta through the content filter; True when the choice is withheld.
+
+        Text is shown only up to the last word boundary until the choice finishes, and judged
+        before it is shown: a blocked word never appears, and is never found inside a longer
+        word still being written ('ass' in 'assume')."""
+        candidate = choice.held + delta.text
+        cut = len(candidate)
+        if not choice.finish_reason:
+            while cut and (candidate[cut - 1].isalnum() or candidate[cut - 1] == "_"):
+                cut -= 1
+        shown, choice.held = candidate[:cut], candidate[cut:]
+        if shown and self.screen(choice.text + shown):
+            delta.text, choice.held, choice.finish_reason = "", "", "content_filter"
+            return True
+        delta.text = shown
+        return False
+
+    async def result(self) -> Result:
+        async for _ in self.deltas():
+            pass
+        return self.finish()
+
+    def finish(self) -> Result:
+        result = Result(self.choices, self.prompt_tokens, time.perf_counter() - self.started)
+        result.complete = not self.failed and all(c.finish_reason in ("stop", "length") for c in self.choices)
+        return result
+
+
+class Job(Generation):
+    """The n choices of one or more prompts, running in the local engine."""
+
+    cacheable = True
 
     def __init__(
         self,
@@ -164,26 +242,23 @@ class Job:
         served: ServedModel,
         prompts: list[list[int]],
         cfg: GenerateConfig,
-        n: int = 1,
-        screen: Callable[[str], bool] | None = None,
-        on_tokens: Callable[[int], None] | None = None,
+        call: GenerationCall,
     ):
-        """`screen(text)` says whether an output must be withheld; `on_tokens(n)` is told how
-        many tokens were generated once the job ends, however it ends (a client that leaves
-        early is charged too)."""
-        self.engine, self.served, self.cfg, self.n, self.screen = engine, served, cfg, n, screen
-        self.on_tokens = on_tokens
-        self.failed = False
+        """`cfg`: the call's settings fitted to the model (max_new_tokens, stop strings)."""
+        super().__init__(served.id, len(prompts) * call.n, call)
+        self.engine, self.served, self.cfg, self.n = engine, served, cfg, call.n
         self.prompts = prompts
+        self.prompt_tokens = sum(len(p) for p in prompts)
         tok = served.lm.tokenizer
         self.tokenizer = tok
         self.stop_ids = frozenset(served.lm.stop_ids) | frozenset(cfg.stop_token_ids)
-        self.choices = [Choice(i) for i in range(len(prompts) * n)]
         self.text_filters = [StopStringFilter(tok, cfg.stop) for _ in self.choices]
         self.piece_filters = [StopStringFilter(tok, []) for _ in self.choices]
         self.sequences: dict[Sequence, int] = {}
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.started = time.perf_counter()
+
+    async def start(self) -> None:
+        self.submit()
 
     def submit(self) -> None:
         """Queue every choice; all or nothing (503 with Retry-After when the line is full)."""
@@ -208,6 +283,9 @@ class Job:
             raise APIError(
                 503, f"the server is busy ({e}); retry shortly", headers={"Retry-After": "1"}
             ) from e
+        except ModelUnloadedError as e:
+            self.cancel()
+            raise APIError(404, str(e), param="model", code="model_not_found") from e
         metrics.PROMPT_TOKENS.labels(self.served.id).inc(sum(len(p) for p in self.prompts))
 
     def cancel(self) -> None:
@@ -250,24 +328,6 @@ class Job:
             if self.on_tokens is not None:
                 self.on_tokens(generated)
 
-    def _screen(self, choice: Choice, delta: ChoiceDelta) -> bool:
-        """Pass the delta through the content filter; True when the choice is withheld.
-
-        Text is shown only up to the last word boundary until the choice finishes, and judged
-        before it is shown: a blocked word never appears, and is never found inside a longer
-        word still being written ('ass' in 'assume')."""
-        candidate = choice.held + delta.text
-        cut = len(candidate)
-        if not choice.finish_reason:
-            while cut and (candidate[cut - 1].isalnum() or candidate[cut - 1] == "_"):
-                cut -= 1
-        shown, choice.held = candidate[:cut], candidate[cut:]
-        if shown and self.screen(choice.text + shown):
-            delta.text, choice.held, choice.finish_reason = "", "", "content_filter"
-            return True
-        delta.text = shown
-        return False
-
     def _push(
         self, index: int, token: int | None, logprob: float, top: list[tuple[int, float]]
     ) -> ChoiceDelta:
@@ -284,22 +344,12 @@ class Job:
             choice.tokens.append(info)
         return ChoiceDelta(index, text, info)
 
-    async def result(self) -> Result:
-        async for _ in self.deltas():
-            pass
-        return self.finish()
-
-    def finish(self) -> Result:
-        result = Result(self.choices, sum(len(p) for p in self.prompts), time.perf_counter() - self.started)
-        result.complete = not self.failed and all(c.finish_reason in ("stop", "length") for c in self.choices)
-        return result
-
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-async def run_to_end(request, job: Job, poll_s: float = 0.25) -> Result:
+async def run_to_end(request, job: Generation, poll_s: float = 0.25) -> Result:
     """job.result(); if the client disconnects first, its slots are freed and ClientGone raised."""
     task = asyncio.ensure_future(job.result())
     try:

@@ -22,6 +22,10 @@ class ServerSettings(BaseSettings):
         "", validation_alias=AliasChoices("SEMILLA_MODELS", "BETA_MODEL_PATH")
     )  # comma-separated checkpoint dirs, NAME=PATH to choose the id; BETA_MODEL_PATH: DataShark
     models_dir: str = "models"  # served when no checkpoint is named
+    providers: str = ""  # providers.yaml: remote providers, routes (fallback chains), templates
+    default_model: str = (
+        ""  # the model (or route) of requests that name none; empty: the file's, else the first
+    )
     data_dir: str = "semilla-data"  # database and logs
     device: str | None = None  # None: cuda when available, else cpu
     threads: int | None = Field(None, ge=1)  # torch threads; None: all cores but one (HTTP needs one)

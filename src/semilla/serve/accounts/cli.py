@@ -162,7 +162,7 @@ def add_parsers(subparsers) -> None:
     """Add `semilla admin` and its subcommands to the top-level CLI."""
     admin = subparsers.add_parser(
         "admin",
-        help="manage accounts, API keys, feedback and the audit log",
+        help="manage accounts, API keys, feedback, the audit log and a running server's models",
         description="Manage a server's store from the shell: create accounts, set roles, issue and revoke "
         "API keys, export rated conversations, read the audit log. `semilla admin ACTION --help` for each.",
     )
@@ -221,3 +221,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--token", help="an admin token or key (default: $SEMILLA_API_KEY)")
     p.set_defaults(func=_wrap(cmd_reload))
+
+    from semilla.serve import models_cli
+
+    models_cli.add_parser(sub)

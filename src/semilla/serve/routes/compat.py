@@ -1,4 +1,4 @@
-"""The seeds' own endpoints: robo-poet's /v1/generate and simpleIA's /predict, over the same engine."""
+"""The seeds' own endpoints: robo-poet's /v1/generate and simpleIA's /predict, over the same backends."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from fastapi.responses import StreamingResponse
 
 from semilla.config import GenerateConfig
 from semilla.serve.protocol import GenerateRequest, PredictRequest
-from semilla.serve.routes.openai import JSON_BODY, new_job, settings_or_400, stream_guard
-from semilla.serve.serving import Result, fit_max_tokens, new_id, run_to_end
+from semilla.serve.routes.openai import JSON_BODY, generation_call, stream_guard
+from semilla.serve.serving import Result, new_id, run_to_end
 
 router = APIRouter(tags=["compat"])
 
@@ -23,27 +23,26 @@ def _perplexity(result: Result) -> float | None:
     return round(math.exp(-sum(logprobs) / len(logprobs)), 4)
 
 
-async def _start(request: Request, body, text: str, cfg_kwargs: dict, n: int, route: str):
-    """Authorize, fit the prompt, submit; a max_length the client did not send is shortened to
+async def _start(request: Request, body, text: str, cfg_kwargs: dict, n: int, route: str, stream: bool):
+    """Authorize, fit the prompt, start; a max_length the client did not send is shortened to
     what the context leaves instead of refused."""
     state, hooks = request.app.state.semilla, request.app.state.hooks
     principal = await hooks.authorize(request, "models")
-    served = state.model(body.model)
+    backend = state.backend(body.model)
     hooks.screen_prompt(principal, text)
-    prompt = served.lm.tokenizer.encode(text) or [served.lm.tokenizer.bos_id]
-    text_param = "text" if route == "generate" else "prompt"
-    asked = body.max_length if "max_length" in body.model_fields_set else None
-    max_new = fit_max_tokens(served, len(prompt), asked, body.max_length, "max_length", text_param)
-    cfg = settings_or_400(
-        lambda: GenerateConfig(max_new_tokens=max_new, truncate="error", logprobs=0, **cfg_kwargs)
-    )
-    job = new_job(request, principal, served, [prompt], cfg, n)
-    job.submit()
+    cfg = GenerateConfig(max_new_tokens=body.max_length, truncate="error", logprobs=0, **cfg_kwargs)
+    asked = "max_length" in body.model_fields_set
+    call = generation_call(
+        request, principal, cfg, asked, n, stream=stream, param="max_length",
+        prompt_param="text" if route == "generate" else "prompt",
+    )  # fmt: skip
+    gen = backend.complete([text], call)
+    await gen.start()
 
     def record(result: Result, rid: str) -> None:
-        hooks.record_completion(principal, result.record(rid, served.id, route, text))
+        hooks.record_completion(principal, result.record(rid, gen.model, route, text))
 
-    return served, job, record
+    return gen, record
 
 
 @router.post("/v1/generate", dependencies=JSON_BODY)
@@ -56,15 +55,15 @@ async def generate(body: GenerateRequest, request: Request) -> dict:
         stop=body.stop_tokens,
         seed=body.seed,
     )
-    served, job, record = await _start(request, body, body.text, sampling, body.num_samples, "generate")
-    result = await run_to_end(request, job)
+    gen, record = await _start(request, body, body.text, sampling, body.num_samples, "generate", False)
+    result = await run_to_end(request, gen)
     rid = new_id("gen")
     record(result, rid)
     return {
         "id": rid,
         "generated_text": [c.text for c in result.choices],
         "metadata": {
-            "model_version": served.id,
+            "model_version": gen.model,
             "generation_time_ms": round(1000 * result.elapsed_s),
             "tokens_generated": result.completion_tokens,
             "perplexity": _perplexity(result),
@@ -79,7 +78,7 @@ async def predict(body: PredictRequest, request: Request):
     """simpleIA: {prompt, max_length, num_return_sequences, temperature, stream}."""
     sampling = dict(temperature=body.temperature, seed=body.seed)
     n = body.num_return_sequences
-    served, job, record = await _start(request, body, body.prompt, sampling, n, "predict")
+    gen, record = await _start(request, body, body.prompt, sampling, n, "predict", body.stream)
     rid = new_id("pred")
     if body.stream:
 
@@ -89,17 +88,17 @@ async def predict(body: PredictRequest, request: Request):
             return {"index": d.index, "token": d.text, "finish_reason": d.finish_reason}
 
         async def events() -> AsyncIterator[str]:
-            async for chunk in stream_guard(job.deltas(), make_chunk, list):
+            async for chunk in stream_guard(gen.deltas(), make_chunk, list):
                 yield chunk
-            record(job.finish(), rid)
+            record(gen.finish(), rid)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
-    result = await run_to_end(request, job)
+        return StreamingResponse(events(), media_type="text/event-stream", headers=gen.headers)
+    result = await run_to_end(request, gen)
     record(result, rid)
     texts = [c.text for c in result.choices]
     return {
         "id": rid,
-        "model": served.id,
+        "model": gen.model,
         "prompt": body.prompt,
         "response": texts[0],
         "responses": texts,

@@ -1,7 +1,8 @@
 """OpenAI's API: /v1/models, /v1/chat/completions, /v1/completions.
 
-Each route: authorize, validate against the model (context length), consult the cache for
-deterministic requests, run a Job, render JSON or SSE, record the completion.
+Each route: authorize, parse, ask the backend the model name resolves to for a Generation
+(it checks the context length), consult the cache for deterministic local requests, run it,
+render JSON or SSE, record the completion.
 """
 
 from __future__ import annotations
@@ -14,20 +15,18 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from semilla import __version__
-from semilla.errors import SemillaError
 from semilla.serve import retrieval
 from semilla.serve.errors import APIError
 from semilla.serve.hooks import CompletionRecord, Principal
 from semilla.serve.protocol import ChatCompletionRequest, CompletionRequest
 from semilla.serve.serving import (
     ChoiceDelta,
-    Job,
+    Generation,
+    GenerationCall,
     Result,
-    fit_max_tokens,
     new_id,
     run_to_end,
     sampling_config,
@@ -35,7 +34,6 @@ from semilla.serve.serving import (
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
-FINGERPRINT = f"semilla-{__version__}"
 
 
 def require_json(request: Request) -> None:
@@ -60,14 +58,16 @@ def sse(obj: Any) -> str:
 
 
 class Envelope:
-    """The fields every response and chunk of one request share: id, object, created, model."""
+    """The fields every response and chunk of one request share: id, object, created, model
+    and fingerprint (those of whichever backend answers: a fallback chain decides at start)."""
 
-    def __init__(self, cid: str, object_: str, model: str):
-        self.head = {"id": cid, "object": object_, "created": int(time.time()), "model": model,
-                     "system_fingerprint": FINGERPRINT}  # fmt: skip
+    def __init__(self, cid: str, object_: str, gen: Generation):
+        self.cid, self.object, self.created, self.gen = cid, object_, int(time.time()), gen
 
     def __call__(self, choices: list[dict], **extra) -> dict:
-        return {**self.head, "choices": choices, **extra}
+        head = {"id": self.cid, "object": self.object, "created": self.created, "model": self.gen.model,
+                "system_fingerprint": self.gen.fingerprint}  # fmt: skip
+        return {**head, "choices": choices, **extra}
 
 
 def is_deterministic(cfg) -> bool:
@@ -91,14 +91,13 @@ def cache_material(route: str, model: str, prompt: Any, cfg, n: int, extra: dict
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
     principal = await request.app.state.hooks.authorize(request, "models")
-    admin = principal.role == "admin"
-    return {"object": "list", "data": [m.card(admin) for m in request.app.state.semilla.models.values()]}
+    return {"object": "list", "data": request.app.state.semilla.cards(principal.role == "admin")}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict:
     principal = await request.app.state.hooks.authorize(request, "models")
-    return request.app.state.semilla.model(model_id).card(principal.role == "admin")
+    return request.app.state.semilla.backend(model_id).card(principal.role == "admin")
 
 
 # --- shared flow -------------------------------------------------------------------------
@@ -107,11 +106,11 @@ async def get_model(model_id: str, request: Request) -> dict:
 async def complete(
     request: Request,
     principal: Principal,
-    job: Job,
+    gen: Generation,
     material: dict | None,
     stream: bool,
     render: Callable[[Result], dict],
-    render_stream: Callable[[Job | Result], AsyncIterator[str]],
+    render_stream: Callable[[Generation | Result], AsyncIterator[str]],
     record: Callable[[Result], CompletionRecord],
 ):
     """Cache lookup, run, cache store and record: the part chat and completions share."""
@@ -125,7 +124,7 @@ async def complete(
             if stream:
                 return StreamingResponse(render_stream(cached), media_type="text/event-stream")
             return render(cached)
-    job.submit()
+    await gen.start()
 
     async def finished(result: Result) -> None:
         """Cache and record; a conversation turn is on disk before the client hears the end."""
@@ -136,19 +135,19 @@ async def complete(
     if stream:
 
         async def events() -> AsyncIterator[str]:
-            async for chunk in render_stream(job):
+            async for chunk in render_stream(gen):
                 if chunk == DONE:
                     break
                 yield chunk
-            await finished(job.finish())  # a stream that failed is recorded as such, never cached
+            await finished(gen.finish())  # a stream that failed is recorded as such, never cached
             yield DONE
 
         return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **gen.headers}
         )
-    result = await run_to_end(request, job)
+    result = await run_to_end(request, gen)
     await finished(result)
-    return render(result)
+    return JSONResponse(render(result), headers=gen.headers)
 
 
 async def replay(result: Result) -> AsyncIterator[ChoiceDelta]:
@@ -181,26 +180,27 @@ async def stream_guard(
     yield DONE
 
 
-def new_job(request: Request, principal: Principal, served, prompts: list[list[int]], cfg, n: int) -> Job:
-    """A Job whose outputs pass the content filter and whose tokens count against the
-    caller's tokens-per-minute budget, however the request ends."""
+def generation_call(
+    request: Request, principal: Principal, cfg, asked: bool, n: int, **fields
+) -> GenerationCall:
+    """The call a backend gets: outputs pass the content filter and generated tokens count
+    against the caller's tokens-per-minute budget, however the request ends."""
     hooks = request.app.state.hooks
-    return Job(
-        request.app.state.semilla.engine,
-        served,
-        prompts,
+    return GenerationCall(
         cfg,
-        n,
+        asked=asked,
+        n=n,
         screen=hooks.screen_output if hooks.screens_output else None,
         on_tokens=lambda tokens: hooks.record_tokens(principal, tokens),
+        **fields,
     )
 
 
-def settings_or_400(build: Callable):
-    try:
-        return build().validate()
-    except SemillaError as e:
-        raise APIError(400, str(e), code="invalid_value") from e
+def material_for(gen: Generation, route: str, prompt: Any, n: int, extra: dict | None = None) -> dict | None:
+    """What a deterministic answer is cached under; None when it must not be cached."""
+    if not (gen.cacheable and is_deterministic(gen.cfg)):
+        return None
+    return cache_material(route, gen.model, prompt, gen.cfg, n, extra)
 
 
 # --- chat --------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def settings_or_400(build: Callable):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state, hooks = request.app.state.semilla, request.app.state.hooks
     principal = await hooks.authorize(request, "models")
-    served = state.model(body.model)
+    backend = state.backend(body.model)
     if len(body.messages) > state.settings.max_messages:
         raise APIError(
             400,
@@ -224,26 +224,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         hooks.screen_prompt(principal, m["content"])
     grounded = {}  # semilla's RAG: {"sources": [...]} in the response
     if body.rag is not None:
-        tokenizer, context = served.lm.tokenizer, served.lm.context_length
-        messages, found = await retrieval.ground(
-            request, principal, body.rag, messages, lambda m: len(tokenizer.apply_chat_template(m)) < context
-        )
+        messages, found = await retrieval.ground(request, principal, body.rag, messages, backend.fits)
         grounded = {"sources": found}
-    prompt = served.lm.tokenizer.apply_chat_template(messages)
     asked = body.max_completion_tokens or body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    max_new = fit_max_tokens(served, len(prompt), asked, state.settings.default_max_tokens, param)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    cfg = settings_or_400(
-        lambda: dataclasses.replace(sampling_config(body, max_new, top), stop=body.stop_list())
+    cfg = sampling_config(body, asked or state.settings.default_max_tokens, top)
+    cfg = dataclasses.replace(cfg, stop=body.stop_list())
+    call = generation_call(
+        request, principal, cfg, asked is not None, body.n, stream=body.stream, param=param
     )
-    job = new_job(request, principal, served, [prompt], cfg, body.n)
-    material = cache_material("chat", served.id, messages, cfg, body.n) if is_deterministic(cfg) else None
+    gen = backend.chat(messages, call)
+    material = material_for(gen, "chat", messages, body.n)
     cid = new_id("chatcmpl")
-    full, part = (
-        Envelope(cid, "chat.completion", served.id),
-        Envelope(cid, "chat.completion.chunk", served.id),
-    )
+    full, part = Envelope(cid, "chat.completion", gen), Envelope(cid, "chat.completion.chunk", gen)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def render(result: Result) -> dict:
@@ -264,8 +258,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     def chunk(choices: list[dict], usage: dict | None = None, **extra) -> dict:
         return part(choices, usage=usage, **extra) if include_usage else part(choices, **extra)
 
-    def render_stream(source: Job | Result) -> AsyncIterator[str]:
-        is_job = isinstance(source, Job)
+    def render_stream(source: Generation | Result) -> AsyncIterator[str]:
+        is_job = isinstance(source, Generation)
         role_sent: set[int] = set()
 
         def make_chunk(d) -> dict | None:
@@ -295,10 +289,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     def record(result: Result) -> CompletionRecord:
         user = {"user": body.user} if body.user else {}
         return result.record(
-            cid, served.id, "chat", messages, conversation_id=body.conversation_id, extra=user
+            cid, gen.model, "chat", messages, conversation_id=body.conversation_id, extra=user
         )
 
-    return await complete(request, principal, job, material, body.stream, render, render_stream, record)
+    return await complete(request, principal, gen, material, body.stream, render, render_stream, record)
 
 
 # --- completions -------------------------------------------------------------------------
@@ -308,37 +302,34 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def completions(body: CompletionRequest, request: Request):
     state, hooks = request.app.state.semilla, request.app.state.hooks
     principal = await hooks.authorize(request, "models")
-    served = state.model(body.model)
+    backend = state.backend(body.model)
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by semilla models", param="suffix")
     raw = body.prompt
-    if isinstance(raw, list) and raw and isinstance(raw[0], int):
-        vocab = served.lm.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in raw):  # checked before decoding: any int reaches here
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-        texts, prompts = [served.lm.tokenizer.decode(raw)], [list(raw)]
-    else:
-        texts = [raw] if isinstance(raw, str) else list(raw)
-        prompts = [served.lm.tokenizer.encode(t) or [served.lm.tokenizer.bos_id] for t in texts]
-    for t in texts:
-        hooks.screen_prompt(principal, t)
-    max_new = min(
-        fit_max_tokens(
-            served, len(p), body.max_tokens, state.settings.default_max_tokens, "max_tokens", "prompt"
-        )
-        for p in prompts
+    token_ids = isinstance(raw, list) and bool(raw) and isinstance(raw[0], int)
+    prompt = list(raw) if token_ids else [raw] if isinstance(raw, str) else list(raw)
+    if not token_ids:
+        for t in prompt:
+            hooks.screen_prompt(principal, t)
+    cfg = sampling_config(body, body.max_tokens or state.settings.default_max_tokens, body.logprobs)
+    cfg = dataclasses.replace(cfg, stop=body.stop_list())
+    call = generation_call(
+        request,
+        principal,
+        cfg,
+        body.max_tokens is not None,
+        body.n,
+        stream=body.stream,
+        prompt_param="prompt",
     )
-    cfg = settings_or_400(
-        lambda: dataclasses.replace(sampling_config(body, max_new, body.logprobs), stop=body.stop_list())
-    )
-    job = new_job(request, principal, served, prompts, cfg, body.n)
-    material = (
-        cache_material("completions", served.id, prompts, cfg, body.n, {"echo": body.echo, "texts": texts})
-        if is_deterministic(cfg)
-        else None
-    )
-    envelope = Envelope(new_id("cmpl"), "text_completion", served.id)
-    cid = envelope.head["id"]
+    gen = backend.complete(prompt, call)
+    texts = gen.texts
+    if token_ids:
+        for t in texts:
+            hooks.screen_prompt(principal, t)
+    material = material_for(gen, "completions", prompt, body.n, {"echo": body.echo, "texts": texts})
+    envelope = Envelope(new_id("cmpl"), "text_completion", gen)
+    cid = envelope.cid
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def echo_prefix(index: int) -> str:
@@ -372,8 +363,8 @@ async def completions(body: CompletionRequest, request: Request):
             usage=result.usage(),
         )
 
-    def render_stream(source: Job | Result) -> AsyncIterator[str]:
-        is_job = isinstance(source, Job)
+    def render_stream(source: Generation | Result) -> AsyncIterator[str]:
+        is_job = isinstance(source, Generation)
         echoed: set[int] = set()
 
         def make_chunk(d) -> dict | None:
@@ -408,7 +399,7 @@ async def completions(body: CompletionRequest, request: Request):
     def record(result: Result) -> CompletionRecord:
         prompt = texts if len(texts) > 1 else texts[0]
         return result.record(
-            cid, served.id, "completions", prompt, extra={"user": body.user} if body.user else {}
+            cid, gen.model, "completions", prompt, extra={"user": body.user} if body.user else {}
         )
 
-    return await complete(request, principal, job, material, body.stream, render, render_stream, record)
+    return await complete(request, principal, gen, material, body.stream, render, render_stream, record)

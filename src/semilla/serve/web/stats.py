@@ -40,6 +40,17 @@ class Totals:
     cache_misses: float = 0.0
     queue_depth: float = 0.0
     active_slots: float = 0.0
+    providers: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> counter -> value
+
+
+PROVIDER_COUNTERS = {  # sample name -> key in the dashboard's per-provider totals
+    "semilla_provider_calls_total": "calls",
+    "semilla_provider_successes_total": "successes",
+    "semilla_provider_failures_total": "failures",
+    "semilla_provider_fallbacks_total": "fallbacks",
+    "semilla_provider_skips_total": "skips",
+    "semilla_provider_latency_seconds_sum": "latency_sum_s",
+}
 
 
 def read_totals(registry: CollectorRegistry = REGISTRY, now: float | None = None) -> Totals:
@@ -66,7 +77,22 @@ def read_totals(registry: CollectorRegistry = REGISTRY, now: float | None = None
                 t.queue_depth += value
             elif name == "semilla_active_slots":
                 t.active_slots += value
+            elif name in PROVIDER_COUNTERS:
+                counters = t.providers.setdefault(labels["provider"], {})
+                key = PROVIDER_COUNTERS[name]
+                counters[key] = counters.get(key, 0.0) + value
     return t
+
+
+def provider_totals(providers: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Per provider: calls, successes, failures, fallbacks, skips and the mean latency."""
+    out = {}
+    for name, c in sorted(providers.items()):
+        answered = c.get("successes", 0.0)
+        row = {k: int(c.get(k, 0.0)) for k in ("calls", "successes", "failures", "fallbacks", "skips")}
+        row["mean_latency_s"] = round(c.get("latency_sum_s", 0.0) / answered, 6) if answered else None
+        out[name] = row
+    return out
 
 
 def bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
@@ -152,5 +178,6 @@ class StatsSampler:
                 "status": {k: int(v) for k, v in sorted(last.requests.items())},
                 "tokens": int(last.tokens),
                 "cache_hit_rate": round(last.cache_hits / lookups, 4) if lookups else None,
+                "providers": provider_totals(last.providers),
             }
         return {"object": "stats", "interval_s": self.interval_s, "points": points, "totals": totals}

@@ -1,0 +1,75 @@
+"""`LocalBackend`: a checkpoint served by the continuous-batching engine of this process."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+from semilla.serve.backends.base import Backend
+from semilla.serve.engine import Engine
+from semilla.serve.errors import APIError
+from semilla.serve.registry import ServedModel
+from semilla.serve.serving import GenerationCall, Job, fit_max_tokens, settings_or_400
+
+
+class LocalBackend(Backend):
+    """A served model: its chat template, context and tokenizer stay on this side of the seam."""
+
+    def __init__(self, served: ServedModel, engine: Engine):
+        super().__init__(served.id)
+        self.served, self.engine = served, engine
+        self.created = served.created
+        self._embedder = None
+        self._embedder_lock = threading.Lock()
+
+    def card(self, admin: bool = False) -> dict:
+        return self.served.card(admin)
+
+    @property
+    def context_length(self) -> int | None:
+        lm = self.served.lm
+        return None if lm.model.config.arch == "lstm" else lm.context_length
+
+    def fits(self, messages: list[dict]) -> bool:
+        limit = self.context_length
+        return limit is None or len(self.served.lm.tokenizer.apply_chat_template(messages)) < limit
+
+    def _job(self, prompts: list[list[int]], call: GenerationCall) -> Job:
+        """A job whose max_new_tokens fits the context left by the longest prompt."""
+        max_new = min(
+            fit_max_tokens(self.id, self.context_length, len(p), call) for p in prompts
+        )  # a prompt or asked max_tokens that cannot fit is a 400, checked before the settings
+        cfg = call.cfg
+        cfg = settings_or_400(
+            dataclasses.replace(cfg, max_new_tokens=max_new, min_new_tokens=min(cfg.min_new_tokens, max_new))
+        )
+        return Job(self.engine, self.served, prompts, cfg, call)
+
+    def chat(self, messages: list[dict], call: GenerationCall) -> Job:
+        job = self._job([self.served.lm.tokenizer.apply_chat_template(messages)], call)
+        job.texts = messages
+        return job
+
+    def complete(self, prompt: list[str] | list[int], call: GenerationCall) -> Job:
+        tokenizer = self.served.lm.tokenizer
+        if prompt and isinstance(prompt[0], int):
+            vocab = self.served.lm.model.config.vocab_size
+            if any(not 0 <= t < vocab for t in prompt):  # checked before decoding: any int reaches here
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param=call.prompt_param)
+            texts, prompts = [tokenizer.decode(prompt)], [list(prompt)]
+        else:
+            texts = list(prompt)
+            prompts = [tokenizer.encode(t) or [tokenizer.bos_id] for t in texts]
+        job = self._job(prompts, call)
+        job.texts = texts
+        return job
+
+    def embedder(self):
+        """Mean-pooled final hidden states of this model (made on first use)."""
+        from semilla.retrieval.embedders import CheckpointEmbedder
+
+        with self._embedder_lock:
+            if self._embedder is None:
+                lm = self.served.lm
+                self._embedder = CheckpointEmbedder(lm.model, lm.tokenizer, self.id)
+            return self._embedder
