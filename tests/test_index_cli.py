@@ -28,7 +28,9 @@ def test_index_round_trip(tmp_path: Path):
     assert "added 0 documents (0 chunks), 1 already there" in again.stdout
     listed = run_cli("index", "list", "--json", *data)
     assert [(c["name"], c["documents"]) for c in json.loads(listed.stdout)] == [("libros", 2)]
-    found = run_cli("index", "search", "libros", "ínsula Barataria", "-k", "1", "--json", *data)
+    found = run_cli(
+        "index", "search", "libros", "ínsula Barataria", "-k", "1", "--fusion", "rrf", "--json", *data
+    )
     hit = json.loads(found.stdout)
     assert hit["document_id"].endswith("insula.md") and hit["metadata"]["parte"] == 1
     doc_id = hit["document_id"]

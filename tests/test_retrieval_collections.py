@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from semilla.errors import SemillaError
+from semilla.retrieval import lexical
 from semilla.retrieval.chunking import ChunkConfig, chunk_text
 from semilla.retrieval.collections import Collections, Conflict, Forbidden, NewDocument, NotFound, Viewer
-from semilla.retrieval.fusion import rrf
+from semilla.retrieval.fusion import relative_score, rrf
 from semilla.serve.accounts.db import make_engine
 from semilla.serve.accounts.migrate import migrate
 
@@ -54,6 +56,31 @@ def test_rrf_prefers_what_both_rankings_found():
     assert [i for i, _ in rrf([[1, 2, 3], [3, 4, 1]])][:2] == [1, 3]
 
 
+def test_relative_score_keeps_how_far_ahead_a_hit_is():
+    bm25 = [(7, 12.0), (3, 5.5), (5, 5.0)]  # 7 far ahead of 3 and 5
+    dense = [(9, 0.80), (3, 0.60), (5, 0.40)]
+    scores = dict(relative_score([bm25, dense], [0.6, 0.4]))
+    assert scores == pytest.approx({7: 0.6, 9: 0.4, 3: 0.6 * (0.5 / 7) + 0.4 * 0.5, 5: 0.0})
+    assert relative_score([bm25, dense], [0.6, 0.4])[0][0] == 7
+    # RRF sees only ranks: 3, second in both lists, beats 7, first in one
+    assert rrf([[i for i, _ in bm25], [i for i, _ in dense]])[0][0] == 3
+    assert dict(relative_score([[(1, 2.0), (2, 2.0)], []], [1.0, 1.0])) == {1: 1.0, 2: 1.0}
+
+
+def test_bm25_stems_in_the_language_of_the_collection():
+    assert lexical.detect_language([DOCS[0].text, DOCS[1].text]) == "spanish"
+    assert (
+        lexical.detect_language(["The windmills were giants to the knight of the sad figure."]) == "english"
+    )
+    assert lexical.detect_language(["Der Ritter kämpfte gegen Windmühlen"]) is None  # neither: no stemmer
+    texts = ["Los molinos giraban.", "Un caballero andante.", "Gigantes en el camino."]
+    ids = np.arange(3, dtype=np.int64)
+    stemmed, plain = lexical.build(ids, texts, 0), lexical.build(ids, texts, 0, stem=False)
+    assert stemmed.language == "spanish"
+    assert [i for i, _ in stemmed.search("molino", 3)] == [0]  # "molinos" and "molino" share a stem
+    assert plain.search("molino", 3) == []
+
+
 def test_add_search_dedup_filter_and_delete(books: Collections):
     c = books.create("libros", Viewer())
     added = books.add(c, DOCS)
@@ -62,6 +89,9 @@ def test_add_search_dedup_filter_and_delete(books: Collections):
     assert again.added == [] and again.duplicates == ["molinos"]
     for mode in ("hybrid", "dense", "bm25"):
         assert books.search(c, "gigantes y molinos", k=1, mode=mode)[0].document_id == "molinos"
+    assert books.search(c, "gigantes y molinos", k=1, fusion="rrf")[0].document_id == "molinos"
+    with pytest.raises(SemillaError, match="fusion must be one of relative_score, rrf"):
+        books.search(c, "molinos", fusion="max")
     hits = books.search(c, "la dama del caballero", k=3, filter={"parte": 2})
     assert [h.document_id for h in hits] == ["insula"]
     assert books.search(c, "molinos", filter={"parte": 9}) == []

@@ -60,6 +60,8 @@ def test_create_add_search_delete(site):
     assert r.status_code == 200 and r.json()["added"] == ["dulcinea.txt"], r.text
     hits = c.post("/v1/collections/libros/search", json={"query": "molinos gigantes", "k": 2}).json()["data"]
     assert hits[0]["document_id"] == "molinos" and hits[0]["metadata"] == {"parte": 1}
+    body = {"query": "molinos gigantes", "k": 2, "fusion": "rrf"}
+    assert c.post("/v1/collections/libros/search", json=body).json()["data"][0]["document_id"] == "molinos"
     hits = c.post("/v1/collections/libros/search", json={"query": "la dama", "filter": {"parte": 2}}).json()[
         "data"
     ]
@@ -114,6 +116,8 @@ def test_another_users_collection_is_not_found_until_an_admin_shares_it(site):
                                 content=json.dumps({"documents": [{"text": "hola \ud800"}]}),
                                 headers={"Content-Type": "application/json"}), 400),
         ("empty query", dict(method="POST", url="/v1/collections/{c}/search", json={"query": " "}), 400),
+        ("unknown fusion", dict(method="POST", url="/v1/collections/{c}/search",
+                                json={"query": "x", "fusion": "max"}), 400),
         ("bad filter", dict(method="POST", url="/v1/collections/{c}/search",
                             json={"query": "x", "filter": {"parte": {"$gt": 1}}}), 400),
         ("unknown embedder", dict(method="POST", url="/v1/collections",

@@ -404,6 +404,72 @@ def test_hostile_text_executes_nothing_and_loads_nothing(web, page):
     page.watch.assert_clean()
 
 
+# --- documents: answers grounded in a collection -------------------------------------------------
+
+NOTE = (
+    "# Rocinante\n\nEl caballo de don Quijote se llamaba Rocinante: un rocín flaco que el hidalgo "
+    "tuvo por mejor que Babieca.\n\n<img src=x onerror=window.__pwned=1> <script>alert('nota')</script>\n"
+)
+MINUTES = 120_000  # creating the first collection loads all-MiniLM-L6-v2; embedding runs on busy CPUs
+
+
+def test_upload_a_document_ask_about_it_and_see_its_sources(web, page):
+    url, _ = web
+    sign_in(page, url, "ana")
+    page.select_option("#model", "long")  # 4096 tokens of context: the passage fits the prompt
+    page.click("#toggle-settings")
+    page.fill("#max_tokens", "4")
+    page.click("#toggle-settings")
+    expect(page.locator("#add-files")).to_be_disabled()  # no collection picked yet
+
+    page.click("#new-collection")
+    page.fill("#collection-name", "mis notas")  # a space: the server's one-line refusal is shown
+    page.press("#collection-name", "Enter")
+    expect(page.locator("#rag-status")).to_contain_text("use 1-100 letters, digits", timeout=MINUTES)
+    page.fill("#collection-name", "mis-notas")
+    page.press("#collection-name", "Enter")
+    expect(page.locator("#rag-status")).to_contain_text("Collection mis-notas created", timeout=MINUTES)
+    expect(page.locator("#collection")).to_have_value("mis-notas")
+
+    # one good file, and what the server refuses: binary, NUL bytes, over the body limit (4 MiB)
+    page.set_input_files("#rag-files", files=[
+        {"name": "rocinante.md", "mimeType": "text/markdown", "buffer": NOTE.encode()},
+        {"name": "foto.txt", "mimeType": "text/plain", "buffer": bytes(range(128, 256))},
+        {"name": "nul.txt", "mimeType": "text/plain", "buffer": b"hola\x00mundo"},
+        {"name": "grande.txt", "mimeType": "text/plain", "buffer": b"a" * (5 * 1024 * 1024)},
+    ])  # fmt: skip
+    lines = page.locator("#rag-status li")
+    expect(lines.nth(0)).to_have_text("rocinante.md: added to mis-notas (1 chunk)", timeout=MINUTES)
+    expect(lines.nth(1)).to_have_text(re.compile(r"^foto\.txt: not UTF-8 text"), timeout=MINUTES)
+    expect(lines.nth(2)).to_have_text(re.compile(r"^nul\.txt: a binary file"), timeout=MINUTES)
+    expect(lines.nth(3)).to_have_text(re.compile(r"^grande\.txt: .*larger than"), timeout=MINUTES)
+    expect(lines).to_have_count(4)
+    expect(page.locator("#collection option:checked")).to_have_text("mis-notas · 1 document")
+
+    # ask: the streamed answer lists the uploaded document as its source, as text
+    chat(page, "¿Cómo se llamaba el caballo de don Quijote?")
+    reply = page.locator(".msg.assistant").last
+    sources = reply.locator(".source")
+    expect(sources).to_have_count(1)
+    expect(sources.first).to_have_attribute("data-document", "rocinante.md")
+    expect(sources.first.locator(".source-head")).to_have_text(
+        re.compile(r"^\[1\] rocinante\.md · chunk 0 · score")
+    )
+    expect(sources.first.locator(".source-snippet")).to_contain_text("se llamaba Rocinante")
+    expect(sources.first.locator(".source-snippet")).to_contain_text("<img src=x onerror=window.__pwned=1>")
+    for tag in ("img", "script"):
+        expect(reply.locator(tag)).to_have_count(0)
+    assert page.evaluate("() => window.__pwned === undefined")
+
+    # the choice is kept across a reload; "no documents" asks the model alone
+    page.reload()
+    expect(page.locator(".msg.assistant")).to_have_count(1)  # the conversation, reopened
+    expect(page.locator("#collection")).to_have_value("mis-notas")
+    page.select_option("#collection", "")
+    chat(page, "Hola")
+    expect(page.locator(".msg.assistant").last.locator(".sources")).to_have_count(0)
+
+
 # --- screenshots -------------------------------------------------------------------------------
 
 

@@ -42,7 +42,16 @@ def test_pages_are_html_with_a_strict_policy(server, path):
 
 
 def test_assets_are_served_locally(server):
-    for name in ("chat.js", "admin.js", "keys.js", "common.js", "markdown.js", "charts.js", "style.css"):
+    for name in (
+        "chat.js",
+        "rag.js",
+        "admin.js",
+        "keys.js",
+        "common.js",
+        "markdown.js",
+        "charts.js",
+        "style.css",
+    ):
         r = server.get(f"/static/{name}")
         assert r.status_code == 200 and r.headers["x-content-type-options"] == "nosniff", name
         for sink in (".innerHTML", ".outerHTML", "insertAdjacentHTML", "document.write", "eval("):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from semilla.errors import SemillaError
+from semilla.retrieval.fusion import DENSE_WEIGHT, FUSIONS
 
 EMBED_HELP = "all-MiniLM-L6-v2 (default) or a semilla checkpoint directory"
 
@@ -123,7 +124,7 @@ def cmd_index_search(args: argparse.Namespace) -> int:
     books, viewer = _open(args)
     row = books.get(args.collection, viewer)
     wanted = _json_object(args.filter, "--filter")
-    hits = books.search(row, args.query, args.k, args.mode, wanted)
+    hits = books.search(row, args.query, args.k, args.mode, wanted, args.fusion)
     for rank, hit in enumerate(hits, start=1):
         if args.json:
             print(json.dumps(vars(hit), ensure_ascii=False))
@@ -203,6 +204,13 @@ def add_parsers(sub) -> None:
     p.add_argument("query")
     p.add_argument("-k", type=int, default=4, help="how many chunks (default 4)")
     p.add_argument("--mode", choices=("hybrid", "dense", "bm25"), default="hybrid")
+    p.add_argument(
+        "--fusion",
+        choices=FUSIONS,
+        default=FUSIONS[0],
+        help=f"how hybrid fuses BM25 and dense: reciprocal ranks, or min-max normalised scores "
+        f"weighted {1 - DENSE_WEIGHT:g} BM25 / {DENSE_WEIGHT:g} dense (default {FUSIONS[0]})",
+    )
     p.add_argument("--filter", help="metadata that must match, a JSON object, e.g. '{\"parte\": 1}'")
     p.add_argument("--json", action="store_true", help="one JSON object per hit")
     _store_flags(p)

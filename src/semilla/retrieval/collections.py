@@ -31,7 +31,7 @@ from semilla.errors import SemillaError
 from semilla.retrieval import lexical, vector_index
 from semilla.retrieval.chunking import ChunkConfig, chunk_text, content_hash
 from semilla.retrieval.embedders import MINILM, Embedder, check_unicode, load_embedder
-from semilla.retrieval.fusion import RRF_K, rrf
+from semilla.retrieval.fusion import DENSE_WEIGHT, FUSIONS, RRF_K, relative_score, rrf
 from semilla.retrieval.tables import ChunkRow, CollectionRow, DocumentRow, vector_bytes, vectors_from_bytes
 
 log = logging.getLogger(__name__)
@@ -403,12 +403,15 @@ class Collections:
         k: int = 4,
         mode: str = "hybrid",
         filter: dict[str, Any] | None = None,
-        rrf_k: int = RRF_K,
+        fusion: str = FUSIONS[0],
     ) -> list[SearchHit]:
-        """The k chunks that best answer `query`: BM25 and dense rankings fused by RRF (hybrid),
-        or one of them; only chunks of documents whose metadata matches `filter`."""
+        """The k chunks that best answer `query`: BM25 and dense rankings fused (hybrid; see
+        semilla.retrieval.fusion), or one of them; only chunks of documents whose metadata
+        matches `filter`."""
         if mode not in MODES:
             raise SemillaError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if fusion not in FUSIONS:
+            raise SemillaError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
         if not isinstance(query, str) or not query.strip():
             raise SemillaError("query must be a non-empty string")
         check_unicode([query], "query")
@@ -424,8 +427,10 @@ class Collections:
             rankings.append(self.vector_index(row).search(vector, depth, allowed))
         if mode in ("hybrid", "bm25"):
             rankings.append(self.lexical_index(row).search(query, depth, allowed))
-        if mode == "hybrid":
-            best = rrf([[i for i, _ in r] for r in rankings], k=rrf_k)[:k]
+        if mode == "hybrid" and fusion == "rrf":
+            best = rrf([[i for i, _ in r] for r in rankings], k=RRF_K)[:k]
+        elif mode == "hybrid":
+            best = relative_score(rankings, [DENSE_WEIGHT, 1 - DENSE_WEIGHT])[:k]
         else:
             best = rankings[0][:k]
         return self._hits(best)

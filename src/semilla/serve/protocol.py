@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
+from semilla.retrieval.fusion import FUSIONS
+
 MAX_N = 8
 MAX_STOP = 4
 MAX_LOGPROBS = 20
@@ -124,6 +126,7 @@ class RagOptions(Request):
     collection: StrictStr
     k: Annotated[int, Field(ge=1, le=20)] = 4
     mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
+    fusion: Literal["relative_score", "rrf"] = FUSIONS[0]  # how hybrid fuses BM25 and dense
 
 
 class ChatCompletionRequest(SamplingFields):

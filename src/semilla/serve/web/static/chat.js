@@ -1,6 +1,8 @@
-// The chat page: sign in, pick a model, keep conversations, stream replies, rate them.
+// The chat page: sign in, pick a model, keep conversations, stream replies, rate them, answer
+// from a collection of documents (rag.js).
 import { $, ApiError, api, copyText, describe, el, errorFrom, formatNumber, renderNav, session, showError, signIn } from "./common.js";
 import { renderMarkdown } from "./markdown.js";
+import { ragRequest, sourcesView, startDocuments } from "./rag.js";
 
 const SETTINGS_KEY = "semilla.chat.settings";
 const MODEL_KEY = "semilla.chat.model";
@@ -39,7 +41,7 @@ async function start() {
   renderNav(ui.nav, state.who, "/");
   if (!state.who.user) ui.nav.append(el("a", { href: "/?signin", id: "signin-link" }, "Sign in"));
   ui.app.hidden = false;
-  await Promise.all([loadModels(), loadConversations()]);
+  await Promise.all([loadModels(), loadConversations(), startDocuments(handleError)]);
   const wanted = new URLSearchParams(location.hash.slice(1)).get("c");
   if (wanted) await openConversation(wanted);
   ui.input.focus();
@@ -216,10 +218,11 @@ async function openConversation(id) {
 function addMessage(message) {
   ui.empty.remove();
   const body = el("div", { class: "body" });
+  const sources = el("div", { class: "sources-box" });
   const meta = el("div", { class: "meta muted small" });
   const actions = el("div", { class: "actions" });
   const node = el("article", { class: `msg ${message.role}`, "aria-label": message.role === "user" ? "You" : "Model" },
-    el("div", { class: "who small muted" }, message.role === "user" ? "You" : "Model"), body, meta, actions);
+    el("div", { class: "who small muted" }, message.role === "user" ? "You" : "Model"), body, sources, meta, actions);
   message.node = node;
   state.messages.push(message);
   ui.messages.append(node);
@@ -345,6 +348,7 @@ async function generate(skip = 0) {
   let tokens = 0;
   let usage = null;
   let failure = null;
+  const rag = ragRequest();
   try {
     const res = await fetch("/v1/chat/completions", {
       method: "POST",
@@ -357,6 +361,7 @@ async function generate(skip = 0) {
         stream: true,
         stream_options: { include_usage: true },
         conversation_id: state.conversationId,
+        rag,
         ...sampling(),
       }),
     });
@@ -366,6 +371,7 @@ async function generate(skip = 0) {
       if (event.error) throw new ApiError(event.error.code === "rate_limit_exceeded" ? 429 : 500, event.error.message);
       if (event.id) reply.completionId = event.id;
       if (event.usage) usage = event.usage;
+      if (event.sources && rag) reply.node.querySelector(".sources-box").replaceChildren(sourcesView(event.sources, rag.collection));
       const delta = event.choices && event.choices[0] && event.choices[0].delta;
       if (delta && delta.content) {
         if (firstTokenAt === null) {
