@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from semilla.checkpoint import load_checkpoint
 from semilla.distributed import World, micro_steps, world_from_env
 from semilla.train import resume_configs, train
+from semilla.train_inputs import init_model_config
 
 # 20 steps of a global batch of 2 micro-batches; a constant LR so a run resumed with a longer
 # max_iters follows the same schedule as one trained straight through
@@ -124,7 +125,8 @@ def test_resume_of_a_two_process_run_equals_a_straight_one(
 def test_init_from_on_two_processes_equals_one(tmp_path: Path, prepared_dir: Path, tiny_run: Path) -> None:
     settings = dict(max_iters=6, eval_interval=6, save_interval=6, sample_interval=6)
     one = tmp_path / "one"
-    train(*tiny_configs(prepared_dir, one, init_from=str(tiny_run), **{**DDP_TRAIN, **settings}))
+    _, train_cfg = tiny_configs(prepared_dir, one, init_from=str(tiny_run), **{**DDP_TRAIN, **settings})
+    train(init_model_config(str(tiny_run), {}), train_cfg)  # the checkpoint's shape, as `semilla train` does
     two = tmp_path / "two"
     flags = [f for f in tiny_train_flags(**{**DDP_TRAIN, **settings}) if f not in ("--preset", "tiny")]
     proc = run_cli(

@@ -187,6 +187,15 @@ def sum_over_ranks(world: World, values: list[float], device: torch.device) -> l
     return t.tolist()
 
 
+def lost_a_process(error: BaseException) -> bool:
+    """Whether a collective failed because another rank is gone (gloo reports it as a plain
+    RuntimeError naming the closed connection, nccl as a DistError)."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and ("closed by peer" in text or "reset by peer" in text)
+    )
+
+
 def gather_to_main(world: World, value: Any) -> list[Any]:
     """Every rank's `value` (any JSON-able object) on rank 0, in rank order; [] on the others."""
     if not world.distributed:
@@ -204,7 +213,8 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     if "WORLD_SIZE" in os.environ:
         raise ConfigError("--nproc starts torchrun itself: drop it when running under torchrun")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    # the ranks say what went wrong; the agent's own lines would repeat it, less clearly
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
         rdzv_endpoint="localhost:0", max_restarts=0,

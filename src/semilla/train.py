@@ -51,6 +51,7 @@ from semilla.distributed import (
     join,
     leave,
     load_full_optimizer_state,
+    lost_a_process,
     micro_steps,
     shard_model,
     sum_over_ranks,
@@ -549,8 +550,8 @@ def save(t: Trainer, name: str) -> None:
     if t.config.fsdp:  # gathered whole on rank 0: the checkpoint is the same single directory
         weights = full_model_state(t.model)
         if resumable:
-            full = full_optimizer_state(t.model, t.optimizer)
-            optimizer_state = OptimizerState(full["state"], full["param_groups"])
+            full = full_optimizer_state(t.model, t.optimizer)  # {} but on rank 0
+            optimizer_state = OptimizerState(full["state"], full["param_groups"]) if full else None
     elif resumable and not t.config.lora_r:
         optimizer_state = optimizer_state_by_name(t.optimizer, t.model)
     if not t.world.main:
@@ -843,10 +844,11 @@ def train(
                 t.run_dir,
             )
         return fit(t)
-    except torch.distributed.DistError as e:  # another rank died (killed, out of memory) or hung
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except RuntimeError as e:  # another rank died (killed, out of memory) or hung
+        if not (world.distributed and lost_a_process(e)):
+            raise
         raise TrainingAborted(
-            f"process {world.rank} of {world.size} stopped: another process of the run is gone ({reason}); "
+            f"process {world.rank} of {world.size} stopped: another process of the run is gone; "
             f"the last checkpoint is intact: semilla train --resume {resume or config.out_dir}"
         ) from e
     finally:
