@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -94,6 +95,25 @@ def test_a_replica_with_another_jwt_secret_refuses_to_start(
     env = clean_env(SEMILLA_DATABASE_URL=url, SEMILLA_JWT_SECRET="t" * 48, PORT=str(free_port()))
     proc = run_cli("serve", f"tiny={tiny_run}", "--data-dir", tmp_path / "c", env=env)
     assert_one_line_error(proc, "SEMILLA_JWT_SECRET", "differs")
+
+
+def test_retention_runs_on_one_replica_at_a_time(postgres: Postgres, tmp_path: Path) -> None:
+    """While one replica holds the retention lock another deletes nothing; then it runs."""
+    from semilla.serve.accounts.audit import RETENTION_LOCK, apply_retention
+    from semilla.serve.accounts.db import AuditEntry, utcnow
+
+    url = postgres.new_database("retention")
+    store = open_store(ServerSettings(_env_file=None, database_url=url, data_dir=str(tmp_path)))
+    with store.write() as s:
+        s.add(AuditEntry(action="login", actor="cli", at=utcnow() - timedelta(days=40)))
+    other = create_engine(url)
+    with other.connect() as busy:  # another replica in the middle of its retention run
+        busy.exec_driver_sql(f"SELECT pg_advisory_lock({RETENTION_LOCK})")
+        assert apply_retention(store, 30)["audit"] == 0
+        busy.exec_driver_sql(f"SELECT pg_advisory_unlock({RETENTION_LOCK})")
+    assert apply_retention(store, 30)["audit"] == 1
+    other.dispose()
+    store.dispose()
 
 
 def test_redis_down_mid_traffic_falls_back_to_per_process_limits(redis_server, caplog) -> None:
