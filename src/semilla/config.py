@@ -165,9 +165,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     compile: bool = False  # torch.compile the model (faster steps after a slow start)
-    fsdp: bool = (
-        False  # shard weights, gradients and AdamW state over the processes (FSDP2), with --nproc or torchrun
-    )
+    fsdp: bool = False  # shard weights, gradients, AdamW state over the processes (FSDP2); with --nproc
     seed: int = 1337  # seed of the weights, the batches and the samples
     deterministic: bool = False  # deterministic algorithms only (slower)
     progress: bool = True  # a progress bar

@@ -99,10 +99,12 @@ class AccountHooks(ServerHooks):
     def __init__(self, settings: ServerSettings, store: Store, secret: bytes):
         self.settings, self.store, self.secret = settings, store, secret
         cache_limits = (settings.cache_max_entries, settings.cache_max_bytes, settings.cache_ttl_s)
-        if settings.redis_url:  # shared by every replica (semilla.serve.accounts.shared)
-            link = RedisLink(settings.redis_url)
-            self.limiter: RateLimiter = SharedRateLimiter(link)
-            self.cache: ResponseCache = SharedResponseCache(link, *cache_limits)
+        # shared by every replica through Redis (semilla.serve.accounts.shared); other state that
+        # replicas must share (provider cooldowns) can go through the same link
+        self.redis = RedisLink(settings.redis_url) if settings.redis_url else None
+        if self.redis:
+            self.limiter: RateLimiter = SharedRateLimiter(self.redis)
+            self.cache: ResponseCache = SharedResponseCache(self.redis, *cache_limits)
         else:
             self.limiter, self.cache = RateLimiter(), ResponseCache(*cache_limits)
         self.writer = CompletionWriter(store, settings.scrub_pii)
