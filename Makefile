@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := runs/demo
 
-.PHONY: setup demo test bench peers lint format clean llama-cpp browser screenshots
+.PHONY: setup demo test bench peers lint format clean llama-cpp browser services screenshots
 
 # llama-cpp-python compiles llama.cpp (about 7 minutes on 2 cores): the wheel is built once into
 # a cache outside the clone, then every fresh venv installs it from there. Portable x86-64 build
@@ -67,12 +67,17 @@ $(DEMO_DONE):
 	fi
 	touch $@
 
-test: setup browser
+test: setup browser services
 	$(BIN)/pytest -q
 
 # The browser tests drive Debian's chromium (Playwright's own download needs the network).
 browser:
 	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+# The replica tests start their own PostgreSQL and Redis (Debian's servers) on loopback.
+services:
+	@command -v redis-server >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq postgresql redis-server >/dev/null)
 
 # Screenshots of the chat and the dashboard (desktop and phone) for the README.
 screenshots: setup browser

@@ -40,10 +40,12 @@ def save_checkpoint(
     train_config: TrainConfig | None = None,
     trainer_state: dict[str, Any] | None = None,
     optimizer_state: OptimizerState | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically; the previous one survives any failure.
 
-    optimizer_state (see optimizer_state_by_name) makes the checkpoint resumable."""
+    optimizer_state (see optimizer_state_by_name) makes the checkpoint resumable; `weights`
+    (a whole state dict) stand in for `model`'s own when the model is sharded over processes."""
     cfg: ModelConfig = model.config
     try:
         with atomic_directory(directory) as tmp:
@@ -54,7 +56,7 @@ def save_checkpoint(
                 "train": asdict(train_config) if train_config else None,
             }
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            _save_tensors(model_state(model), tmp / "model.safetensors", {"format": "pt"})
+            _save_tensors(model_state(model, weights), tmp / "model.safetensors", {"format": "pt"})
             tokenizer.save(tmp)
             if trainer_state is not None:
                 (tmp / "trainer_state.json").write_text(
@@ -83,9 +85,11 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[s
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
 
 
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights to save: contiguous CPU copies; a tied head is left out, as Hugging Face does."""
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+def model_state(model: nn.Module, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Weights to save (`model`'s, or `weights`): contiguous CPU copies; a tied head is left
+    out, as Hugging Face does."""
+    weights = model.state_dict() if weights is None else weights
+    state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     if getattr(model.config, "tie_embeddings", False):
         state.pop("lm_head.weight", None)
     return state

@@ -165,6 +165,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     compile: bool = False  # torch.compile the model (faster steps after a slow start)
+    fsdp: bool = False  # shard weights, gradients, AdamW state over the processes (FSDP2); with --nproc
     seed: int = 1337  # seed of the weights, the batches and the samples
     deterministic: bool = False  # deterministic algorithms only (slower)
     progress: bool = True  # a progress bar
@@ -222,6 +223,10 @@ class TrainConfig:
             p.append("steps_per_age and grow_warmup_iters must be >= 0")
         if not 0 < self.age_scale <= 1:
             p.append(f"age_scale must be in (0, 1], got {self.age_scale}")
+        if self.fsdp and (self.lora_r or self.ages or self.target_age is not None or self.age_schedule):
+            p.append(
+                "fsdp cannot be combined with LoRA or ages: it shards a whole model that keeps its shape"
+            )
         if self.grow_mode not in GROW_MODES:
             p.append(f"grow_mode must be one of {', '.join(GROW_MODES)}, got {self.grow_mode!r}")
         return p

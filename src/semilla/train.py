@@ -29,15 +29,36 @@ from torch import nn
 from semilla.ages import AGE_SETTINGS, Stage, check_growth, plan_stages, stage_end
 from semilla.atomic import atomic_directory, atomic_write_text, existing_dir
 from semilla.checkpoint import (
+    OptimizerState,
     load_checkpoint,
     load_optimizer_state,
     optimizer_state_by_name,
+    read_optimizer_tensors,
     save_checkpoint,
     write_optimizer_tensors,
 )
 from semilla.config import ModelConfig, TrainConfig, apply_overrides, model_config_from_dict
 from semilla.data import IGNORE_INDEX, MixtureDataset, TokenDataset
-from semilla.errors import CheckpointError, ConfigError, DataError
+from semilla.distributed import (
+    World,
+    any_rank,
+    check_batch_split,
+    check_sharding,
+    data_parallel,
+    full_model_state,
+    full_optimizer_state,
+    gather_to_main,
+    join,
+    leave,
+    load_full_optimizer_state,
+    lost_a_process,
+    micro_steps,
+    shard_model,
+    sum_over_ranks,
+    sync_gradients,
+    world_from_env,
+)
+from semilla.errors import CheckpointError, ConfigError, DataError, SemillaError
 from semilla.models import build_model, count_parameters
 from semilla.models.grow import grow_model, plan_growth
 from semilla.models.lora import (
@@ -76,7 +97,10 @@ class TrainState:
     stages: list[dict[str, Any]] = field(default_factory=list)  # the ages' schedule (Stage fields)
     stage: int = 0  # index of the age (schedule stage) being trained
     ages: list[dict[str, Any]] = field(default_factory=list)  # one row per finished age
-    rng: dict[str, str] = field(default_factory=dict)  # base64 RNG states (torch, data, cuda)
+    # base64 RNG states: torch and cuda per rank ("torch", "torch_1", ...), data per micro-batch
+    # stream ("data", "data_1", ...: the j-th micro-batch of every step draws from stream j)
+    rng: dict[str, str] = field(default_factory=dict)
+    world_size: int = 1  # processes the run was last trained with
 
 
 @dataclass
@@ -92,9 +116,11 @@ class Trainer:
     autocast_dtype: torch.dtype | None
     run_dir: Path
     state: TrainState
-    data_rng: torch.Generator
+    data_rngs: list[torch.Generator]  # one stream per micro-batch of a step (grad_accum of them)
     forward: Any = None  # the (optionally compiled) model call
     stages: list[Stage] = field(default_factory=list)  # ages: shapes the model grows through
+    world: World = field(default_factory=World)  # this process's rank among the run's processes
+    train_forward: Any = None  # forward, wrapped in DDP when the run has several processes
 
 
 # --- setup --------------------------------------------------------------------------------
@@ -201,14 +227,18 @@ def setup(
                 model_config if config.init_from else first, stages, config.grow_mode
             )
             model_config = model_config if config.init_from else first
-    device = pick_device(config.device)
+    world = world_from_env()
+    check_batch_split(world, config.grad_accum)
+    if config.fsdp:
+        check_sharding(world, model_config.arch)
+    device = join(world, pick_device(config.device))
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.seed)
     source = init_checkpoint(config.init_from) if config.init_from and not resume else None
-    if not resume:  # after every check that can refuse the run: a refused run deletes nothing
+    if not resume and world.main:  # after every check that can refuse the run: a refused run deletes nothing
         claim_run_dir(run_dir, config.data, overwrite)
-    data = load_data(config, run_dir, config.progress, tokenizer_from=source)
+    data = load_data_on_main_first(config, run_dir, source, world, device)
     # the run's config.json keeps absolute inputs, so `--resume` works from any directory
     config = dataclasses.replace(
         config,
@@ -239,7 +269,9 @@ def setup(
     with torch.device(device):
         model = build_model(model_config)
     optimizer = make_optimizer(model, config, device)
-    data_rng = torch.Generator().manual_seed(config.seed)
+    data_rngs = [torch.Generator().manual_seed(data_seed(config.seed, j)) for j in range(config.grad_accum)]
+    if world.rank:  # the same weights everywhere, but each rank its own dropout
+        torch.manual_seed(config.seed + world.rank)
     if resume:
         last = last_checkpoint(run_dir)
         if config.lora_r:  # an adapter run: the base model from init_from, the adapter from last/
@@ -250,11 +282,9 @@ def setup(
         else:
             restored, _, _ = load_checkpoint(last, device=device, prefer="last")
             model.load_state_dict(restored.state_dict())
-        load_optimizer_state(last, optimizer, model)
-        torch.set_rng_state(_unpack(state.rng["torch"]))
-        data_rng.set_state(_unpack(state.rng["data"]))
-        if "cuda" in state.rng and device.type == "cuda":
-            torch.cuda.set_rng_state(_unpack(state.rng["cuda"]))
+        if not config.fsdp:  # a sharded model's optimizer is made and restored below
+            load_optimizer_state(last, optimizer, model)
+        restore_rng(state, world, device, data_rngs)
         log.info("resumed from step %d of %s", state.step, run_dir)
     elif source:  # weights only: the optimizer, schedule and step start fresh
         initial, _, _ = load_checkpoint(source, device=device)
@@ -265,12 +295,69 @@ def setup(
         if config.lora_r:  # the checkpoint's weights frozen; only the adapter trains
             apply_lora(model, lora_config(config))
             optimizer = make_optimizer(model, config, device)
+    if config.fsdp:  # sharded once its weights are in place; the optimizer then holds shards too
+        model = shard_model(model, world, device)
+        optimizer = make_optimizer(model, config, device)
+        if resume:
+            saved = read_optimizer_tensors(last_checkpoint(run_dir))
+            load_full_optimizer_state(
+                model, optimizer, {"state": saved.state, "param_groups": saved.param_groups}
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
-    forward = torch.compile(model) if config.compile else model
-    return Trainer(
+    t = Trainer(
         model, tokenizer, model_config, config, optimizer, train_data, val_data, device,
-        pick_autocast(config.dtype, device), run_dir, state, data_rng, forward, stages,
+        pick_autocast(config.dtype, device), run_dir, state, data_rngs, stages=stages, world=world,
     )  # fmt: skip
+    wrap_model(t)
+    return t
+
+
+def wrap_model(t: Trainer) -> None:
+    """The model's calls: compiled if asked, and in DDP for the training steps of a
+    distributed run (evaluation and samples call the model alone: no collectives in them)."""
+    t.forward = torch.compile(t.model) if t.config.compile else t.model
+    t.train_forward = t.forward if t.config.fsdp else data_parallel(t.forward, t.world, t.device)
+
+
+def data_seed(seed: int, stream: int) -> int:
+    """The seed of micro-batch stream `stream` (stream 0: the run's seed, as with one stream)."""
+    return seed + 1_000_003 * stream
+
+
+def load_data_on_main_first(
+    config: TrainConfig, run_dir: Path, source: Path | None, world: World, device: torch.device
+) -> list[tuple[Path, float]]:
+    """load_data on rank 0 first (it may prepare raw text into the run), then on the others."""
+    data = (
+        load_data(config, run_dir, config.progress and world.main, tokenizer_from=source)
+        if world.main
+        else None
+    )
+    any_rank(world, False, device)  # a barrier: rank 0 has prepared the data
+    return data or load_data(config, run_dir, False, tokenizer_from=source)
+
+
+def restore_rng(
+    state: TrainState, world: World, device: torch.device, data_rngs: list[torch.Generator]
+) -> None:
+    """Put back this rank's torch (and CUDA) RNG and its data streams. Resuming on another
+    number of processes is supported: the data streams belong to micro-batches, not ranks, so
+    the batches go on exactly; a rank the run did not have before starts a fresh dropout stream."""
+    torch_key, cuda_key = rng_key("torch", world.rank), rng_key("cuda", world.rank)
+    if torch_key in state.rng:
+        torch.set_rng_state(_unpack(state.rng[torch_key]))
+    if cuda_key in state.rng and device.type == "cuda":
+        torch.cuda.set_rng_state(_unpack(state.rng[cuda_key]))
+    for j, gen in enumerate(data_rngs):
+        if rng_key("data", j) in state.rng:
+            gen.set_state(_unpack(state.rng[rng_key("data", j)]))
+    if state.world_size != world.size and world.main:
+        log.info("resuming a run of %d process(es) on %d", state.world_size, world.size)
+
+
+def rng_key(kind: str, index: int) -> str:
+    """ "torch", "torch_1", ...: index 0 keeps a one-process run's plain name."""
+    return kind if index == 0 else f"{kind}_{index}"
 
 
 def lora_config(config: TrainConfig) -> LoraConfig:
@@ -291,7 +378,7 @@ def grow_trainer(t: Trainer, stage: Stage) -> None:
             optimizer.state[p] = {k: v.to(p) if k != "step" else v for k, v in state[name].items()}
     t.train_data.check_block_size(model.config.block_size)
     t.model, t.model_config, t.optimizer = model, model.config, optimizer
-    t.forward = torch.compile(model) if t.config.compile else model
+    wrap_model(t)
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -415,19 +502,24 @@ def batch_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, floa
 @torch.no_grad()
 def evaluate_loss(t: Trainer, data: TokenDataset | MixtureDataset) -> dict[str, float]:
     """Metrics over the counted targets of eval_iters batches drawn with a fixed seed (same
-    batches every time)."""
+    batches every time); the ranks of a distributed run share the batches and sum the metrics."""
     t.model.eval()
     gen = torch.Generator().manual_seed(t.config.seed + 1)
-    totals: dict[str, float] = {}
-    for _ in range(t.config.eval_iters):
+    totals = dict.fromkeys(("loss", "acc", "top5_acc", "count"), 0.0)
+    for i in range(t.config.eval_iters):
         x, y = data.random_batch(t.config.batch_size, t.model_config.block_size, gen)
+        mine = i % t.world.size == t.world.rank  # drawn all the same: every rank's generator moves alike
+        if not (mine or t.config.fsdp):  # a sharded model's forward is a collective: all ranks run it
+            continue
         x, y = x.to(t.device), y.to(t.device)
         with torch.autocast(t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None):
             logits = t.forward(x)
         for k, v in metric_sums(logits, y).items():
-            totals[k] = totals.get(k, 0.0) + v
+            totals[k] += v if mine else 0.0
     t.model.train()
-    return mean_metrics(totals)
+    return mean_metrics(
+        dict(zip(totals, sum_over_ranks(t.world, list(totals.values()), t.device), strict=True))
+    )
 
 
 @torch.no_grad()
@@ -448,18 +540,40 @@ def sample_text(t: Trainer, n_tokens: int) -> str:
 
 
 def save(t: Trainer, name: str) -> None:
-    t.state.rng = {"torch": _pack(torch.get_rng_state()), "data": _pack(t.data_rng.get_state())}
-    if t.device.type == "cuda":
-        t.state.rng["cuda"] = _pack(torch.cuda.get_rng_state())
+    """Save `name` (last/: resumable) from rank 0; every rank calls it, as last/ gathers every
+    rank's RNG states."""
     resumable = name == "last"
+    if resumable:
+        t.state.rng = {k: v for states in gather_to_main(t.world, rank_rng(t)) for k, v in states.items()}
+        t.state.world_size = t.world.size
+    weights, optimizer_state = None, None
+    if t.config.fsdp:  # gathered whole on rank 0: the checkpoint is the same single directory
+        weights = full_model_state(t.model)
+        if resumable:
+            full = full_optimizer_state(t.model, t.optimizer)  # {} but on rank 0
+            optimizer_state = OptimizerState(full["state"], full["param_groups"]) if full else None
+    elif resumable and not t.config.lora_r:
+        optimizer_state = optimizer_state_by_name(t.optimizer, t.model)
+    if not t.world.main:
+        return
     if t.config.lora_r:
         save_adapter_run(t, resumable)
         return
     save_checkpoint(
         t.run_dir / name, t.model, t.tokenizer, t.config,
-        trainer_state=asdict(t.state) if resumable else None,
-        optimizer_state=optimizer_state_by_name(t.optimizer, t.model) if resumable else None,
+        trainer_state=asdict(t.state) if resumable else None, optimizer_state=optimizer_state, weights=weights,
     )  # fmt: skip
+
+
+def rank_rng(t: Trainer) -> dict[str, str]:
+    """This rank's RNG states: its torch (and CUDA) generator and the data streams it draws from."""
+    rank = t.world.rank
+    states = {rng_key("torch", rank): _pack(torch.get_rng_state())}
+    if t.device.type == "cuda":
+        states[rng_key("cuda", rank)] = _pack(torch.cuda.get_rng_state(t.device))
+    for j in micro_steps(t.world, len(t.data_rngs)):
+        states[rng_key("data", j)] = _pack(t.data_rngs[j].get_state())
+    return states
 
 
 def save_adapter_run(t: Trainer, resumable: bool) -> None:
@@ -526,25 +640,29 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
 
 def fit(t: Trainer) -> dict[str, Any]:
-    """Train until max_iters, early stopping or Ctrl-C; returns the final metrics."""
+    """Train until max_iters, early stopping or Ctrl-C; returns the final metrics. In a
+    distributed run every rank steps together and rank 0 alone writes and reports."""
     from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
-    cfg, st = t.config, t.state
-    # a resume drops the events a killed run logged past its checkpoint (those at its step stay)
-    writer = SummaryWriter(str(t.run_dir / "tb"), purge_step=st.step + 1 if st.step else None)
-    keep_metrics_until(t.run_dir / "metrics.jsonl", st.step)
-    metrics_log = open(t.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    cfg, st, main = t.config, t.state, t.world.main
+    if main:
+        # a resume drops the events a killed run logged past its checkpoint (those at its step stay)
+        writer = SummaryWriter(str(t.run_dir / "tb"), purge_step=st.step + 1 if st.step else None)
+        keep_metrics_until(t.run_dir / "metrics.jsonl", st.step)
+        metrics_log = open(t.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
     bar = tqdm(
         total=cfg.max_iters,
         initial=st.step,
-        disable=not cfg.progress,
+        disable=not (cfg.progress and main),
         desc="training",
         unit="it",
         dynamic_ncols=True,
     )
 
     def record(kind: str, values: dict[str, float]) -> None:
+        if not main:
+            return
         row = {
             "kind": kind,
             "step": st.step,
@@ -559,38 +677,48 @@ def fit(t: Trainer) -> dict[str, Any]:
         say(f"step {st.step} {kind}: {line}")
 
     def say(text: str) -> None:  # above the progress bar, or to the log without one
-        (bar.write if cfg.progress else log.info)(text)
+        if main:
+            (bar.write if cfg.progress else log.info)(text)
 
     t.model.train()
     last: dict[str, float] = {}
     window_start, window_tokens = time.perf_counter(), 0
+    stopped = False  # a Ctrl-C or SIGTERM, seen by any rank
     with StopFlag() as stop:
-        while st.step < cfg.max_iters and not stop.requested:
+        while st.step < cfg.max_iters:
+            if any_rank(t.world, stop.requested, t.device):  # every rank stops at the same step
+                stopped = True
+                break
             # 0. an age just ended (here, or before the checkpoint a resume starts from): grow
             if age_ended(t):
                 end_age(t, record)
             step_start = time.perf_counter()
             block = t.model_config.block_size  # ages may grow the context
-            tokens_per_step = cfg.batch_size * cfg.grad_accum * block
+            tokens_per_step = cfg.batch_size * cfg.grad_accum * block  # over all ranks
             # 1. learning rate for this step
             grown_at = stage_end(t.stages, st.stage - 1) if st.stage else None
             lr = lr_at(st.step, cfg, st.lr_scale, grown_at)
             for group in t.optimizer.param_groups:
                 group["lr"] = lr
-            # 2. forward and backward over grad_accum micro-batches: the loss is the mean over
-            # the step's counted targets (chat masks leave micro-batches unequal)
+            # 2. forward and backward over this rank's share of the grad_accum micro-batches
+            # (micro-batch j draws from stream j, whichever rank computes it): the loss is the
+            # mean over the step's counted targets on all ranks (chat masks leave micro-batches
+            # unequal), times the world size as DDP averages the ranks' gradients
             batches = [
-                t.train_data.random_batch(cfg.batch_size, block, t.data_rng) for _ in range(cfg.grad_accum)
+                t.train_data.random_batch(cfg.batch_size, block, t.data_rngs[j])
+                for j in micro_steps(t.world, cfg.grad_accum)
             ]
-            counted = max(1, sum(int((y != IGNORE_INDEX).sum()) for _, y in batches))
-            for x, y in batches:
+            counted = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+            counted = max(1, int(sum_over_ranks(t.world, [counted], t.device)[0])) / t.world.size
+            for i, (x, y) in enumerate(batches):
                 x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
-                with torch.autocast(
-                    t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None
-                ):
-                    logits = t.forward(x)
-                    loss = loss_fn(logits, y, cfg.label_smoothing, counted)
-                loss.backward()
+                with sync_gradients(t.train_forward, last=i == len(batches) - 1):
+                    with torch.autocast(
+                        t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None
+                    ):
+                        logits = t.train_forward(x)
+                        loss = loss_fn(logits, y, cfg.label_smoothing, counted)
+                    loss.backward()
             # 3. clip, step
             grad_norm = nn.utils.clip_grad_norm_(
                 t.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -608,7 +736,9 @@ def fit(t: Trainer) -> dict[str, Any]:
                 last = batch_metrics(logits, y)
                 last.update(
                     lr=lr,
-                    grad_norm=float(grad_norm),
+                    grad_norm=float(
+                        grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                    ),
                     tokens_per_s=window_tokens / max(now - window_start, 1e-9),
                     memory_mb=peak_memory_mb(t.device),
                 )
@@ -634,17 +764,19 @@ def fit(t: Trainer) -> dict[str, Any]:
                         st.plateau_bad_evals = 0
                 if cfg.early_stopping_patience and st.evals_since_best >= cfg.early_stopping_patience:
                     st.stopped_early = True
-                    log.info(
-                        "early stopping: no validation improvement in %d evaluations",
-                        st.evals_since_best,
-                    )
+                    if main:
+                        log.info(
+                            "early stopping: no validation improvement in %d evaluations",
+                            st.evals_since_best,
+                        )
                     break
                 window_start = time.perf_counter()
             # 6. a text sample, in the terminal and in TensorBoard
-            if st.step % cfg.sample_interval == 0:
+            if st.step % cfg.sample_interval == 0 and (main or cfg.fsdp):  # sharded: every rank samples
                 sample = sample_text(t, cfg.sample_tokens)
-                writer.add_text("sample", sample, st.step)
-                say(f"step {st.step} sample: " + sample.replace("\n", "\n    "))
+                if main:
+                    writer.add_text("sample", sample, st.step)
+                    say(f"step {st.step} sample: " + sample.replace("\n", "\n    "))
             # 7. periodic checkpoint
             if st.step % cfg.save_interval == 0:
                 save(t, "last")
@@ -652,15 +784,16 @@ def fit(t: Trainer) -> dict[str, Any]:
             end_age(t, record)
         save(t, "last")
     bar.close()
-    writer.close()
-    metrics_log.close()
-    if stop.requested:
+    if main:
+        writer.close()
+        metrics_log.close()
+    if stopped and main:
         log.warning("interrupted at step %d; resume with: semilla train --resume %s", st.step, t.run_dir)
     return {
         "step": st.step,
         "run_dir": str(t.run_dir),
         "best_val_loss": st.best_val_loss,
-        "interrupted": stop.requested,
+        "interrupted": stopped,
         **last,
     }
 
@@ -689,17 +822,34 @@ def end_age(t: Trainer, record) -> None:
     save(t, "last")  # a resume after this point starts from the grown model
 
 
+class TrainingAborted(SemillaError):
+    """A distributed run lost one of its processes; the others stop and keep last/."""
+
+
 def train(
     model_config: ModelConfig, config: TrainConfig, resume: str | None = None, overwrite: bool = False
 ) -> dict[str, Any]:
     """Train a model (or resume a run) and return its final metrics. The Python API of `semilla
-    train`. A new run in an `out_dir` that holds one needs `overwrite`."""
-    t = setup(model_config, config, resume, overwrite)
-    n = count_parameters(t.model)
-    log.info(
-        "model: %s parameters; data: %s train tokens; run dir: %s",
-        f"{n:,}",
-        f"{t.train_data.n_tokens:,}",
-        t.run_dir,
-    )
-    return fit(t)
+    train`. A new run in an `out_dir` that holds one needs `overwrite`. Under torchrun, each
+    process trains its share of every step and rank 0 writes the run."""
+    world = world_from_env()
+    try:
+        t = setup(model_config, config, resume, overwrite)
+        if world.main:
+            log.info(
+                "model: %s parameters; data: %s train tokens; %s; run dir: %s",
+                f"{count_parameters(t.model):,}",
+                f"{t.train_data.n_tokens:,}",
+                f"{world.size} processes" if world.distributed else "one process",
+                t.run_dir,
+            )
+        return fit(t)
+    except RuntimeError as e:  # another rank died (killed, out of memory) or hung
+        if not (world.distributed and lost_a_process(e)):
+            raise
+        raise TrainingAborted(
+            f"process {world.rank} of {world.size} stopped: another process of the run is gone; "
+            f"the last checkpoint is intact: semilla train --resume {resume or config.out_dir}"
+        ) from e
+    finally:
+        leave()

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(unrecognized(parser, args, unknown))
+    args.argv = argv  # `semilla train --nproc N` runs the same command under torchrun
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineWarnings())
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler], force=True)

@@ -62,6 +62,7 @@ def report_run(result: dict, as_json: bool, extra: tuple[str, ...]) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from semilla.config import environment_overrides, load_config_file
+    from semilla.distributed import world_from_env
     from semilla.train import resume_configs, train
     from semilla.train_inputs import init_model_config
 
@@ -90,8 +91,28 @@ def cmd_train(args: argparse.Namespace) -> int:
                     "--preset cannot be combined with --init-from: the model comes from the checkpoint"
                 )
             model_cfg = init_model_config(train_cfg.init_from, merged)
+    if args.nproc:
+        return launch_processes(args, train_cfg)
     result = train(model_cfg, train_cfg, resume=args.resume, overwrite=args.overwrite)
+    if not world_from_env().main:  # one summary per run, from rank 0
+        return 130 if result["interrupted"] else 0
     return report_run(result, args.json, ("val_ppl", "run_dir"))
+
+
+def launch_processes(args: argparse.Namespace, train_cfg: TrainConfig) -> int:
+    """`semilla train --nproc N ...`: the same command as N processes under torchrun."""
+    from semilla.distributed import World, check_batch_split, launch
+
+    if args.nproc < 1:
+        raise SemillaError(f"--nproc must be >= 1, got {args.nproc}")
+    check_batch_split(World(size=args.nproc), train_cfg.grad_accum)  # one clear error, before N start
+    argv, skip = [], False
+    for arg in args.argv:
+        if skip or arg == "--nproc" or arg.startswith("--nproc="):
+            skip = arg == "--nproc"
+            continue
+        argv.append(arg)
+    return launch(args.nproc, argv)
 
 
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
@@ -229,6 +250,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--overwrite",
         action="store_true",
         help="start again in an --out-dir that holds a run, deleting its checkpoints and metrics",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train as N processes on this machine (DDP through torchrun: gloo on CPU, one GPU each "
+        "on CUDA); --grad-accum is the global number of micro-batches and must be a multiple of N. "
+        "Several machines: torchrun --nnodes M --nproc-per-node N --rdzv-endpoint HOST:PORT -m semilla train ...",
     )
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     # the model's vocabulary is always the tokenizer's: --vocab-size is the BPE size, as in prepare

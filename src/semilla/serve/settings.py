@@ -14,7 +14,7 @@ class ServerSettings(BaseSettings):
     )
 
     # --- where and what to serve -------------------------------------------------------
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", validation_alias=AliasChoices("SEMILLA_HOST", "HOST"))  # $HOST: Render
     port: int = Field(
         8000, ge=0, le=65535, validation_alias=AliasChoices("SEMILLA_PORT", "PORT")
     )  # $PORT: Render; 0: any free port
@@ -50,7 +50,11 @@ class ServerSettings(BaseSettings):
 
     # --- accounts and safety (semilla.serve.accounts) ----------------------------------
     database_url: str = ""  # empty: SQLite at <data_dir>/semilla.db; postgresql+psycopg://... works too
-    jwt_secret: str = ""  # >= 32 bytes; empty: a random one kept in <data_dir>/jwt_secret
+    redis_url: str = ""  # redis://...: rate limits and the response cache shared by every replica
+    jwt_secret: str = (
+        ""  # >= 32 bytes; empty: jwt_secret_file, else a random one kept in <data_dir>/jwt_secret
+    )
+    jwt_secret_file: str = ""  # a file holding the secret (a mounted secret shared by replicas)
     jwt_expire_minutes: int = 24 * 60
     environment: str = "development"  # 'production': the session cookie is Secure
     insecure_no_auth: bool = False  # model routes open even off loopback or with accounts

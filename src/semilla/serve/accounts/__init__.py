@@ -12,12 +12,16 @@ import logging
 import threading
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from semilla.serve.accounts.db import Store, default_url
+from semilla.serve.errors import APIError
 from semilla.serve.settings import ServerSettings
 
 log = logging.getLogger("semilla.accounts")
 RETENTION_EVERY_S = 24 * 3600
+DATABASE_RETRY_AFTER_S = 5
 
 
 class StartupPolicyError(ValueError):
@@ -43,11 +47,14 @@ def check_startup_policy(settings: ServerSettings) -> None:
     from semilla.serve.accounts.hooks import is_loopback
 
     try:
-        security.load_jwt_secret(settings.jwt_secret, settings.data_dir)
+        secret = security.load_jwt_secret(settings.jwt_secret, settings.data_dir, settings.jwt_secret_file)
     except security.InsecureSecretError as e:
         raise StartupPolicyError(str(e)) from None
+    if settings.redis_url:
+        check_redis(settings.redis_url)
     store = open_store(settings)
     try:
+        agree_on_secret(store, secret)
         accounts = users.has_accounts(store)
     finally:
         store.dispose()
@@ -65,6 +72,54 @@ def check_startup_policy(settings: ServerSettings) -> None:
         )
 
 
+def agree_on_secret(store: Store, secret: bytes) -> None:
+    """Servers sharing a database must sign tokens with one secret, or a token issued by one is
+    refused by the next: the first records the secret's fingerprint, a server with another
+    secret refuses to start. A SQLite database is one server's own: a new secret (the old
+    secret file deleted) replaces the fingerprint, as it already ends every session."""
+    from sqlalchemy.exc import IntegrityError
+
+    from semilla.serve.accounts.db import ServerFact
+    from semilla.serve.accounts.security import secret_fingerprint
+
+    fingerprint = secret_fingerprint(secret)
+    with store.read() as s:
+        recorded = s.get(ServerFact, "jwt_secret_fingerprint")
+    if recorded is None:
+        try:
+            with store.write() as s:
+                s.add(ServerFact(name="jwt_secret_fingerprint", value=fingerprint))
+        except IntegrityError:  # another replica recorded its own meanwhile
+            pass
+        with store.read() as s:
+            recorded = s.get(ServerFact, "jwt_secret_fingerprint")
+    if recorded.value == fingerprint:
+        return
+    if store.engine.dialect.name == "sqlite":
+        with store.write() as s:
+            s.merge(ServerFact(name="jwt_secret_fingerprint", value=fingerprint))
+        log.warning("the JWT secret changed: sessions signed with the old one are no longer valid")
+        return
+    raise StartupPolicyError(
+        "SEMILLA_JWT_SECRET (or SEMILLA_JWT_SECRET_FILE) differs from the secret the other servers on "
+        "this database sign tokens with: give every replica the same secret"
+    )
+
+
+def check_redis(url: str) -> None:
+    """A Redis URL that does not answer at start-up is a mistake to report, not an outage."""
+    try:
+        from semilla.serve.accounts.shared import RedisLink
+
+        RedisLink(url).check()
+    except ImportError:
+        raise StartupPolicyError(
+            "SEMILLA_REDIS_URL needs the redis client: pip install 'semilla[replicas]'"
+        ) from None
+    except Exception as e:  # redis raises its own errors for a bad URL, refused or timed out connections
+        raise StartupPolicyError(f"SEMILLA_REDIS_URL {url} does not answer: {e}") from None
+
+
 def install(app: FastAPI, settings: ServerSettings) -> None:
     """Plug the accounts layer into `app`: store, hooks, routes, CORS and the retention job."""
     from fastapi.middleware.cors import CORSMiddleware
@@ -74,7 +129,7 @@ def install(app: FastAPI, settings: ServerSettings) -> None:
     from semilla.serve.accounts.routes import admin, auth, conversations, feedback, keys, training
 
     store = open_store(settings)
-    secret = security.load_jwt_secret(settings.jwt_secret, settings.data_dir)
+    secret = security.load_jwt_secret(settings.jwt_secret, settings.data_dir, settings.jwt_secret_file)
     hooks = AccountHooks(settings, store, secret)
     app.state.hooks = app.state.accounts = hooks
     for module in (auth, keys, feedback, conversations, training, admin):
@@ -88,7 +143,19 @@ def install(app: FastAPI, settings: ServerSettings) -> None:
             allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key"],
         )
+    app.add_exception_handler(OperationalError, database_unavailable)
+    app.add_exception_handler(InterfaceError, database_unavailable)
     start_retention(store, settings.retention_days)
+
+
+async def database_unavailable(request, exc) -> JSONResponse:
+    """The database is down or restarting (PostgreSQL): 503 with Retry-After, never a 500; the
+    engine's pre-ping reconnects on its own once it is back."""
+    log.error("database unavailable on %s %s: %s", request.method, request.url.path, str(exc).splitlines()[0])
+    return APIError(
+        503, "the database is unavailable; retry shortly", type="server_error", code="database_unavailable",
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+    ).response()  # fmt: skip
 
 
 def start_retention(store: Store, days: int) -> None:

@@ -8,11 +8,13 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, exists, select
+from sqlalchemy import text as sql
 
 from semilla.privacy import scrub_value
 from semilla.serve.accounts.db import AuditEntry, Completion, Feedback, RevokedToken, Store, utcnow
 
 log = logging.getLogger("semilla.audit")
+RETENTION_LOCK = 0x73656D696C6C62  # PostgreSQL advisory lock id: one replica applies retention at a time
 
 
 def audit(
@@ -63,12 +65,19 @@ def audit_rows(
 
 
 def apply_retention(store: Store, days: int) -> dict[str, int]:
-    """Delete request logs (those nobody rated) and audit rows older than `days`, and dead tokens."""
+    """Delete request logs (those nobody rated) and audit rows older than `days`, and dead tokens.
+    Replicas on one PostgreSQL run it one at a time: one that finds another running it deletes
+    nothing (an advisory lock held by the transaction)."""
+    nothing = {"completions": 0, "audit": 0, "revoked_tokens": 0}
     if days <= 0:
-        return {"completions": 0, "audit": 0, "revoked_tokens": 0}
+        return nothing
     cutoff = utcnow() - timedelta(days=days)
     rated = exists().where(Feedback.completion_id == Completion.id)
     with store.write() as s:
+        if s.get_bind().dialect.name == "postgresql":
+            lock = sql("SELECT pg_try_advisory_xact_lock(:key)")
+            if not s.execute(lock, {"key": RETENTION_LOCK}).scalar_one():
+                return nothing
         completions = s.execute(delete(Completion).where(Completion.created_at < cutoff, ~rated)).rowcount
         rows = s.execute(delete(AuditEntry).where(AuditEntry.at < cutoff)).rowcount
         tokens = s.execute(delete(RevokedToken).where(RevokedToken.expires_at < utcnow())).rowcount

@@ -70,6 +70,14 @@ class RevokedToken(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
 
 
+class ServerFact(Base):
+    """Facts every server on this database must agree on (the JWT secret's fingerprint)."""
+
+    __tablename__ = "server_facts"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
+
+
 class AuthGenerationRow(Base):
     """One row (id 1) whose value triggers bump: see semilla.serve.accounts.generation."""
 
@@ -177,6 +185,15 @@ def keep_private(path: str) -> None:
             os.chmod(name, 0o600)
 
 
+def driver_url(url: str) -> str:
+    """`postgres://` and `postgresql://` URLs (what Render and Heroku hand out) with the psycopg 3
+    driver that semilla[replicas] installs; any other URL as it is."""
+    for scheme in ("postgres://", "postgresql://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite gets WAL, synchronous=FULL, busy_timeout and immediate writes."""
     if not url.startswith("sqlite"):
@@ -208,8 +225,8 @@ class Store:
     """The engine plus two kinds of sessions: `read()` and `write()` (commits on success)."""
 
     def __init__(self, url: str):
-        self.url = url
-        self.engine = make_engine(url)
+        self.url = driver_url(url)
+        self.engine = make_engine(self.url)
         self._reads = sessionmaker(self.engine, expire_on_commit=False)
         self._writes = sessionmaker(self.engine.execution_options(write=True), expire_on_commit=False)
 

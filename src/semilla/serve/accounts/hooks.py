@@ -24,6 +24,7 @@ from semilla.serve.accounts.db import Store
 from semilla.serve.accounts.generation import AuthGeneration
 from semilla.serve.accounts.ratelimit import RateLimiter
 from semilla.serve.accounts.records import CompletionWriter
+from semilla.serve.accounts.shared import RedisLink, SharedRateLimiter, SharedResponseCache
 from semilla.serve.errors import APIError
 from semilla.serve.hooks import ANONYMOUS, CompletionRecord, Principal, ServerHooks
 from semilla.serve.settings import ServerSettings
@@ -97,8 +98,15 @@ def same_host(url: str, host: str) -> bool:
 class AccountHooks(ServerHooks):
     def __init__(self, settings: ServerSettings, store: Store, secret: bytes):
         self.settings, self.store, self.secret = settings, store, secret
-        self.limiter = RateLimiter()
-        self.cache = ResponseCache(settings.cache_max_entries, settings.cache_max_bytes, settings.cache_ttl_s)
+        cache_limits = (settings.cache_max_entries, settings.cache_max_bytes, settings.cache_ttl_s)
+        # shared by every replica through Redis (semilla.serve.accounts.shared); other state that
+        # replicas must share (provider cooldowns) can go through the same link
+        self.redis = RedisLink(settings.redis_url) if settings.redis_url else None
+        if self.redis:
+            self.limiter: RateLimiter = SharedRateLimiter(self.redis)
+            self.cache: ResponseCache = SharedResponseCache(self.redis, *cache_limits)
+        else:
+            self.limiter, self.cache = RateLimiter(), ResponseCache(*cache_limits)
         self.writer = CompletionWriter(store, settings.scrub_pii)
         self.content_filter = ContentFilter.load(settings.content_filter_file)
         self.generation = AuthGeneration(store)

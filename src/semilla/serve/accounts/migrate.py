@@ -15,6 +15,7 @@ from semilla.errors import SemillaError  # noqa: E402
 from semilla.serve.accounts.generation import install_triggers  # noqa: E402
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATION_LOCK = 0x73656D696C6C61  # PostgreSQL advisory lock id ("semilla"): one migrating replica at a time
 
 
 def alembic_config(engine: Engine) -> Config:
@@ -38,7 +39,10 @@ class DanglingReferencesError(SemillaError):
 
 
 def migrate(engine: Engine) -> None:
-    """Upgrade the database to the newest schema; an existing database keeps its rows."""
+    """Upgrade the database to the newest schema; an existing database keeps its rows.
+
+    Replicas starting together on PostgreSQL migrate one at a time: the upgrade holds an
+    advisory lock, so the others wait and then find the schema already at the newest version."""
     cfg = alembic_config(engine)
     with engine.connect() as connection:
         sqlite = connection.dialect.name == "sqlite"
@@ -46,6 +50,8 @@ def migrate(engine: Engine) -> None:
             connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
             connection.commit()  # the pragma only works outside a transaction
         with connection.begin():
+            if connection.dialect.name == "postgresql":  # released when the transaction ends
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
             install_triggers(connection)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import secrets
 import time
@@ -39,13 +40,18 @@ def verify_password(password_hash: str, password: str) -> bool:
 DUMMY_HASH = hash_password("not a real password")
 
 
-def load_jwt_secret(configured: str, data_dir: str) -> bytes:
-    """The configured secret (>= 32 bytes, else refused), or one generated once in data_dir."""
-    if configured:
-        secret = configured.encode()
+def load_jwt_secret(configured: str, data_dir: str, secret_file: str = "") -> bytes:
+    """The configured secret (>= 32 bytes, else refused), else the one in `secret_file`, else
+    one generated once in data_dir."""
+    if configured or secret_file:
+        name = "SEMILLA_JWT_SECRET" if configured else f"SEMILLA_JWT_SECRET_FILE ({secret_file})"
+        try:
+            secret = configured.encode() if configured else Path(secret_file).read_bytes().strip()
+        except OSError as e:
+            raise InsecureSecretError(f"cannot read {name}: {e.strerror or e}") from None
         if len(secret) < MIN_SECRET_BYTES:
             raise InsecureSecretError(
-                f"SEMILLA_JWT_SECRET is {len(secret)} bytes; it must be at least {MIN_SECRET_BYTES} "
+                f"{name} is {len(secret)} bytes; it must be at least {MIN_SECRET_BYTES} "
                 '(generate one: python -c "import secrets; print(secrets.token_urlsafe(48))")'
             )
         return secret
@@ -63,6 +69,12 @@ def load_jwt_secret(configured: str, data_dir: str) -> bytes:
     if len(secret) < MIN_SECRET_BYTES:
         raise InsecureSecretError(f"{path} holds a secret shorter than {MIN_SECRET_BYTES} bytes")
     return secret
+
+
+def secret_fingerprint(secret: bytes) -> str:
+    """What servers sharing a database compare to know they sign with one secret (an HMAC:
+    it says nothing about the secret itself)."""
+    return hmac.new(secret, b"semilla jwt secret fingerprint", hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
