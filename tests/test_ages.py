@@ -15,7 +15,8 @@ from semilla.ages import THAU_AGES, age_shape, plan_stages
 from semilla.checkpoint import load_checkpoint
 from semilla.config import TrainConfig
 from semilla.errors import CheckpointError, ConfigError
-from semilla.train import resume_configs, train
+from semilla.train import train
+from semilla.train_setup import resume_configs
 
 # THAU's ages 0 -> 1 at 1/8 scale: 4 heads of 8 (width 32, 1 layer) -> 6 heads of 8 (48, 1 layer)
 AGES = dict(ages="0,1", age_scale=0.125, steps_per_age=4, grow_warmup_iters=2, deterministic=True, seed=3)

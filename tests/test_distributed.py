@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 
 from semilla.checkpoint import load_checkpoint
 from semilla.distributed import World, micro_steps, world_from_env
-from semilla.train import resume_configs, train
+from semilla.train import train
 from semilla.train_inputs import init_model_config
+from semilla.train_setup import resume_configs
 
 # 20 steps of a global batch of 2 micro-batches; a constant LR so a run resumed with a longer
 # max_iters follows the same schedule as one trained straight through

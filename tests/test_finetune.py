@@ -32,16 +32,10 @@ from semilla.export.importer import import_hf
 from semilla.export.quantize import quantize_int8
 from semilla.models import build_model
 from semilla.tokenizer import Tokenizer
-from semilla.train import (
-    batch_metrics,
-    loss_fn,
-    make_optimizer,
-    metric_sums,
-    resume_configs,
-    setup,
-    train,
-)
+from semilla.train import train
 from semilla.train_inputs import init_model_config
+from semilla.train_metrics import batch_metrics, loss_fn, metric_sums
+from semilla.train_setup import make_optimizer, resume_configs, setup
 
 QUESTIONS = ["hola", "quien eres", "que hora es", "donde vives", "como estas", "que lees", "adios"]
 ANSWER = "soy el escudero."

@@ -15,7 +15,8 @@ import semilla
 from semilla.checkpoint import load_checkpoint
 from semilla.errors import CheckpointError, ConfigError
 from semilla.models.lora import load_adapter, merge_and_unload
-from semilla.train import loss_fn, train
+from semilla.train import train
+from semilla.train_metrics import loss_fn
 
 FINETUNE = {k: v for k, v in TINY_TRAIN.items() if k != "block_size"}
 SYMPTOMS = ["fiebre", "tos", "dolor de cabeza", "cansancio", "mareo", "dolor de espalda", "gripe", "catarro"]

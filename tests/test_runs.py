@@ -12,7 +12,8 @@ import pytest
 from helpers import run_cli, tiny_configs
 
 from semilla.runs import find_runs
-from semilla.train import resume_configs, train
+from semilla.train import train
+from semilla.train_setup import resume_configs
 
 
 @pytest.fixture

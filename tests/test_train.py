@@ -16,7 +16,8 @@ from helpers import TINY_TRAIN, clean_env, run_cli, tiny_configs, tiny_train_fla
 from semilla.checkpoint import load_checkpoint
 from semilla.config import TrainConfig
 from semilla.errors import CheckpointError
-from semilla.train import lr_at, resume_configs, train
+from semilla.train import lr_at, train
+from semilla.train_setup import resume_configs
 
 COMPARED = ("loss", "acc", "top5_acc", "grad_norm", "lr")
 

@@ -35,8 +35,9 @@ def finetune(
     train_settings are TrainConfig fields (max_iters, learning_rate, eval_interval,
     early_stopping_patience, ...). `resume` continues the run in `out`; a new run where one
     exists needs `overwrite`."""
-    from semilla.train import resume_configs, train
+    from semilla.train import train
     from semilla.train_inputs import init_model_config
+    from semilla.train_setup import resume_configs
 
     try:
         LoraConfig(lora_r, lora_alpha, lora_dropout, target_modules)

@@ -63,8 +63,9 @@ def report_run(result: dict, as_json: bool, extra: tuple[str, ...]) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from semilla.config import environment_overrides, load_config_file
     from semilla.distributed import world_from_env
-    from semilla.train import resume_configs, train
+    from semilla.train import train
     from semilla.train_inputs import init_model_config
+    from semilla.train_setup import resume_configs
 
     overrides = explicit_overrides(args, ModelConfig, TrainConfig)
     merged = {
