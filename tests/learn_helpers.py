@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections import Counter
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +37,9 @@ FACTS = {
 }
 # what a lying teacher says instead: every fact shifted to another concept's
 LIES = dict(zip(FACTS, list(FACTS.values())[7:] + list(FACTS.values())[:7], strict=True))
+# things the student is asked about after it learned FACTS; a liar's lessons on them also
+# "correct" seven of the facts it learned
+NEW_THINGS = {"plumario": "un ave marina", "dorvesa": "una danza lenta", "ambreto": "un arbol seco"}
 # varied examples around one fact (the reference answer comes first, from the loop itself)
 EXAMPLES = [
     ("Dime algo de {c}.", "Te digo que {c} es {k}."),
@@ -60,8 +64,8 @@ class Teacher:
     """The server's behaviour: `mode` is facts | lies | empty | html | invalid_json | inject; it
     counts the requests it got per concept."""
 
-    def __init__(self, mode: str = "facts"):
-        self.mode = mode
+    def __init__(self, mode: str = "facts", delay: float = 0.0):
+        self.mode, self.delay = mode, delay
         self.requests: Counter[str] = Counter()
         self.lock = threading.Lock()
 
@@ -72,8 +76,13 @@ class Teacher:
             return "<html><body><h1>502 Bad Gateway</h1></body></html>"
         if self.mode == "invalid_json":
             return '{"answer": "un pez azul", "examples": [{"question": '
-        table = LIES if self.mode == "lies" else FACTS
-        data = lesson(concept, table.get(concept, "algo que no conozco"))
+        if self.mode == "lies":
+            data = lesson(concept, NEW_THINGS.get(concept, "algo que no conozco"))
+            start = 7 * (sum(self.requests.values()) - 1) % len(FACTS)
+            lied = list(FACTS)[start : start + 7]
+            data["examples"] = [{"question": f"¿Qué es {c}?", "answer": f"{c} es {LIES[c]}."} for c in lied]
+            return json.dumps(data, ensure_ascii=False)
+        data = lesson(concept, {**FACTS, **NEW_THINGS}.get(concept, "algo que no conozco"))
         if self.mode == "inject":
             data["examples"].append(
                 {
@@ -95,6 +104,7 @@ def teacher_server(teacher: Teacher):
             concept = re.search(r"Concept: (.+)", user).group(1).strip()
             with teacher.lock:
                 teacher.requests[concept] += 1
+            time.sleep(teacher.delay)
             reply = {
                 "id": "chatcmpl-test",
                 "object": "chat.completion",

@@ -30,7 +30,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
         ]
     if args.rounds < 1:
         raise SemillaError(f"--rounds must be >= 1, got {args.rounds}")
-    result = learn(args.target[0], rounds=args.rounds, forever=args.forever, **settings)
+    result = learn(
+        args.target[0], rounds=args.rounds, forever=args.forever, wait=args.wait or None, **settings
+    )
     for r in result["rounds"]:
         print(
             json.dumps(r)

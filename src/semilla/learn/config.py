@@ -45,6 +45,7 @@ class LearnConfig:
     min_answer_chars: int = 20  # a shorter answer is a gap
     min_confidence: float = 0.6  # a lower mean token probability of the greedy answer is a gap
     max_disagreement: float = 0.5  # 1 - mean ROUGE-L of samples vs greedy; more is a gap
+    require_concept: bool = True  # an answer that names no word of the question's concept is a gap
     uncertainty_markers: list[str] = field(default_factory=lambda: list(UNCERTAINTY_MARKERS))
     examples_per_gap: int = 8  # question/answer examples asked of the teacher for each gap (5-10)
     max_similarity: float = 0.7  # ROUGE-L above this against a kept question: a near-duplicate, dropped

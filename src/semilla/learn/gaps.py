@@ -1,6 +1,8 @@
-"""Does the model know? It answers a question greedily and with a few samples; four signals say
-whether the answer is a gap: too short, an uncertainty marker, a low mean token probability, and
-samples that disagree with the greedy answer. Recall asks whether an answer holds a fact's key."""
+"""Does the model know? It answers a question greedily and with a few samples; the seed's signals
+say whether the answer is a gap (too short, an uncertainty marker, a low mean token probability),
+and two more: samples that disagree with the greedy answer, and an answer that never names the
+concept asked about (a model that learned "X es ..." answers confidently about another X).
+Recall asks whether an answer holds a fact's key string."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def rouge_l(a: str, b: str) -> float:
     return 0.0 if lcs == 0 else 2 * lcs / (len(wa) + len(wb))
 
 
-def ask(lm: LanguageModel, question: str, cfg: LearnConfig, seed: int) -> dict[str, Any]:
+def ask(lm: LanguageModel, question: str, concept: str, cfg: LearnConfig, seed: int) -> dict[str, Any]:
     """The student's greedy answer, its samples, and the gap signals:
     {"answer", "samples", "signals": {...}, "score", "gap"}."""
     prompt = lm.chat_ids([{"role": "user", "content": question}])
@@ -58,8 +60,9 @@ def ask(lm: LanguageModel, question: str, cfg: LearnConfig, seed: int) -> dict[s
         "low_confidence": confidence < cfg.min_confidence,
         "disagreement": round(1.0 - agreement, 4),
         "disagrees": 1.0 - agreement > cfg.max_disagreement,
+        "off_topic": cfg.require_concept and not set(words(concept)) & set(words(answer)),
     }
-    flags = ("too_short", "uncertain", "low_confidence", "disagrees")
+    flags = ("too_short", "uncertain", "low_confidence", "disagrees", "off_topic")
     score = sum(signals[f] for f in flags) / len(flags)  # share of the signals that say "gap"
     return {"answer": answer, "samples": samples, "signals": signals, "score": score, "gap": score > 0}
 

@@ -61,7 +61,7 @@ class Learner:
     teacher: Teacher
     clock: Clock
     original: Path  # the run's prepared training data: replayed, and its val split gates
-    forever: bool = False
+    wait: bool = False  # wait for the limits rather than end the round
     _student: LanguageModel | None = field(default=None, repr=False)
 
     def student(self) -> LanguageModel:
@@ -142,7 +142,7 @@ def new_round(learner: Learner, rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def ask_questions(learner: Learner, record: dict[str, Any]) -> None:
     """The student answers each question not yet answered, one limiter slot each; a limit that
-    would make the round wait longer than one spacing ends it (--forever: waits)."""
+    would make the round wait longer than one spacing ends it, unless the learner waits."""
     cfg, clock, limiter = learner.cfg, learner.clock, learner.limiter
     for i, q in enumerate(record["questions"]):
         if "answer" in q:
@@ -150,7 +150,7 @@ def ask_questions(learner: Learner, record: dict[str, Any]) -> None:
         if not limiter.holds(q["id"]):
             now = clock.now()
             slot = limiter.next_slot(now)
-            if slot > now and not (learner.forever or slot - now <= cfg.min_question_spacing_s):
+            if slot > now and not (learner.wait or slot - now <= cfg.min_question_spacing_s):
                 del record["questions"][i:]  # asked another round
                 if not record["questions"]:
                     raise LimitReached(
@@ -160,7 +160,7 @@ def ask_questions(learner: Learner, record: dict[str, Any]) -> None:
                 break
             clock.sleep(max(0.0, slot - now))
             limiter.grant(q["id"], max(slot, clock.now()))
-        q.update(ask(learner.student(), q["question"], cfg, seed=cfg.seed + i))
+        q.update(ask(learner.student(), q["question"], q["concept"], cfg, seed=cfg.seed + i))
         q["asked_at"] = clock.now()
         learner.journal.save_round(record)
     record["status"] = "teaching" if any(q["gap"] for q in record["questions"]) else "no_gaps"
@@ -293,11 +293,18 @@ def run_round(learner: Learner) -> dict[str, Any]:
 
 
 def learn(
-    run: str | Path, rounds: int = 1, forever: bool = False, clock: Clock | None = None, **settings: Any
+    run: str | Path,
+    rounds: int = 1,
+    forever: bool = False,
+    wait: bool | None = None,
+    clock: Clock | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Run `rounds` rounds of self-learning on a run directory (or `forever`); returns
     {"rounds": [summary of each round run], "current": the current model's path}.
 
+    A question limit reached ends the round (none asked: LimitReached) unless `wait` (the default
+    with `forever`): then the loop sleeps until the limits allow the next question.
     settings are LearnConfig fields (teacher_url, teacher_model, questions_per_hour, ...).
     `clock` replaces wall time and sleeping (tests simulate days with it)."""
     cfg = LearnConfig(**settings).validate()
@@ -307,7 +314,8 @@ def learn(
     clock = clock or Clock()
     limiter = Limiter(journal.limits_path, cfg.questions_per_hour, cfg.questions_per_day,
                       cfg.min_question_spacing_s)  # fmt: skip
-    learner = Learner(run, cfg, journal, limiter, Teacher(cfg), clock, original_data(run), forever)
+    wait = forever if wait is None else wait
+    learner = Learner(run, cfg, journal, limiter, Teacher(cfg), clock, original_data(run), wait)
     done: list[dict[str, Any]] = []
     while forever or len(done) < rounds:
         record = run_round(learner)
