@@ -94,6 +94,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--forever", action="store_true", help="run rounds until interrupted, waiting for the limits"
     )
     p.add_argument(
+        "--wait",
+        action="store_true",
+        help="when a question limit is reached, wait for it (default: end the round)",
+    )
+    p.add_argument(
         "--uncertainty-markers", metavar="A,B", help="phrases that make an answer a gap (comma-separated)"
     )
     p.add_argument("--json", action="store_true", help="print JSON")
