@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import assert_one_line_error, run_cli
 
 from semilla.errors import ConfigError
 from semilla.learn.config import LearnConfig
@@ -90,3 +91,11 @@ def test_provider_shorthand():
     assert provider_settings("ollama/llama3")["teacher_url"] == "http://localhost:11434/v1"
     with pytest.raises(ValueError, match="PROVIDER/MODEL"):
         provider_settings("llama3")
+
+
+def test_learn_without_a_teacher_or_rounds_is_one_clear_line(tmp_path):
+    assert_one_line_error(run_cli("learn", tmp_path), "teacher_url is required", "teacher_model is required")
+    assert_one_line_error(run_cli("learn", "stats", tmp_path), "no self-learning rounds yet")
+    assert_one_line_error(
+        run_cli("learn", tmp_path, "--teacher", "llama3"), "--teacher must be PROVIDER/MODEL"
+    )
