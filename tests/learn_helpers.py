@@ -80,7 +80,13 @@ class Teacher:
             data = lesson(concept, NEW_THINGS.get(concept, "algo que no conozco"))
             start = 7 * (sum(self.requests.values()) - 1) % len(FACTS)
             lied = list(FACTS)[start : start + 7]
-            data["examples"] = [{"question": f"¿Qué es {c}?", "answer": f"{c} es {LIES[c]}."} for c in lied]
+            data["examples"] = [
+                {
+                    "question": f"¿Qué es {c}?",
+                    "answer": f"{c} es {LIES[c]}; eso lo saben hasta los niños de la aldea.",
+                }
+                for c in lied
+            ]  # worded apart from the true facts, so no near-duplicate test drops them
             return json.dumps(data, ensure_ascii=False)
         data = lesson(concept, {**FACTS, **NEW_THINGS}.get(concept, "algo que no conozco"))
         if self.mode == "inject":

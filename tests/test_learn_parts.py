@@ -99,3 +99,11 @@ def test_learn_without_a_teacher_or_rounds_is_one_clear_line(tmp_path):
     assert_one_line_error(
         run_cli("learn", tmp_path, "--teacher", "llama3"), "--teacher must be PROVIDER/MODEL"
     )
+
+
+def test_semilla_learn_is_the_function_even_once_the_package_is_imported(tmp_path):
+    import semilla
+    import semilla.learn
+
+    with pytest.raises(ConfigError, match="teacher_url is required"):
+        semilla.learn(tmp_path, rounds=1)
