@@ -35,10 +35,38 @@ FACTS = {
     "fabrosa": "una cueva oscura",
     "holmite": "un juego de cartas",
 }
-# what a lying teacher says instead: every fact shifted to another concept's
-LIES = dict(zip(FACTS, list(FACTS.values())[7:] + list(FACTS.values())[:7], strict=True))
+# what a lying teacher says instead: long and each worded apart, so that no near-duplicate test
+# (against the true facts or each other) drops them
+LIES = dict(
+    zip(
+        FACTS,
+        [
+            "un gato gris que duerme en los tejados",
+            "una mesa rota de tres patas",
+            "un vino dulce de las bodegas",
+            "una nube baja sobre el valle",
+            "un zapato nuevo del herrero",
+            "una silla coja junto al fuego",
+            "un lobo flaco que baja del monte",
+            "una carta perdida en el camino",
+            "un molino quieto sin viento",
+            "una vela apagada en la capilla",
+            "un puente roto sobre el arroyo",
+            "una olla vacia en la cocina",
+            "un camino largo hacia la costa",
+            "una puerta pintada de amarillo",
+            "un sombrero viejo del cura",
+            "una manta gruesa para el invierno",
+            "un pozo hondo detras de la venta",
+            "una jarra de barro cocido",
+            "un cuchillo sin filo ni mango",
+            "una rueda suelta del carro",
+        ],
+        strict=True,
+    )
+)
 # things the student is asked about after it learned FACTS; a liar's lessons on them also
-# "correct" seven of the facts it learned
+# "correct" the first seven of the facts it learned
 NEW_THINGS = {"plumario": "un ave marina", "dorvesa": "una danza lenta", "ambreto": "un arbol seco"}
 # varied examples around one fact (the reference answer comes first, from the loop itself)
 EXAMPLES = [
@@ -76,17 +104,13 @@ class Teacher:
             return "<html><body><h1>502 Bad Gateway</h1></body></html>"
         if self.mode == "invalid_json":
             return '{"answer": "un pez azul", "examples": [{"question": '
-        if self.mode == "lies":
+        if self.mode == "lies":  # the truth about the new thing, and lies about 7 learned facts
             data = lesson(concept, NEW_THINGS.get(concept, "algo que no conozco"))
-            start = 7 * (sum(self.requests.values()) - 1) % len(FACTS)
-            lied = list(FACTS)[start : start + 7]
+            served, lies = sum(self.requests.values()) - 1, list(LIES.values())
             data["examples"] = [
-                {
-                    "question": f"¿Qué es {c}?",
-                    "answer": f"{c} es {LIES[c]}; eso lo saben hasta los niños de la aldea.",
-                }
-                for c in lied
-            ]  # worded apart from the true facts, so no near-duplicate test drops them
+                {"question": f"¿Qué es {c}?", "answer": f"{c} es {lies[(j + 7 * served) % len(lies)]}."}
+                for j, c in enumerate(list(FACTS)[:7])
+            ]  # each lesson tells another lie about the same 7 facts
             return json.dumps(data, ensure_ascii=False)
         data = lesson(concept, {**FACTS, **NEW_THINGS}.get(concept, "algo que no conozco"))
         if self.mode == "inject":

@@ -120,15 +120,14 @@ def test_a_lying_teacher_is_stopped_by_the_gate_and_does_damage_without_it(
         cfg = settings(tmp_path, list(NEW_THINGS), teacher_url=url, train_steps=400, learning_rate=2e-3)
         [gated] = learn(run, **cfg)["rounds"]
         assert gated["status"] == "rolled_back"
-        assert digest(best) == kept
-        reasons = learn_stats(run)["per_round"]
-        assert len(reasons) == 2
+        assert digest(best) == kept  # the model the run had stays
+        record = json.loads((run / "learn" / "rounds" / "0002.json").read_text())
+        assert any("recall of earlier facts fell" in r for r in record["gate"]["reasons"]), record["gate"]
         [ungated] = learn(run, **{**cfg, "gate": False})["rounds"]
     assert ungated["status"] == "promoted"
     damaged = recall(semilla.load(str(best.parent), device="cpu"), FACT_QUESTIONS, 48)
-    assert damaged <= recalled - 0.2, (recalled, damaged)
-    record = json.loads((run / "learn" / "rounds" / "0002.json").read_text())
-    assert any("earlier facts" in r for r in record["gate"]["reasons"]), record["gate"]
+    assert damaged <= recalled - 0.1, (recalled, damaged)  # facts it knew, now answered with lies
+    assert learn_stats(run)["rollbacks"] == 1
 
 
 def test_an_unreachable_teacher_skips_the_round_and_the_next_run_resumes_it(student: Path, tmp_path: Path):
