@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -202,21 +203,48 @@ def leftovers(run: Path) -> list[Path]:
 
 
 def test_a_full_disk_leaves_no_partial_file_and_a_rerun_finishes(student: Path, tmp_path: Path):
+    """Files may not grow past 3 KB: the round's record outgrows it while lessons come in."""
     run = copy_run(student, tmp_path)
     teacher = Teacher("facts")
-    args = ["learn", run, *files(tmp_path, ["zorvalo", "brumel", "quintaro"]), "--teacher-model", "t",
-            "--train-steps", "10", *FLAGS]  # fmt: skip
+    concepts = ["zorvalo", "brumel", "quintaro"]
+    args = ["learn", run, *files(tmp_path, concepts), "--teacher-model", "t", "--train-steps", "10", *FLAGS]
     with teacher_server(teacher) as url:
         full = run_cli(*args, "--teacher-url", url, env=clean_env(SEMILLA_KERNELS="0"),
                        preexec_fn=limit_file_size(3000))  # fmt: skip
         assert_one_line_error(full, "File too large")
         assert leftovers(run) == []
+        record = json.loads((run / "learn" / "rounds" / "0001.json").read_text())
+        stored = {q["concept"] for q in record["questions"] if "lesson" in q}
         assert not (run / "learn" / "best").exists()
         again = run_cli(*args, "--teacher-url", url, env=clean_env(SEMILLA_KERNELS="0"))
     assert again.returncode == 0, again.stderr
     assert leftovers(run) == []
-    assert teacher.requests == {"zorvalo": 1, "brumel": 1, "quintaro": 1}
+    # a stored lesson is never asked for again; the one whose record could not be written is
+    assert teacher.requests == {c: 1 if c in stored else 2 for c in concepts} and len(stored) < 3
     assert learn_stats(run)["questions_asked"] == 3
+
+
+def test_a_dataset_write_that_fails_leaves_no_partial_file(student: Path, tmp_path: Path, monkeypatch):
+    """The disk fills up as the dataset is flushed (ENOSPC at fsync): its temporary file goes."""
+    run = copy_run(student, tmp_path)
+    real_fsync = os.fsync
+
+    def full_for_datasets(fd: int) -> None:
+        if "round_0001.jsonl" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    teacher = Teacher("facts")
+    with teacher_server(teacher) as url:
+        cfg = settings(tmp_path, ["zorvalo", "brumel"], teacher_url=url, train_steps=10)
+        monkeypatch.setattr(os, "fsync", full_for_datasets)
+        with pytest.raises(OSError, match="No space left"):
+            learn(run, **cfg)
+        assert leftovers(run) == [] and list((run / "datasets").rglob("*.jsonl")) == []
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        [result] = learn(run, **cfg)["rounds"]
+    assert result["status"] in ("promoted", "rolled_back") and result["examples"] > 0
+    assert teacher.requests == {"zorvalo": 1, "brumel": 1}  # the lessons were kept
 
 
 def test_kill_9_mid_round_resumes_without_asking_again(student: Path, tmp_path: Path):

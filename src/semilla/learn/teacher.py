@@ -6,6 +6,7 @@ question/answer examples. Its reply is data: parsed as JSON strings and stored, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -48,6 +49,8 @@ class Teacher:
     def __init__(self, cfg: LearnConfig):
         import openai
 
+        for name in ("httpx", "httpx2"):  # the client logs every request at INFO: not for the terminal
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.cfg = cfg
         self.client = openai.OpenAI(
             base_url=cfg.teacher_url,
