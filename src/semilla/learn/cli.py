@@ -34,13 +34,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
         args.target[0], rounds=args.rounds, forever=args.forever, wait=args.wait or None, **settings
     )
     for r in result["rounds"]:
-        print(
-            json.dumps(r)
-            if args.json
-            else "round "
-            + ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k != "round")
-            + f" ({r['round']})"
-        )
+        details = ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k not in ("round", "status"))
+        print(json.dumps(r) if args.json else f"round {r['round']}: {r['status']} ({details})")
     if not args.json:
         print(f"current model: {result['current']}")
     return 0
