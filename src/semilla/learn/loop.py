@@ -65,9 +65,13 @@ class Learner:
     _student: LanguageModel | None = field(default=None, repr=False)
 
     def student(self) -> LanguageModel:
+        """The current model, loaded once until a promotion replaces it."""
         if self._student is None:
             self._student = load(str(self.journal.current_model()), device=device_name(self.cfg.device))
         return self._student
+
+    def forget_student(self) -> None:
+        self._student = None
 
 
 def device_name(device: str) -> str | None:
@@ -245,7 +249,10 @@ def train_and_judge(learner: Learner, record: dict[str, Any], rounds: list[dict[
         state["baseline_ppl"] = gate.validation_ppl(own, learner.original, cfg.val_tokens)
         journal.save_state(state)
     facts = facts_of(record)
-    held_out = [f for r in rounds if r["status"] == "promoted" for f in facts_of(r)]
+    asked_now = {f["question"] for f in facts}  # a gap asked again is judged by its new lesson
+    held_out = [
+        f for r in rounds if r["status"] == "promoted" for f in facts_of(r) if f["question"] not in asked_now
+    ]
     before = gate.measure(learner.student(), facts, held_out, learner.original, cfg)
     candidate = load(str(gate.candidate_checkpoint(journal)), device=device_name(cfg.device))
     after = gate.measure(candidate, facts, held_out, learner.original, cfg)
@@ -257,7 +264,7 @@ def train_and_judge(learner: Learner, record: dict[str, Any], rounds: list[dict[
 def finish(learner: Learner, record: dict[str, Any]) -> None:
     if record["status"] == "promoting":
         gate.promote(learner.journal)
-        learner._student = None  # the next round questions the promoted model
+        learner.forget_student()  # the next round questions the promoted model
         record["status"] = "promoted"
         log.info("round %d: promoted (recall %.2f -> %.2f)", record["round"],
                  record["gate"]["before"]["recall"], record["gate"]["after"]["recall"])  # fmt: skip
