@@ -13,6 +13,10 @@ def __getattr__(name: str):
         from semilla.finetuning import finetune
 
         return finetune
+    if name == "learn":
+        from semilla.learn import learn
+
+        return learn
     if name == "grow":
         from semilla.models.grow import grow_checkpoint
 

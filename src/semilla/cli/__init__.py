@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from semilla.cli import models, training
     from semilla.export.cli import add_parsers as add_export_parsers
+    from semilla.learn.cli import add_parsers as add_learn_parsers
     from semilla.retrieval.cli import add_parsers as add_retrieval_parsers
     from semilla.serve import cli as serve_cli
     from semilla.serve.accounts.cli import add_parsers as add_admin_parsers
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parsers(sub)  # export, import
     add_admin_parsers(sub)  # admin
     add_retrieval_parsers(sub)  # embed, index
+    add_learn_parsers(sub)  # learn, learn stats
     return parser
 
 
