@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,14 +60,35 @@ class HeldAdapters:
 
     slots: dict[str, int]  # adapter name -> its row of every table (0 is no adapter)
     layers: dict[FusedLinear, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # A_all, B_all, table
+    # the columns of the adapters a batch uses, by their slots: a batch pays for its own
+    # adapters only, not for every one held (the scheduler thread's cache; rows change rarely)
+    used: dict[tuple[int, ...], dict] = field(default_factory=dict, compare=False)
 
     def rows(self, names: list[str | None], device: torch.device) -> RowAdapters | None:
         """The adapters of a batch whose row i uses names[i] (None: the base model); None when
         no row uses one."""
         if not any(names):
             return None
-        slots = torch.tensor([self.slots[n] if n else 0 for n in names], device=device)
-        return RowAdapters(self.layers, slots)
+        slots = [self.slots[n] if n else 0 for n in names]
+        key = tuple(sorted(set(slots) - {0}))
+        if key not in self.used:
+            if len(self.used) >= 64:  # many mixes seen: start again rather than grow
+                self.used.clear()
+            self.used[key] = self._columns_of(key)
+        return RowAdapters(self.used[key], torch.tensor(slots, device=device))
+
+    def _columns_of(self, slots: tuple[int, ...]) -> dict:
+        """The layout cut to these adapters' columns (layers none of them adapts left out)."""
+        layers = {}
+        for fused, (A, B, table) in self.layers.items():
+            columns = table[list(slots)].ne(0).any(0).nonzero().squeeze(1)
+            if len(columns):
+                layers[fused] = (
+                    A[:, columns].contiguous(),
+                    B[columns].contiguous(),
+                    table[:, columns].contiguous(),
+                )
+        return layers
 
 
 @dataclass(frozen=True)
