@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 
 import semilla
 from semilla.checkpoint import load_checkpoint
+from semilla.data import MixtureDataset, TokenDataset
 from semilla.errors import CheckpointError, ConfigError
 from semilla.models.lora import load_adapter, merge_and_unload
+from semilla.tokenizer import Tokenizer
 from semilla.train import loss_fn, train
 
 FINETUNE = {k: v for k, v in TINY_TRAIN.items() if k != "block_size"}
@@ -153,3 +155,19 @@ def test_finetune_cli_writes_a_peft_adapter(base, tmp_path):
 def test_lora_needs_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="lora_r needs init_from"):
         train(*tiny_configs(tmp_path, tmp_path / "run", lora_r=4))
+
+
+def test_general_data_can_be_replayed_in_a_fine_tune(base, tmp_path, prepared_dir):
+    """`--data chats.jsonl:0.5,general:0.5`: the general data mixed in (what keeps an adapter from
+    forgetting the rest; bench/README.md) is read with the base model's tokenizer."""
+    data = write_jsonl(tmp_path / "clinic.jsonl", domain_rows(40))
+    out = tmp_path / "a"
+    result = semilla.finetune(base, f"{data}:0.5,{prepared_dir}:0.5", out, lora_r=2, **FINETUNE)
+    assert result["step"] == FINETUNE["max_iters"] and (out / "adapter_model.safetensors").is_file()
+    _, tok, _ = load_checkpoint(base)
+    assert Tokenizer.load(out / "data_0").same_encoding(tok)  # the chats, prepared for this model
+    mixed = MixtureDataset(
+        [TokenDataset(out / "data_0", "train", True), TokenDataset(prepared_dir, "train")], [0.5, 0.5]
+    )
+    x, y = mixed.random_batch(16, 32, torch.Generator().manual_seed(0))
+    assert (y == -100).any() and (y != -100).all(dim=1).any()  # chat rows masked, general rows whole
