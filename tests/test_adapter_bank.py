@@ -165,3 +165,17 @@ def test_an_lstm_has_no_layers_to_adapt(tmp_path, base):
     bank = AdapterBank(merged(lstm, None))
     with pytest.raises(AdapterError, match="no layers LoRA adapts"):
         bank.register("qv", adapters["qv"])
+
+
+def test_a_truncated_adapter_is_refused_at_registration_and_the_bank_is_unchanged(base, tmp_path):
+    ckpt, _, adapters = base
+    bank = AdapterBank(merged(ckpt, None))
+    bank.register("qv", adapters["qv"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        data = (adapters["all"] / name).read_bytes()
+        (broken / name).write_bytes(data[: len(data) // 2] if name.endswith("safetensors") else data)
+    with pytest.raises(AdapterError, match="is corrupt or truncated"):
+        bank.register("all", broken)
+    assert bank.names() == ["qv"] and list(bank.held.slots) == ["qv"]
