@@ -8,13 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_TRAIN, assert_one_line_error, run_cli, tiny_configs
+import torch.nn.functional as F
+from helpers import DEMO_TEXT, TINY_TRAIN, assert_one_line_error, run_cli, tiny_configs
 from safetensors.torch import load_file
 
 import semilla
 from semilla.checkpoint import load_checkpoint
+from semilla.data import MixtureDataset, TokenDataset, prepare
 from semilla.errors import CheckpointError, ConfigError
+from semilla.evaluate import prepared_split_ids
 from semilla.models.lora import load_adapter, merge_and_unload
+from semilla.tokenizer import Tokenizer
 from semilla.train import train
 from semilla.train_metrics import loss_fn
 
@@ -154,3 +158,59 @@ def test_finetune_cli_writes_a_peft_adapter(base, tmp_path):
 def test_lora_needs_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="lora_r needs init_from"):
         train(*tiny_configs(tmp_path, tmp_path / "run", lora_r=4))
+
+
+def test_general_data_can_be_replayed_in_a_fine_tune(base, tmp_path, prepared_dir):
+    """`--data chats.jsonl:0.5,general:0.5`: the general data mixed in (what keeps an adapter from
+    forgetting the rest; bench/README.md) is read with the base model's tokenizer."""
+    data = write_jsonl(tmp_path / "clinic.jsonl", domain_rows(40))
+    out = tmp_path / "a"
+    result = semilla.finetune(base, f"{data}:0.5,{prepared_dir}:0.5", out, lora_r=2, **FINETUNE)
+    assert result["step"] == FINETUNE["max_iters"] and (out / "adapter_model.safetensors").is_file()
+    _, tok, _ = load_checkpoint(base)
+    assert Tokenizer.load(out / "data_0").same_encoding(tok)  # the chats, prepared for this model
+    mixed = MixtureDataset(
+        [TokenDataset(out / "data_0", "train", True), TokenDataset(prepared_dir, "train")], [0.5, 0.5]
+    )
+    x, y = mixed.random_batch(16, 32, torch.Generator().manual_seed(0))
+    assert (y == -100).any() and (y != -100).all(dim=1).any()  # chat rows masked, general rows whole
+
+
+@pytest.fixture(scope="module")
+def quijote_base(tmp_path_factory):
+    """(prepared Quijote, a tiny llama trained 600 steps on all of it: about 3 epochs, not overfit)."""
+    root = tmp_path_factory.mktemp("lora-quijote")
+    prepare([str(DEMO_TEXT)], str(root / "data"))
+    train(*tiny_configs(root / "data", root / "run", max_iters=600, eval_interval=600, warmup_iters=10, block_size=128,
+                        batch_size=8, save_interval=600, sample_interval=1000, log_interval=50))  # fmt: skip
+    return root / "data", root / "run" / "best"
+
+
+def general_loss(model, ids: torch.Tensor, block: int = 128) -> float:
+    """Mean cross-entropy over `ids` in consecutive windows of `block` tokens."""
+    total = count = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, block):
+            window = ids[start : start + block + 1]
+            total += float(F.cross_entropy(model(window[None, :-1])[0], window[1:], reduction="sum"))
+            count += len(window) - 1
+    return total / count
+
+
+@pytest.mark.slow
+def test_an_adapter_learns_its_domain_and_keeps_the_rest_with_replay(quijote_base, tmp_path):
+    """Replay (70% of the rows from the base's own training data), rank 4: the clinic's held-out
+    loss drops by more than a quarter while the Quijote's validation loss rises at most 2%
+    (measured: -29.6% and +1.9%; without replay +19%: bench/README.md)."""
+    data, base = quijote_base
+    clinic = write_jsonl(tmp_path / "clinic.jsonl", domain_rows(200))
+    settings = dict(lora_r=4, lora_alpha=8, target_modules="all-linear", learning_rate=2e-3, min_lr=1e-4,
+                    batch_size=16, max_iters=200, eval_interval=25, early_stopping_patience=3, eval_iters=4,
+                    warmup_iters=10, log_interval=20, save_interval=1000, sample_interval=1000)  # fmt: skip
+    semilla.finetune(base, f"{clinic}:0.3,{data}:0.7", tmp_path / "a", **{**FINETUNE, **settings})
+    plain, tok, _ = load_checkpoint(base)
+    tuned, _, _ = load_checkpoint(base)
+    load_adapter(tuned, tmp_path / "a")
+    held_out, ids = domain_rows(24, offset=1000), prepared_split_ids(data, "val")
+    assert held_out_loss(tuned, tok, held_out) < 0.75 * held_out_loss(plain, tok, held_out)
+    assert general_loss(tuned, ids) <= 1.02 * general_loss(plain, ids)

@@ -228,8 +228,9 @@ def fit_prompt(prompt: list[int], cfg: GenerateConfig, limit: int | None, bos_id
     return prompt[-keep:]
 
 
-def prefill(model: nn.Module, prompts: list[list[int]], pad_id: int, use_cache: bool, cache):
-    """Run the prompts; returns the logits at each row's last prompt token, (B, V)."""
+def prefill(model: nn.Module, prompts: list[list[int]], pad_id: int, use_cache: bool, cache, adapters=None):
+    """Run the prompts; returns the logits at each row's last prompt token, (B, V). `adapters`:
+    each row's LoRA adapter (models/adapter_bank.RowAdapters), with the cache only."""
     device = model.lm_head.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     if model.config.arch == "lstm" and use_cache:  # states must not see padding: one row at a time
@@ -245,7 +246,10 @@ def prefill(model: nn.Module, prompts: list[list[int]], pad_id: int, use_cache: 
     for b, p in enumerate(prompts):
         idx[b, : len(p)] = torch.tensor(p, device=device)
     positions = torch.arange(T, device=device).expand(len(prompts), T)
-    logits = model(idx, positions, cache) if use_cache else model(idx)
+    if adapters is not None:
+        logits = model(idx, positions, cache, adapters)
+    else:
+        logits = model(idx, positions, cache) if use_cache else model(idx)
     return logits[torch.arange(len(prompts), device=device), lengths - 1]
 
 

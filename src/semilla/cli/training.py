@@ -272,7 +272,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Train a LoRA adapter: the checkpoint's weights stay frozen, low-rank adapters on "
         "--target-modules learn from --data (chat JSONL rows train on their assistant turns). The output "
         "directory is a PEFT adapter (adapter_config.json, adapter_model.safetensors: the best on the "
-        "held-out split) and the run's last/, metrics.jsonl and tb/; --resume OUT continues it.",
+        "held-out split) and the run's last/, metrics.jsonl and tb/; --resume OUT continues it. "
+        "--data chats.jsonl:0.3,runs/mine/data:0.7 mixes the model's own training data back in (replay), "
+        "which keeps what it knew: see bench/README.md.",
     )
     p.add_argument("checkpoint", nargs="?", help="the base model: a checkpoint or run directory")
     p.add_argument(

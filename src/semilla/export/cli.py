@@ -12,8 +12,8 @@ from semilla.export.gguf import TYPES
 
 def cmd_export(args: argparse.Namespace) -> int:
     fmt, out = args.format, args.out
-    if args.adapter and fmt != "hf":
-        raise ExportError(f"--adapter is for export hf (merged weights), not {fmt}")
+    if args.adapter and fmt not in ("hf", "gguf", "ollama"):
+        raise ExportError(f"--adapter is for export hf, gguf and ollama, not {fmt}")
     if fmt == "hf":
         from semilla.export.hf import export_hf
 
@@ -27,6 +27,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(
             f"wrote {export_peft(args.checkpoint, out, args.overwrite)} (load with peft.PeftModel.from_pretrained)"
         )
+    elif fmt == "gguf" and args.adapter:
+        from semilla.export.gguf_lora import export_gguf_adapter
+
+        kind = args.type or "f32"
+        path = export_gguf_adapter(args.checkpoint, args.adapter, out, kind, args.name, args.overwrite)
+        print(f"wrote {path} ({kind.upper()} LoRA adapter: llama.cpp --lora {path} over the base's GGUF)")
     elif fmt == "gguf":
         from semilla.export.gguf import export_gguf
 
@@ -37,9 +43,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         options = OllamaOptions(args.system, args.temperature, args.top_p, args.num_ctx)
         path, command = export_ollama(
-            args.checkpoint, out, options, args.type or "q8_0", args.name, args.overwrite
+            args.checkpoint, out, options, args.type or "q8_0", args.name, args.overwrite, args.adapter
         )
-        print(f"wrote {path}/model.gguf and {path}/Modelfile; now run:\n{command}")
+        files = "model.gguf, adapter.gguf" if args.adapter else "model.gguf"
+        print(f"wrote {path}: {files} and Modelfile; now run:\n{command}")
     elif fmt == "onnx":
         from semilla.export.onnx import export_onnx
 
@@ -89,7 +96,13 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--name", help="gguf/ollama model name (default: the output's name)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--adapter", metavar="DIR", help="hf: merge this LoRA adapter into the exported weights")
+    p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a LoRA adapter of the checkpoint (semilla finetune's output). hf: merged into the weights; "
+        "gguf: OUT is the adapter as a GGUF LoRA file (llama.cpp --lora; f32 or f16); ollama: adapter.gguf "
+        "beside the model and an ADAPTER line in the Modelfile",
+    )
     g = p.add_argument_group("ollama")
     g.add_argument("--system", help="SYSTEM prompt of the Modelfile")
     g.add_argument("--temperature", type=float, default=0.8, help="default temperature (default: 0.8)")

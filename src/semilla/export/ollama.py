@@ -2,7 +2,8 @@
 
 The TEMPLATE is the Go-template form of semilla's chat template
 (`<|role|>content<|end|>` per message, then `<|assistant|>`), and `<|end|>` / `<eos>` are
-stop sequences, so Ollama formats and ends turns exactly like `semilla chat`.
+stop sequences, so Ollama formats and ends turns exactly like `semilla chat`. With a LoRA
+adapter, `adapter.gguf` sits beside the model and the Modelfile's ADAPTER line names it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from semilla.export.gguf import export_gguf
 from semilla.tokenizer import END, EOS
 
 GGUF_NAME = "model.gguf"
+ADAPTER_NAME = "adapter.gguf"
 TEMPLATE = "{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{ end }}<|assistant|>"
 
 
@@ -49,8 +51,9 @@ def quote(text: str) -> str:
     return f'"""{text}"""'
 
 
-def modelfile(options: OllamaOptions, block_size: int) -> str:
-    lines = [f"FROM ./{GGUF_NAME}", f"TEMPLATE {quote(TEMPLATE)}"]
+def modelfile(options: OllamaOptions, block_size: int, adapter: bool = False) -> str:
+    lines = [f"FROM ./{GGUF_NAME}", *([f"ADAPTER ./{ADAPTER_NAME}"] if adapter else [])]
+    lines.append(f"TEMPLATE {quote(TEMPLATE)}")
     if options.system:
         lines.append(f"SYSTEM {quote(options.system)}")
     for stop in (END, EOS):
@@ -70,9 +73,11 @@ def export_ollama(
     type_name: str = "q8_0",
     name: str | None = None,
     overwrite: bool = False,
+    adapter: str | os.PathLike | None = None,
 ) -> tuple[Path, str]:
-    """Write `out/model.gguf` and `out/Modelfile`; returns (out, the `ollama create` command).
-    An existing `out` is replaced only with `overwrite`."""
+    """Write `out/model.gguf` and `out/Modelfile` (with `adapter`, a LoRA directory, also
+    `out/adapter.gguf` and an ADAPTER line); returns (out, the `ollama create` command). An
+    existing `out` is replaced only with `overwrite`."""
     refuse_to_replace(out, overwrite)
     options = options or OllamaOptions()
     config = read_config(resolve_checkpoint(checkpoint))
@@ -84,6 +89,13 @@ def export_ollama(
     name = name or out.resolve().name
     with atomic_directory(out) as tmp:
         export_gguf(checkpoint, tmp / GGUF_NAME, type_name, name)
-        (tmp / "Modelfile").write_text(modelfile(options, block_size), encoding="utf-8")
+        if adapter is not None:
+            from semilla.export.gguf_lora import export_gguf_adapter
+
+            export_gguf_adapter(
+                checkpoint, adapter, tmp / ADAPTER_NAME, "f32" if type_name == "f32" else "f16"
+            )
+        text = modelfile(options, block_size, adapter is not None)
+        (tmp / "Modelfile").write_text(text, encoding="utf-8")
     command = f"ollama create {shlex.quote(name)} -f {shlex.quote(str(out / 'Modelfile'))}"
     return out, command

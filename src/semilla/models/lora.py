@@ -350,9 +350,12 @@ def _ours(
     return out
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoraConfig:
-    """Apply the PEFT adapter in `directory` to `model` (in place, unmerged) and return its
-    config. An adapter for another base (names or shapes) is an AdapterError naming the layer."""
+def read_adapter(
+    model: nn.Module, directory: str | os.PathLike
+) -> tuple[LoraConfig, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
+    """The PEFT adapter in `directory`, checked against `model` (left unchanged): its config and
+    {semilla module name: (A (r, in), B (out, r), scaling)}. An adapter for another base (names
+    or shapes) is an AdapterError naming the layer."""
     directory = Path(directory)
     config, raw = read_adapter_config(directory)
     weights = _ours(_read_tensors(directory), _family(model), directory)
@@ -365,7 +368,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoraConfig:
     targets = tuple(m for m in LINEAR_MODULES if any(n.endswith("." + m) for n in weights))
     config = LoraConfig(config.r, config.alpha, config.dropout, targets)
     alphas, ranks = raw.get("alpha_pattern") or {}, raw.get("rank_pattern") or {}
-    planned = []  # every layer checked before any is changed: nothing half applied
+    checked = {}
     for name, parent, child_name in _target_parents(model, targets):
         if name not in weights:
             continue
@@ -381,9 +384,19 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoraConfig:
         if rank != A.size(0):
             raise AdapterError(f"{directory}: {name} has rank {A.size(0)}, the config says r={rank}")
         alpha = next((float(a) for k, a in alphas.items() if _matches(name, k)), config.alpha)
-        planned.append((parent, child_name, base, A, B, alpha / rank))
-    for parent, child_name, base, A, B, scaling in planned:
-        layer = LoRALinear(base, A.size(0), scaling, config.dropout)
+        checked[name] = (A, B, alpha / rank)
+    return config, checked
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> LoraConfig:
+    """Apply the PEFT adapter in `directory` to `model` (in place, unmerged) and return its
+    config. Every layer is checked (`read_adapter`) before any is changed: nothing half applied."""
+    config, weights = read_adapter(model, directory)
+    for name, parent, child_name in _target_parents(model, config.target_modules):
+        if name not in weights:
+            continue
+        A, B, scaling = weights[name]
+        layer = LoRALinear(getattr(parent, child_name), A.size(0), scaling, config.dropout)
         with torch.no_grad():
             layer.lora_A.weight.copy_(A)
             layer.lora_B.weight.copy_(B)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import platform
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from torch import nn
 
 from semilla.config import ModelConfig
 from semilla.models import kernels
+
+if TYPE_CHECKING:
+    from semilla.models.adapter_bank import RowAdapters
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -246,25 +250,32 @@ class FusedLinear:
             return torch.ops.mkldnn._reorder_linear_weight(weight, 32), bias, True
         return weight, bias, False
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The layers' outputs side by side along the last dimension."""
+    def __call__(self, x: torch.Tensor, adapters: RowAdapters | None = None) -> torch.Tensor:
+        """The layers' outputs side by side along the last dimension; with `adapters`, each row
+        plus its own LoRA adapter's update (before the activation), the base matmul unchanged."""
+        if adapters is not None and self in adapters.layers:
+            return self._activate(adapters.add(self, x, self._linear(x, activate=False)))
+        return self._linear(x, activate=True)
+
+    def _linear(self, x: torch.Tensor, activate: bool) -> torch.Tensor:
+        act = self._activate if activate else _identity
         modules = self.owner._modules  # a plain dict: no nn.Module.__getattr__ on this hot path
         linears = [modules[name] for name in self.names]
         for lin in linears:
             if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
-                outputs = [self._activate(lin(x)) for lin in linears]  # int8 layers, hooks: one call each
+                outputs = [act(lin(x)) for lin in linears]  # int8 layers, hooks: one call each
                 return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         weights = [lin._parameters["weight"] for lin in linears]
         kernel = kernels.linear_rows(x, weights)
         if kernel is not None:  # a single stream: weights read at the memory's speed, as they are
-            return self._activate(kernel(x, weights, [lin._parameters["bias"] for lin in linears]))
+            return act(kernel(x, weights, [lin._parameters["bias"] for lin in linears]))
         if (
             torch.is_grad_enabled()
             or self.owner.training  # weights change under fused optimizers without a version bump
             or torch.is_autocast_enabled(x.device.type)  # autocast chooses the dtypes: plain F.linear
             or torch.compiler.is_compiling()  # the compiler fuses by itself, and a cache would break graphs
         ):
-            return self._activate(F.linear(x, *self._stack(linears)))
+            return act(F.linear(x, *self._stack(linears)))
         key = [
             (p.data_ptr(), p._version, p.dtype)
             for lin in linears
@@ -274,19 +285,23 @@ class FusedLinear:
         if key != self.key:
             self.prepared, self.key = self._prepare(linears), key
         weight, bias, packed = self.prepared
-        if packed and self.activation in FUSED_ACTIVATIONS:  # activation inside the kernel
+        if packed and activate and self.activation in FUSED_ACTIVATIONS:  # activation inside the kernel
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *FUSED_ACTIVATIONS[self.activation])
         if packed:
-            return self._activate(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
-        return self._activate(F.linear(x, weight, bias))
+            return act(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
+        return act(F.linear(x, weight, bias))
 
-    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def parts(self, x: torch.Tensor, adapters: RowAdapters | None = None) -> tuple[torch.Tensor, ...]:
         """Each layer's output (views of one matmul's result)."""
         sizes = [self.owner._modules[name].out_features for name in self.names]
-        return self(x).split(sizes, dim=-1)
+        return self(x, adapters).split(sizes, dim=-1)
 
     def _activate(self, y: torch.Tensor) -> torch.Tensor:
         return ACTIVATIONS[self.activation](y) if self.activation else y
+
+
+def _identity(y: torch.Tensor) -> torch.Tensor:
+    return y
 
 
 class Attention(nn.Module):
@@ -301,14 +316,16 @@ class Attention(nn.Module):
         self.out = FusedLinear(self, "o_proj")
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope, cache: KVCache | None, step: CacheStep | None, layer: int) -> torch.Tensor:
+    def forward(
+        self, x, rope, cache: KVCache | None, step: CacheStep | None, layer: int, adapters: RowAdapters | None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         nh, nkv = self.n_head, self.n_kv_head
-        qkv = self.qkv(x).view(B, T, nh + 2 * nkv, self.head_dim)  # one matmul for q, k and v
+        qkv = self.qkv(x, adapters).view(B, T, nh + 2 * nkv, self.head_dim)  # one matmul for q, k and v
         if step is not None and step.kernel is not None:  # a decode step: rotates q, k and writes k, v
             q, k, v = qkv[:, 0, :nh], qkv[:, 0, nh : nh + nkv], qkv[:, 0, nh + nkv :]
             y = step.kernel(q, k, v, cache.k[layer], cache.v[layer], step.slot, *(rope or (None, None)))
-            return self.out(y.view(B, 1, nh * self.head_dim))
+            return self.out(y.view(B, 1, nh * self.head_dim), adapters)
         qk = apply_rope(qkv[:, :, : nh + nkv], *rope) if rope is not None else qkv  # q and k rotated at once
         q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
         k = qk[:, :, nh : nh + nkv].transpose(1, 2)  # (B, nkv, T, hs)
@@ -326,7 +343,7 @@ class Attention(nn.Module):
             else:
                 y = cached_attention(q, keys, values, step.visible)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.out(y)
+        return self.out(y, adapters)
 
 
 class MLP(nn.Module):
@@ -344,13 +361,13 @@ class MLP(nn.Module):
             self.up = FusedLinear(self, "up_proj", activation=cfg.mlp)
         self.down = FusedLinear(self, "down_proj")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapters: RowAdapters | None = None) -> torch.Tensor:
         if self.kind == "swiglu":
-            gate, up = self.up.parts(x)
+            gate, up = self.up.parts(x, adapters)
             h = F.silu(gate) * up
         else:
-            h = self.up(x)  # the activation is applied by self.up
-        return self.down(h)
+            h = self.up(x, adapters)  # the activation is applied by self.up
+        return self.down(h, adapters)
 
 
 class DecoderLayer(nn.Module):
@@ -362,11 +379,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope, cache, step, layer) -> torch.Tensor:
-        attended = self.self_attn(self.input_layernorm(x), rope, cache, step, layer)
+    def forward(self, x, rope, cache, step, layer, adapters: RowAdapters | None = None) -> torch.Tensor:
+        attended = self.self_attn(self.input_layernorm(x), rope, cache, step, layer, adapters)
         dropout = self.dropout if self.training else 0.0  # (a call less per layer at inference)
         x = x + (F.dropout(attended, dropout) if dropout else attended)
-        mixed = self.mlp(self.post_attention_layernorm(x))
+        mixed = self.mlp(self.post_attention_layernorm(x), adapters)
         return x + (F.dropout(mixed, dropout) if dropout else mixed)
 
 
@@ -388,7 +405,8 @@ class TransformerBody(nn.Module):
 
 
 class Transformer(nn.Module):
-    """`model(idx)` -> logits (B, T, vocab). With a KVCache, `positions` says where idx sits."""
+    """`model(idx)` -> logits (B, T, vocab). With a KVCache, `positions` says where idx sits;
+    `adapters` gives rows of the batch their own LoRA adapters (models/adapter_bank.py)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -438,14 +456,16 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        adapters: RowAdapters | None = None,
     ) -> torch.Tensor:
-        return self.head(self.hidden_states(idx, positions, cache))
+        return self.head(self.hidden_states(idx, positions, cache, adapters))
 
     def hidden_states(
         self,
         idx: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        adapters: RowAdapters | None = None,
     ) -> torch.Tensor:
         """The body's output after the final norm, (B, T, C): what the head turns into logits
         and what embeddings pool."""
@@ -468,5 +488,5 @@ class Transformer(nn.Module):
         rope = body.rotary(positions) if body.rotary is not None else None
         step = CacheStep(self.config, positions, cache, B) if cache is not None else None
         for i, layer in enumerate(body.layers):
-            x = layer(x, rope, cache, step, i)
+            x = layer(x, rope, cache, step, i, adapters)
         return body.norm(x)

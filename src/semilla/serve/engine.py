@@ -12,6 +12,9 @@ from an asyncio queue. Every step, for each model, the scheduler
 Slots are the rows of one preallocated cache. Active sequences always occupy rows 0..n-1:
 when one finishes, the last row moves into its place, so a decode step is one contiguous
 batch. Sequences join and leave between steps.
+
+A sequence may name one of its model's LoRA adapters (`add_adapter`): rows with different
+adapters and rows with none share every forward (models/adapter_bank.py).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from semilla.generate import (
     top_alternatives,
 )
 from semilla.models import kernels
+from semilla.models.adapter_bank import AdapterBank
 from semilla.serve import metrics
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,7 @@ class Sequence:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
+    adapter: str | None = None  # a LoRA adapter of the model, by name; None: the base model
     # engine-side state
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     produced: int = 0
@@ -148,8 +153,11 @@ class SlotCache:
 class ModelWorker:
     """The slots, waiting line and per-slot sampling state of one model."""
 
-    def __init__(self, name: str, model: nn.Module, max_slots: int, queue_size: int, pad_id: int):
+    def __init__(
+        self, name: str, model: nn.Module, max_slots: int, queue_size: int, pad_id: int, max_adapters: int = 8
+    ):
         self.name, self.model, self.pad_id = name, model.eval(), pad_id
+        self.adapters = AdapterBank(self.model, max_adapters)
         self.max_slots, self.queue_size = max_slots, queue_size
         self.limit = context_limit(model)
         self.device = model.lm_head.weight.device
@@ -173,12 +181,19 @@ class ModelWorker:
     # --- called from the HTTP side -----------------------------------------------------
 
     def submit(self, seq: Sequence) -> None:
+        """Queue `seq`; its adapter (if any) is held from now until it leaves (UnknownAdapterError
+        when there is none of that name)."""
+        if seq.adapter is not None:
+            self.adapters.acquire(seq.adapter)
         with self.lock:
-            if self.closed:
-                raise ModelUnloadedError(f"model {self.name!r} was unloaded")
-            if len(self.waiting) >= self.queue_size:
-                raise QueueFullError(f"model {self.name!r}: {self.queue_size} requests already waiting")
-            self.waiting.append(seq)
+            if not self.closed and len(self.waiting) < self.queue_size:
+                self.waiting.append(seq)
+                return
+            closed = self.closed
+        self._leave(seq)
+        if closed:
+            raise ModelUnloadedError(f"model {self.name!r} was unloaded")
+        raise QueueFullError(f"model {self.name!r}: {self.queue_size} requests already waiting")
 
     @property
     def busy(self) -> bool:
@@ -206,7 +221,14 @@ class ModelWorker:
         with self.lock:
             waiting, self.waiting = list(self.waiting), deque()
         deliver_all([(seq, error) for seq in self.active + waiting])
+        for seq in self.active + waiting:
+            self._leave(seq)
         self.active, self.params = [], None
+
+    def _leave(self, seq: Sequence) -> None:
+        """`seq` is done with its slot or place in line: its adapter may be dropped."""
+        if seq.adapter is not None:
+            self.adapters.release(seq.adapter)
 
     def _drop_cancelled_and_late(self) -> None:
         """Cancelled sequences leave silently; one past its deadline ends with 'length' (or,
@@ -225,9 +247,10 @@ class ModelWorker:
             waiting, self.waiting = self.waiting, deque()
             for seq in waiting:
                 if seq.cancelled.is_set():
-                    continue
-                if now - seq.submitted_at > seq.timeout_s:
+                    self._leave(seq)
+                elif now - seq.submitted_at > seq.timeout_s:
                     late.append((seq, QueueTimeoutError(f"no free slot within {seq.timeout_s:.0f} s")))
+                    self._leave(seq)
                 else:
                     self.waiting.append(seq)
         deliver_all(late)
@@ -260,7 +283,8 @@ class ModelWorker:
                 self.cache.commit(row_cache, start + i, start + i + 1)
             return torch.cat(rows).float()
         cache = self.cache.fresh_view(start, start + len(seqs))
-        logits = prefill(self.model, [s.prompt for s in seqs], self.pad_id, True, cache)
+        adapters = self.adapters.held.rows([s.adapter for s in seqs], self.device)
+        logits = prefill(self.model, [s.prompt for s in seqs], self.pad_id, True, cache, adapters)
         return logits.float()
 
     def _decode(self, n: int) -> torch.Tensor:
@@ -269,7 +293,9 @@ class ModelWorker:
         last = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         positions = torch.tensor([[len(s.tokens) - 1] for s in seqs], device=self.device)
         cache = self.cache.view(0, n)
-        logits = self.model(last, positions, cache)[:, -1]
+        adapters = self.adapters.held.rows([s.adapter for s in seqs], self.device)
+        extra = {"adapters": adapters} if adapters is not None else {}  # the LSTM takes none
+        logits = self.model(last, positions, cache, **extra)[:, -1]
         self.cache.commit(cache, 0, n)
         return logits.float()
 
@@ -320,6 +346,7 @@ class ModelWorker:
         if rows:
             self.params = None
         for row in sorted(rows, reverse=True):
+            self._leave(self.active[row])
             last = len(self.active) - 1
             if row != last:
                 moved = self.active[last]
@@ -333,8 +360,15 @@ class ModelWorker:
 class Engine:
     """The scheduler thread and the workers of every served model."""
 
-    def __init__(self, max_slots: int = 16, queue_size: int = 64, request_timeout_s: float = 300.0):
+    def __init__(
+        self,
+        max_slots: int = 16,
+        queue_size: int = 64,
+        request_timeout_s: float = 300.0,
+        max_adapters: int = 8,
+    ):
         self.max_slots, self.queue_size, self.request_timeout_s = max_slots, queue_size, request_timeout_s
+        self.max_adapters = max_adapters  # LoRA adapters held in memory per model
         self.workers: dict[str, ModelWorker] = {}
         self.retired: deque[ModelWorker] = deque()  # removed workers whose requests must be failed
         self.wake = threading.Event()
@@ -342,7 +376,9 @@ class Engine:
         self.thread: threading.Thread | None = None
 
     def add_model(self, name: str, model: nn.Module, pad_id: int) -> None:
-        self.workers[name] = ModelWorker(name, model, self.max_slots, self.queue_size, pad_id)
+        self.workers[name] = ModelWorker(
+            name, model, self.max_slots, self.queue_size, pad_id, self.max_adapters
+        )
         self.wake.set()
 
     def remove_model(self, name: str) -> None:
@@ -356,6 +392,18 @@ class Engine:
             self.wake.set()
         else:
             worker.fail_all(RuntimeError(f"model {name!r} was unloaded"))
+
+    def add_adapter(self, model: str, name: str, directory) -> None:
+        """Register LoRA adapter `name` (a PEFT directory, checked now) for `model`'s requests;
+        the least recently used idle adapters leave memory past `max_adapters`."""
+        self.workers[model].adapters.register(name, directory)
+
+    def remove_adapter(self, model: str, name: str) -> None:
+        """Unregister adapter `name`: new requests cannot use it; running ones finish with it."""
+        self.workers[model].adapters.unregister(name)
+
+    def adapter_names(self, model: str) -> list[str]:
+        return self.workers[model].adapters.names()
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="semilla-engine", daemon=True)
@@ -381,11 +429,13 @@ class Engine:
         stop_ids: frozenset[int],
         loop: asyncio.AbstractEventLoop,
         queue: asyncio.Queue,
+        adapter: str | None = None,
     ) -> Sequence:
         """Queue a generation whose (sequence, event) pairs go to `queue`; raises QueueFullError
-        when the waiting line is full, ModelUnloadedError when the model is gone. Several
-        sequences may share one queue (n > 1)."""
-        seq = Sequence(prompt, cfg, stop_ids, self.request_timeout_s, loop, queue)
+        when the waiting line is full, ModelUnloadedError when the model is gone,
+        UnknownAdapterError for an adapter not registered. Several sequences may share one queue
+        (n > 1)."""
+        seq = Sequence(prompt, cfg, stop_ids, self.request_timeout_s, loop, queue, adapter=adapter)
         worker = self.workers.get(model)
         if worker is None:
             raise ModelUnloadedError(f"model {model!r} was unloaded")
