@@ -3,8 +3,9 @@ over the KV cache, the matmuls of a single stream (a few rows), and RMSNorm.
 
 They are built from source with the machine's C++ compiler the first time a model runs
 inference (20-25 s, once per machine, PyTorch and Python; cached under
-`~/.cache/semilla/kernels`, one directory per distinct source, which holds its own copy of the
-source: every clone of semilla with the same kernels shares one build). Processes take turns
+`~/.cache/semilla/kernels`, one directory per distinct source and PyTorch installation, which
+holds its own copy of the source: each virtual environment builds once, as the link step names its
+own PyTorch's libraries; two venvs sharing one build would rebuild over each other in turn). Processes take turns
 with a lock that dies with its holder, so a killed build never blocks the next. Where they cannot be built (no compiler) or `SEMILLA_KERNELS=0`,
 the model runs PyTorch's own operators instead, with the same results up to float rounding.
 The functions below return a kernel where it applies to the given tensors, else None.
@@ -54,12 +55,22 @@ def cpuinfo(*fields: str) -> str:
 
 
 def build_name() -> str:
-    """One build per source, PyTorch, Python and CPU: `-march=native` code must not travel to
-    another machine through a shared home directory."""
+    """One build per source, PyTorch installation, Python and CPU: `-march=native` code must not
+    travel to another machine through a shared home directory, and a build links against one
+    PyTorch installation's libraries (another venv's link command differs, so ninja would redo it)."""
     cpu = cpuinfo("flags", "Features")  # x86, ARM
     # LAYOUT keeps apart the directories of older semilla versions, which built differently
     key = "|".join(
-        [LAYOUT, SOURCE.read_text(), torch.__version__, sys.version, platform.machine(), cpu, *FLAGS]
+        [
+            LAYOUT,
+            SOURCE.read_text(),
+            torch.__version__,
+            torch.__file__,
+            sys.version,
+            platform.machine(),
+            cpu,
+            *FLAGS,
+        ]
     )
     return "semilla_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
