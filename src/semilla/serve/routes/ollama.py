@@ -22,7 +22,7 @@ from pydantic import Field, StrictBool, StrictStr
 from semilla import __version__
 from semilla.serve.errors import APIError
 from semilla.serve.hooks import Principal
-from semilla.serve.protocol import MAX_STOP, Seed, Temperature, TopK, TopP
+from semilla.serve.protocol import MAX_STOP, SMALLEST, Seed, Temperature, TopK, TopP
 from semilla.serve.protocol import Request as RequestBody
 from semilla.serve.routes import embeddings
 from semilla.serve.routes.openai import JSON_BODY, complete, generation_call, material_for, replay
@@ -43,7 +43,7 @@ class Options(RequestBody):
     seed: Seed | None = None
     num_predict: int | None = None  # -1 / -2 / absent: up to the server's default, within the context
     stop: Annotated[list[StrictStr], Field(max_length=MAX_STOP)] = Field(default_factory=list)
-    repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    repeat_penalty: Annotated[float, Field(ge=SMALLEST, le=10.0)] = 1.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
 
