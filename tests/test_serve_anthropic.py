@@ -97,6 +97,9 @@ def test_bad_requests_get_anthropic_errors(client: anthropic.Anthropic, server: 
     assert_anthropic_error(httpx.post(url, content=b"{", headers={"content-type": "application/json"}), 400,
                            "invalid_request_error", "not valid JSON")  # fmt: skip
     assert_anthropic_error(httpx.post(url, json={**body, "model": "nope"}), 404, "not_found_error", "nope")
+    # errors raised before any route (no such route, wrong method) have the same shape
+    assert_anthropic_error(httpx.post(url + "/count_tokens", json=body), 404, "not_found_error", "no route")
+    assert_anthropic_error(httpx.get(url), 405, "invalid_request_error", "method not allowed")
 
 
 def test_x_api_key_authenticates(tiny_run: Path, tmp_path: Path):

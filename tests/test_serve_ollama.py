@@ -110,3 +110,5 @@ def test_bad_requests_get_ollama_errors(client: ollama.Client, server: str):
         assert r.status_code == status and naming in r.json()["error"], (path, r.text)
     r = httpx.post(server + "/api/chat", content=b"hola", headers={"content-type": "text/plain"})
     assert r.status_code == 415 and isinstance(r.json()["error"], str)
+    r = httpx.post(server + "/api/pull", json={"model": "tiny"})  # no such route here
+    assert r.status_code == 404 and r.json() == {"error": "no route POST /api/pull"}
