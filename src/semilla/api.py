@@ -48,12 +48,14 @@ class StopStringFilter:
         self.tokens: list[int] = []
         self.emitted = 0  # characters of the text already handed out
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def push(self, token: int) -> str:
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self.stop if (i := text.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found)
             self.stopped = True
             return self._take(text[:cut])
         safe = len(text.rstrip("\ufffd"))  # an unfinished multi-byte character decodes as U+FFFD

@@ -29,7 +29,17 @@ from semilla.serve.middleware import (
 )
 from semilla.serve.providers import ProvidersFile
 from semilla.serve.registry import ServedModel
-from semilla.serve.routes import collections, compat, docs, embeddings, health, openai
+from semilla.serve.routes import (
+    anthropic,
+    collections,
+    compat,
+    docs,
+    embeddings,
+    health,
+    ollama,
+    openai,
+    responses,
+)
 from semilla.serve.routes import models as model_admin
 from semilla.serve.serving import ClientGone
 from semilla.serve.settings import ServerSettings
@@ -127,7 +137,10 @@ def create_app(
 
     app.include_router(health.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(compat.router)
+    app.include_router(anthropic.router)
+    app.include_router(ollama.router)
     if with_docs:
         docs.install(app)
     accounts.install(app, settings)  # store, auth, limits, cache, feedback: sets app.state.hooks

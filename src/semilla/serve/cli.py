@@ -68,9 +68,10 @@ FLAGS = (  # flag, settings field, type, help
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve models over an OpenAI-compatible HTTP API",
-        description="Serve checkpoints over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), "
-        "robo-poet's /v1/generate and simpleIA's /predict, with continuous batching, /health, /ready and "
+        help="serve models over OpenAI-, Anthropic- and Ollama-compatible HTTP APIs",
+        description="Serve checkpoints over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models, "
+        "/v1/responses), Anthropic's /v1/messages, Ollama's /api/chat, /api/generate, /api/tags, /api/show and "
+        "/api/embed, robo-poet's /v1/generate and simpleIA's /predict, with continuous batching, /health, /ready and "
         "Prometheus /metrics. With --providers, a request's model may also be PROVIDER/MODEL of a remote "
         "OpenAI- or Anthropic-compatible service or a named route that falls back from one provider to the "
         "next; admins switch models at run time (semilla admin model). "

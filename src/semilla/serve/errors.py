@@ -1,6 +1,9 @@
-"""Every error the server sends has OpenAI's shape; this module is the one place that says how.
+"""Every error the server sends, in the shape of the API its path belongs to; this module is the
+one place that says how.
 
-{"error": {"message": "...", "type": "invalid_request_error", "param": "messages", "code": null}}
+OpenAI (every route but these): {"error": {"message", "type", "param", "code"}}
+Anthropic (/v1/messages):       {"type": "error", "error": {"type", "message"}}
+Ollama (/api/...):              {"error": "..."}
 """
 
 from __future__ import annotations
@@ -26,6 +29,29 @@ ERROR_TYPES = {
 }
 
 
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors)
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def api_of(path: str) -> str:
+    """Which API a request path speaks: 'anthropic', 'ollama' or 'openai'."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    if path.startswith("/api/"):
+        return "ollama"
+    return "openai"
+
+
 class APIError(Exception):
     """An HTTP error with OpenAI's body. Raise it anywhere below a route."""
 
@@ -44,11 +70,18 @@ class APIError(Exception):
         self.type = type or ERROR_TYPES.get(status, "api_error")
         self.headers = headers or {}
 
-    def body(self) -> dict:
+    def body(self, api: str = "openai") -> dict:
+        """The error body in the shape of `api` (see api_of)."""
+        if api == "anthropic":
+            kind = ANTHROPIC_TYPES.get(self.status, "api_error")
+            return {"type": "error", "error": {"type": kind, "message": self.message}}
+        if api == "ollama":
+            return {"error": self.message}
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self, path: str = "") -> JSONResponse:
+        """The HTTP response; `path` (the request's) picks the API whose shape the body has."""
+        return JSONResponse(self.body(api_of(path)), status_code=self.status, headers=self.headers)
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -77,15 +110,16 @@ def is_union_member(part) -> bool:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return exc.response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
+        return validation_error(exc).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = {404: f"no route {request.method} {request.url.path}", 405: "method not allowed"}.get(
             exc.status_code, str(exc.detail)
         )
-        return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
+        refused = APIError(exc.status_code, message, headers=getattr(exc, "headers", None))
+        return refused.response(request.url.path)

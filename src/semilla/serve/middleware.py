@@ -42,7 +42,9 @@ class UnexpectedErrors:
             log.exception("internal error on %s %s", scope["method"], scope["path"])
             if started:  # part of a response is out: only closing the connection can end it
                 raise
-            await APIError(500, "internal server error", type="server_error").response()(scope, receive, send)
+            await APIError(500, "internal server error", type="server_error").response(scope["path"])(
+                scope, receive, send
+            )
 
 
 class RequestGuard:
@@ -67,7 +69,7 @@ class RequestGuard:
                 code="ambiguous_framing",
                 headers={"Connection": "close"},
             )
-            return await refused.response()(scope, receive, send)
+            return await refused.response(scope["path"])(scope, receive, send)
         host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
         if host and not self.allowed.allows(host) and self.host_check():
             refused = APIError(
@@ -75,7 +77,7 @@ class RequestGuard:
                 f"this server does not answer to the host {host!r}: add it with --allowed-hosts",
                 code="host_not_allowed",
             )
-            return await refused.response()(scope, receive, send)
+            return await refused.response(scope["path"])(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -123,7 +125,7 @@ class BodySizeLimit:
         )
         length = dict(scope.get("headers") or {}).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await too_big.response()(scope, receive, send)
+            return await too_big.response(scope["path"])(scope, receive, send)
         received = 0
 
         async def limited_receive():

@@ -69,6 +69,7 @@ class Choice:
     tokens: list[TokenInfo] = field(default_factory=list)
     n_tokens: int = 0
     finish_reason: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended it (finish_reason 'stop')
     held: str = ""  # text kept back until the content filter can judge a whole word
 
 
@@ -310,6 +311,7 @@ class Job(Generation):
                 delta = self._push(index, event.token, event.logprob, event.top_logprobs)
                 if self.text_filters[index].stopped:
                     choice.finish_reason = "stop"
+                    choice.stop_sequence = self.text_filters[index].matched
                     seq.cancel()  # free the slot now
                 elif event.finish_reason:
                     delta.text += self.text_filters[index].flush()

@@ -112,8 +112,10 @@ async def complete(
     render: Callable[[Result], dict],
     render_stream: Callable[[Generation | Result], AsyncIterator[str]],
     record: Callable[[Result], CompletionRecord],
+    media_type: str = "text/event-stream",
 ):
-    """Cache lookup, run, cache store and record: the part chat and completions share."""
+    """Cache lookup, run, cache store and record: the part every generating route shares
+    (OpenAI's, Anthropic's and Ollama's; `render_stream` frames the stream in `media_type`)."""
     hooks = request.app.state.hooks
     if material is not None:
         cached = hooks.cache_get(principal, material)
@@ -122,7 +124,7 @@ async def complete(
             hit = dataclasses.replace(record(cached), latency_ms=0.0)
             await run_in_threadpool(hooks.record_completion, principal, hit)
             if stream:
-                return StreamingResponse(render_stream(cached), media_type="text/event-stream")
+                return StreamingResponse(render_stream(cached), media_type=media_type)
             return render(cached)
     await gen.start()
 
@@ -135,15 +137,17 @@ async def complete(
     if stream:
 
         async def events() -> AsyncIterator[str]:
+            last = None  # the stream's last chunk ([DONE], message_stop, done: true) waits for the record
             async for chunk in render_stream(gen):
-                if chunk == DONE:
-                    break
-                yield chunk
+                if last is not None:
+                    yield last
+                last = chunk
             await finished(gen.finish())  # a stream that failed is recorded as such, never cached
-            yield DONE
+            if last is not None:
+                yield last
 
         return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **gen.headers}
+            events(), media_type=media_type, headers={"Cache-Control": "no-cache", **gen.headers}
         )
     result = await run_to_end(request, gen)
     await finished(result)
