@@ -20,9 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 import semilla
 from semilla.checkpoint import load_checkpoint
 from semilla.config import resolve_configs
@@ -32,7 +29,7 @@ from semilla.models.lora import load_adapter
 from semilla.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_lora_finetune import domain_rows, held_out_loss, write_jsonl  # noqa: E402
+from test_lora_finetune import domain_rows, general_loss, held_out_loss, write_jsonl  # noqa: E402
 
 QUIJOTE = Path(__file__).resolve().parents[1] / "src" / "semilla" / "demo" / "quijote.txt"
 QUIET = dict(device="cpu", progress=False, log_interval=20, sample_interval=10_000, save_interval=10_000)
@@ -48,17 +45,6 @@ def base_model(work: Path) -> tuple[Path, Path]:
                         block_size=128, batch_size=8, **QUIET)  # fmt: skip
         train(*resolve_configs("tiny", overrides=settings, environ={}))
     return data, run / "best"
-
-
-def general_loss(model, ids: torch.Tensor, block: int = 128) -> float:
-    """Mean cross-entropy over `ids` in consecutive windows of `block` tokens."""
-    total = count = 0.0
-    with torch.no_grad():
-        for start in range(0, len(ids) - 1, block):
-            window = ids[start : start + block + 1]
-            total += float(F.cross_entropy(model(window[None, :-1])[0], window[1:], reduction="sum"))
-            count += len(window) - 1
-    return total / count
 
 
 def main() -> None:
