@@ -45,7 +45,7 @@ DEMO_DONE := $(DEMO)/demo-finished
 DEMO_CHAT := runs/demo-chat.jsonl
 DEMO_MINUTES := 4
 DEMO_TRAIN := --data src/semilla/demo/quijote.txt,$(DEMO_CHAT) --tokenizer bpe --vocab-size 1024 \
-	--n-layer 4 --n-head 4 --n-embd 128 --block-size 512 --batch-size 8 --max-iters 500 --dropout 0.2 \
+	--n-layer 4 --n-head 4 --n-embd 128 --block-size 512 --batch-size 8 --max-iters 500 \
 	--learning-rate 3e-3 --min-lr 3e-4 --warmup-iters 50 --eval-interval 100 --save-interval 100 \
 	--sample-interval 250
 
