@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,7 +177,7 @@ def fit_max_tokens(model: str, limit: int | None, prompt_len: int, call: Generat
     return min(asked, room)
 
 
-class Generation:
+class Generation(ABC):
     """The n choices of one request from some backend: `start()`, then `deltas()` as they
     come (each choice ends with a finish_reason) or `result()` at once."""
 
@@ -194,13 +195,14 @@ class Generation:
         self.failed = False
         self.started = time.perf_counter()
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (optional hook, a no-op by default)
         """Begin generating; refusals (busy, bad settings, no provider) raise APIError here."""
 
+    @abstractmethod
     def deltas(self) -> AsyncIterator[ChoiceDelta]:
-        raise NotImplementedError
+        """Each choice's text deltas as they come, the last of each with its finish_reason."""
 
-    def cancel(self) -> None:
+    def cancel(self) -> None:  # noqa: B027 (optional hook, a no-op by default)
         """Stop generating (the client left): free whatever the generation holds."""
 
     def _screen(self, choice: Choice, delta: ChoiceDelta) -> bool:
@@ -258,7 +260,7 @@ class Job(Generation):
         self.sequences: dict[Sequence, int] = {}
         self.queue: asyncio.Queue = asyncio.Queue()
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (optional hook, a no-op by default)
         self.submit()
 
     def submit(self) -> None:
@@ -289,7 +291,7 @@ class Job(Generation):
             raise APIError(404, str(e), param="model", code="model_not_found") from e
         metrics.PROMPT_TOKENS.labels(self.served.id).inc(sum(len(p) for p in self.prompts))
 
-    def cancel(self) -> None:
+    def cancel(self) -> None:  # noqa: B027 (optional hook, a no-op by default)
         for seq in self.sequences:
             seq.cancel()
 

@@ -13,6 +13,7 @@ import asyncio
 import email.utils
 import json
 import time
+from abc import abstractmethod
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -335,11 +336,13 @@ class RemoteBackend(Backend):
         settings_or_400(call.cfg)
         return RemoteGeneration(self, n_choices, call, path, body, texts)
 
+    @abstractmethod
     def parse(self, data: dict, gen: RemoteGeneration) -> Iterator[Piece]:
-        raise NotImplementedError
+        """The pieces of a whole (non-streamed) response body of this API."""
 
+    @abstractmethod
     def parse_event(self, data: dict, gen: RemoteGeneration) -> Iterator[Piece]:
-        raise NotImplementedError
+        """The pieces of one streamed event of this API."""
 
 
 class OpenAIBackend(RemoteBackend):
