@@ -25,10 +25,11 @@ from semilla.train_inputs import init_model_config
 from semilla.train_setup import resume_configs
 
 # 20 steps of a global batch of 2 micro-batches; a constant LR so a run resumed with a longer
-# max_iters follows the same schedule as one trained straight through
+# max_iters follows the same schedule as one trained straight through; float32, as bfloat16
+# autocast rounds sharded (FSDP) matmuls differently from whole ones
 DDP_TRAIN = dict(
     max_iters=20, grad_accum=2, deterministic=True, seed=3, lr_schedule="constant",
-    eval_interval=10, save_interval=10, sample_interval=10,
+    eval_interval=10, save_interval=10, sample_interval=10, dtype="float32",
 )  # fmt: skip
 TOLERANCE = 1e-5
 

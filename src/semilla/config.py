@@ -34,7 +34,11 @@ SHAPE_FIELDS = (
     "block_size",
 )  # what growth grows
 TOKENIZERS = ("char", "bpe")
-DTYPES = ("auto", "float32", "bfloat16")  # auto: bfloat16 on CUDA (autocast when training), float32 elsewhere
+DTYPES = (
+    "auto",
+    "float32",
+    "bfloat16",
+)  # auto: bfloat16 where native (autocast when training), float32 elsewhere
 DTYPE_HELP = (
     "float32 or bfloat16 weights (half the memory; with Intel AMX ~1.9x faster batches); "
     "auto: bfloat16 on CUDA, float32 on CPU"
@@ -163,7 +167,7 @@ class TrainConfig:
     grow_mode: str = "exact"  # how the model grows between ages: exact (same function) | stack
     grow_warmup_iters: int = 20  # learning-rate re-warmup after each growth
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    dtype: str = "auto"  # auto: bf16 autocast where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), fp32 elsewhere
     compile: bool = False  # torch.compile the model (faster steps after a slow start)
     fsdp: bool = False  # shard weights, gradients, AdamW state over the processes (FSDP2); with --nproc
     seed: int = 1337  # seed of the weights, the batches and the samples

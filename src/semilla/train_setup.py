@@ -120,9 +120,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device multiplies bfloat16 matrices natively: CUDA, or a CPU with AVX512-BF16
+    or AMX (about twice its float32 rate there; emulated, bfloat16 is slower than float32)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    )
+
+
 def pick_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; fp32 on CPU, where bf16 is slower without AMX."""
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+    """bf16 autocast (float32 weights and optimizer state) where the device has native bf16
+    matrix math, by default; float32 elsewhere."""
+    if dtype == "bfloat16" or (dtype == "auto" and native_bf16(device)):
         return torch.bfloat16
     return None
 
