@@ -39,10 +39,22 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH = 4, 4, 128, 64, 12
+SHAPES = {  # layers, heads, width, block, batch
+    "nanogpt": (4, 4, 128, 64, 12),  # nanoGPT's CPU recipe for tinyshakespeare char
+    "gpt2": (12, 12, 768, 1024, 16),  # GPT-2 small's body (124M with its vocabulary), for a GPU
+}
+N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH = SHAPES["nanogpt"]
 LR, BETAS, WEIGHT_DECAY = 1e-3, (0.9, 0.99), 0.1
 WINDOW = 10  # steps per throughput window
-TRAINERS = ("semilla", "hf", "litgpt")
+# semilla at its defaults (bfloat16 autocast where the device has native bfloat16) and in float32;
+# each peer in float32 and in bfloat16 mixed precision (autocast; litgpt's "bf16-mixed")
+TRAINERS = ("semilla", "semilla-fp32", "hf", "hf-bf16", "litgpt", "litgpt-bf16")
+DEVICE = "cpu"
+
+
+def use_shape(name: str) -> None:
+    global N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH
+    N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH = SHAPES[name]
 
 
 def train_tokens(data: Path) -> np.ndarray:
@@ -59,7 +71,7 @@ def warm_median(rates: list[float]) -> float:
 # --- the trainers, one per process ---------------------------------------------------------------
 
 
-def run_semilla(data: Path, steps: int, work: Path) -> float:
+def run_semilla(data: Path, steps: int, work: Path, dtype: str = "auto") -> float:
     from semilla.config import ModelConfig, TrainConfig
     from semilla.train import train
 
@@ -71,14 +83,15 @@ def run_semilla(data: Path, steps: int, work: Path) -> float:
         data=str(data), out_dir=str(work / "semilla"), batch_size=BATCH, max_iters=steps,
         learning_rate=LR, min_lr=LR / 10, warmup_iters=10, beta1=BETAS[0], beta2=BETAS[1],
         weight_decay=WEIGHT_DECAY, grad_clip=1.0, eval_interval=steps, eval_iters=1,
-        log_interval=WINDOW, save_interval=10**9, sample_interval=10**9, progress=False, device="cpu",
+        log_interval=WINDOW, save_interval=10**9, sample_interval=10**9, progress=False, device=DEVICE,
+        dtype=dtype,
     )  # fmt: skip
     train(model, cfg)
     rows = [json.loads(line) for line in (work / "semilla" / "metrics.jsonl").open()]
     return warm_median([r["tokens_per_s"] for r in rows if r["kind"] == "train"])
 
 
-def run_hf(data: Path, steps: int, work: Path) -> float:
+def run_hf(data: Path, steps: int, work: Path, bf16: bool = False) -> float:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokens = torch.from_numpy(train_tokens(data).astype(np.int64))
@@ -87,14 +100,16 @@ def run_hf(data: Path, steps: int, work: Path) -> float:
         vocab_size=vocab, n_positions=BLOCK, n_embd=N_EMBD, n_layer=N_LAYER, n_head=N_HEAD,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )  # fmt: skip
-    model = GPT2LMHeadModel(config).train()
+    model = GPT2LMHeadModel(config).to(DEVICE).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    tokens = tokens.to(DEVICE)
     generator = torch.Generator().manual_seed(0)
     rates, start = [], time.perf_counter()
     for step in range(1, steps + 1):
         offsets = torch.randint(len(tokens) - BLOCK - 1, (BATCH,), generator=generator)
         batch = torch.stack([tokens[o : o + BLOCK + 1] for o in offsets.tolist()])
-        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss  # HF shifts labels itself
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss  # HF shifts labels itself
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -107,7 +122,7 @@ def run_hf(data: Path, steps: int, work: Path) -> float:
     return warm_median(rates)
 
 
-def run_litgpt(data: Path, steps: int, work: Path, python: str) -> float:
+def run_litgpt(data: Path, steps: int, work: Path, python: str, precision: str = "32-true") -> float:
     import csv
 
     config = dict(
@@ -122,7 +137,7 @@ def run_litgpt(data: Path, steps: int, work: Path, python: str) -> float:
     command = [
         python, "-m", "litgpt", "pretrain", "semilla-bench", "--model_config", json.dumps(config),
         "--data", "train_peers.SameWindows", "--data.path", str(data),
-        "--out_dir", str(out), "--precision", "32-true", "--devices", "1", "--logger_name", "csv",
+        "--out_dir", str(out), "--precision", precision, "--devices", "1", "--logger_name", "csv",
         "--tokenizer_dir", "null", "--optimizer", json.dumps(optimizer),
         "--train.micro_batch_size", str(BATCH), "--train.global_batch_size", str(BATCH),
         "--train.max_tokens", str(steps * BATCH * BLOCK), "--train.max_seq_length", str(BLOCK),
@@ -195,10 +210,14 @@ def worker(name: str, data: Path, steps: int, threads: int, litgpt_python: str) 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        if name == "litgpt":  # its own process, in its own venv; the threads go by environment
-            rate = run_litgpt(data, steps, Path(tmp), litgpt_python)
+        work = Path(tmp)
+        if name.startswith("litgpt"):  # its own process, in its own venv; the threads go by environment
+            precision = "bf16-mixed" if name.endswith("bf16") else "32-true"
+            rate = run_litgpt(data, steps, work, litgpt_python, precision)
+        elif name.startswith("hf"):
+            rate = run_hf(data, steps, work, bf16=name.endswith("bf16"))
         else:
-            rate = {"semilla": run_semilla, "hf": run_hf}[name](data, steps, Path(tmp))
+            rate = run_semilla(data, steps, work, "float32" if name.endswith("fp32") else "auto")
     print(json.dumps({"trainer": name, "tokens_per_s": rate}))
 
 
@@ -211,12 +230,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every trainer")
     parser.add_argument("--trainers", default=",".join(TRAINERS), help="which, comma-separated")
     parser.add_argument(
+        "--shape", choices=sorted(SHAPES), default="nanogpt", help="model shape (default: nanogpt)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (litgpt runs on the CPU only here)")
+    parser.add_argument(
         "--litgpt-python", default=str(ROOT / ".venv-peers" / "bin" / "python"),
         help="the Python of a venv with litgpt (`make peers` makes .venv-peers)",
     )  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    use_shape(args.shape)
     if args.worker:
         return worker(args.worker, Path(args.data), args.steps, args.threads, args.litgpt_python)
     if not CORPUS.is_file():
@@ -233,7 +259,8 @@ def main() -> None:
         for r in range(args.rounds):
             for name in trainers:
                 command = [sys.executable, __file__, "--worker", name, "--data", str(data), "--steps",
-                           str(args.steps), "--threads", str(args.threads), "--litgpt-python", args.litgpt_python]  # fmt: skip
+                           str(args.steps), "--threads", str(args.threads), "--litgpt-python", args.litgpt_python,
+                           "--shape", args.shape, "--device", args.device]  # fmt: skip
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode:
                     raise SystemExit(f"the {name} trainer failed:\n{done.stderr[-3000:]}")
@@ -241,15 +268,21 @@ def main() -> None:
                 rates[name].append(rate)
                 print(f"round {r + 1}: {name:8s} {rate:9.0f} tokens/s", flush=True)
     medians = {t: statistics.median(v) for t, v in rates.items()}
-    print(f"\n{'trainer':10s} {'median tok/s':>12s} {'min':>8s} {'max':>8s} {'semilla/it':>10s}")
+    print(f"\n{'trainer':14s} {'median tok/s':>12s} {'min':>8s} {'max':>8s} {'semilla/it':>10s}")
     for t, v in rates.items():
         ratio = medians["semilla"] / medians[t] if "semilla" in medians else float("nan")
-        print(f"{t:10s} {medians[t]:12.0f} {min(v):8.0f} {max(v):8.0f} {ratio:10.2f}")
+        print(f"{t:14s} {medians[t]:12.0f} {min(v):8.0f} {max(v):8.0f} {ratio:10.2f}")
+    peers = [t for t in medians if not t.startswith("semilla")]
+    if "semilla" in medians and peers:
+        fastest = max(peers, key=medians.get)
+        print(f"semilla / the fastest peer ({fastest}) = {medians['semilla'] / medians[fastest]:.2f}x")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    report = {"rounds": args.rounds, "steps": args.steps, "threads": args.threads, "tokens_per_s": rates,
+    report = {"rounds": args.rounds, "steps": args.steps, "threads": args.threads, "shape": args.shape,
+              "device": args.device, "tokens_per_s": rates,
               "medians": medians, "machine": os.uname().machine, "cpus": os.cpu_count()}  # fmt: skip
-    (out / "train_peers.json").write_text(json.dumps(report, indent=2) + "\n")
+    suffix = "" if (args.shape, args.device) == ("nanogpt", "cpu") else f"-{args.shape}-{args.device}"
+    (out / f"train_peers{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
