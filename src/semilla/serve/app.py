@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Response
 
 from semilla import __version__
-from semilla.serve import accounts, retrieval, switching, web
+from semilla.serve import accounts, alerts, retrieval, switching, web
 from semilla.serve.backends.base import Backend
 from semilla.serve.backends.local import LocalBackend
 from semilla.serve.backends.router import ModelRouter
@@ -149,6 +149,7 @@ def create_app(
     app.include_router(collections.router)
     app.include_router(model_admin.router)
     web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
+    alerts.install(app, settings)  # alerting rules evaluated in-process, /admin/alerts, the webhook
     # outermost last: the size limit runs before anything reads the body
     app.add_middleware(RequestMetrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

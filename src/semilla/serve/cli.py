@@ -62,6 +62,32 @@ FLAGS = (  # flag, settings field, type, help
         float,
         "seconds a client has to send a request's headers (default: 10)",
     ),
+    (
+        "--alert-rules",
+        "alert_rules",
+        str,
+        "Prometheus alerting rules file the server evaluates itself (GET /admin/alerts, dashboard, log); "
+        "default: the rules semilla ships (P95 latency, error rate, memory, drift, health)",
+    ),
+    (
+        "--alert-interval",
+        "alert_interval_s",
+        float,
+        "seconds between two evaluations of the alerting rules (default: 15)",
+    ),
+    (
+        "--alert-webhook",
+        "alert_webhook_url",
+        str,
+        "URL POSTed an Alertmanager-style JSON body when an alert fires or resolves, retried with backoff "
+        "($SEMILLA_ALERT_WEBHOOK_URL; default: none)",
+    ),
+    (
+        "--memory-limit",
+        "memory_limit_bytes",
+        int,
+        "bytes the memory alert measures against (default: the cgroup's limit, else the machine's memory)",
+    ),
 )
 
 

@@ -55,3 +55,19 @@ PROVIDER_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 TEMPLATE_ANSWERS = Counter("semilla_template_answers", "Requests answered with the canned last-resort text")
+
+# Operations (semilla.serve.alerts): what the shipped alerting rules read besides the above.
+MEMORY_USED_RATIO = Gauge(
+    "semilla_memory_used_ratio",
+    "Resident memory of the server over its limit (cgroup limit, else the machine's)",
+)
+HEALTH_CHECK_FAILURES = Counter(
+    "semilla_health_check_failures",
+    "The server's own health checks that failed (engine stopped, nothing to serve)",
+)
+MODEL_DRIFT_RATIO = Gauge(
+    "semilla_model_drift_ratio",
+    "A served model's perplexity on the reference text over its baseline",
+    ["model"],
+)
+ALERTS_FIRING = Gauge("semilla_alerts_firing", "Alerts firing now, by rule", ["alert"])

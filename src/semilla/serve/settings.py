@@ -48,6 +48,13 @@ class ServerSettings(BaseSettings):
     metrics_public: bool = False  # /metrics without a token even when accounts exist (else: an admin's)
     docs: bool | None = None  # /docs and /openapi.json; None: on, except in production
 
+    # --- operations (semilla.serve.alerts) -----------------------------------------------
+    alert_rules: str = ""  # Prometheus alerting rules evaluated in-process; empty: the ones semilla ships
+    alert_interval_s: float = Field(15.0, gt=0)  # how often the rules are evaluated
+    alert_webhook_url: str = ""  # POSTed Alertmanager-style when an alert fires or resolves; empty: none
+    alert_webhook_timeout_s: float = Field(5.0, gt=0)  # per delivery try (5 tries, backoff 1, 2, 4, 8 s)
+    memory_limit_bytes: int = Field(0, ge=0)  # what memory alerts measure against; 0: cgroup limit, else RAM
+
     # --- accounts and safety (semilla.serve.accounts) ----------------------------------
     database_url: str = ""  # empty: SQLite at <data_dir>/semilla.db; postgresql+psycopg://... works too
     redis_url: str = ""  # redis://...: rate limits and the response cache shared by every replica
