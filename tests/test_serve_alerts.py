@@ -1,16 +1,18 @@
 """Alerting: the shipped rules pass promtool, the in-process PromQL agrees with hand-computed
 values, alerts fire and resolve with hysteresis, and a real server driven into each condition
-(slow model, failing requests, memory, failed health checks) raises and clears its alert, with
+(slow model, failing requests, memory, failed health checks, a drifted checkpoint swapped in) raises and clears its alert, with
 a webhook that may hang or fail."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from accounts_helpers import login, make_settings, register
 from alert_helpers import FAST, admin_session, alert_status, fast_rules, wait_for, webhook_app
 from helpers import assert_one_line_error, run_cli
@@ -18,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from provider_helpers import upstream_app, write_providers
 from server_helpers import running_server
 
+from semilla.api import load
+from semilla.checkpoint import save_checkpoint
 from semilla.serve.alerts import DEFAULT_RULES
 from semilla.serve.alerts.evaluator import AlertEvaluator
 from semilla.serve.alerts.probes import resident_bytes
@@ -224,3 +228,65 @@ def test_a_webhook_that_hangs_or_fails_is_retried_and_never_holds_up_the_server(
             wait_for(lambda: client.get("/admin/alerts").json()["webhook"]["delivered"] == 1, timeout=15)
             assert client.get("/admin/alerts").json()["webhook"]["tries"] == 3  # 2 failed, then delivered
     assert receiver.state.received[0]["groupLabels"]["alertname"] == "SemillaHealthCheckFailing"
+
+
+def drifted_checkpoint(run: Path, out: Path) -> str:
+    """The tiny run's weights with noise added: a model that knows the reference text less well."""
+    lm = load(str(run))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    save_checkpoint(out, lm.model, lm.tokenizer)
+    return str(out)
+
+
+def test_a_drifted_checkpoint_swapped_in_fires_the_drift_alert_and_resolves_when_swapped_back(
+    tiny_run: Path, tmp_path: Path
+):
+    drifted = drifted_checkpoint(tiny_run, tmp_path / "drifted")
+    settings = make_settings(tmp_path, alert_rules=fast_rules(tmp_path / "r.yml"), drift_interval_s=0.2,
+                             drift_sample_prompts=True, **FAST)  # fmt: skip
+    app = create_app(settings, load_models([("tiny", str(tiny_run))]))
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        client.headers.update(admin_session(client))
+
+        def drift(source: str = "reference") -> dict | None:
+            return client.get("/admin/drift").json()["models"].get("tiny", {}).get(source)
+
+        wait_for(lambda: drift() is not None)
+        assert drift()["ratio"] == pytest.approx(1.0, abs=1e-4)
+        baseline = drift()["baseline"]
+        saved = json.loads((tmp_path / "data" / "drift-baselines.json").read_text())
+        assert saved["tiny"]["reference"] == baseline
+        assert 'semilla_model_drift_ratio{model="tiny",source="reference"}' in client.get("/metrics").text
+
+        # the opt-in prompt sample: scored at the next check, never written anywhere
+        marker = "la ínsula"  # the tiny model has a 32-token context
+        assert client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2,
+                           "messages": [{"role": "user", "content": marker}]}).status_code == 200  # fmt: skip
+        wait_for(lambda: drift("prompts") is not None)
+        assert marker not in (tmp_path / "data" / "drift-baselines.json").read_text()
+
+        # an admin swaps a drifted checkpoint in under the same name (runtime switching)
+        assert client.delete("/admin/models/tiny").status_code == 204
+        assert client.post("/admin/models", json={"name": "tiny", "path": drifted}).status_code == 201
+        wait_for(lambda: alert_status(client, "SemillaModelDrift") == "firing")
+        assert drift()["ratio"] > 1.2 and drift()["baseline"] == baseline
+        firing = client.get("/admin/alerts").json()["firing"]
+        summary = next(a for a in firing if a["name"] == "SemillaModelDrift")["annotations"]["summary"]
+        assert summary.startswith("tiny: perplexity on the reference is")
+
+        # and back: the ratio returns to 1 and the alert resolves after keep_firing_for
+        assert client.delete("/admin/models/tiny").status_code == 204
+        assert client.post("/admin/models", json={"name": "tiny", "path": str(tiny_run)}).status_code == 201
+        wait_for(lambda: alert_status(client, "SemillaModelDrift") == "resolved")
+        assert drift()["ratio"] == pytest.approx(1.0, abs=1e-4)
+
+        # a deliberate new version: the admin re-measures its baseline
+        assert client.delete("/admin/models/tiny").status_code == 204
+        assert client.post("/admin/models", json={"name": "tiny", "path": drifted}).status_code == 201
+        r = client.post("/admin/drift/tiny/baseline")
+        assert r.status_code == 200 and r.json()["reference"]["ratio"] == pytest.approx(1.0, abs=1e-4)
+        assert r.json()["reference"]["baseline"] > baseline
+        assert client.post("/admin/drift/nope/baseline").status_code == 404

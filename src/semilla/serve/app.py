@@ -56,6 +56,7 @@ class ServerState:
     models: dict[str, ServedModel] = field(default_factory=dict)  # the local checkpoints
     local: dict[str, LocalBackend] = field(default_factory=dict)  # their backends, by id
     started: float = field(default_factory=time.time)
+    prompt_observers: list = field(default_factory=list)  # called with (model, prompt text) per request
 
     def __post_init__(self) -> None:
         self.router = ModelRouter(self.local)
@@ -64,7 +65,7 @@ class ServerState:
         lm = served.lm
         self.engine.add_model(served.id, lm.model, lm.tokenizer.pad_id)
         self.models[served.id] = served
-        self.local[served.id] = LocalBackend(served, self.engine)
+        self.local[served.id] = LocalBackend(served, self.engine, self.prompt_observers)
 
     def remove_model(self, name: str) -> ServedModel:
         """Stop serving a local model; its requests in flight end with an error."""

@@ -83,6 +83,18 @@ FLAGS = (  # flag, settings field, type, help
         "($SEMILLA_ALERT_WEBHOOK_URL; default: none)",
     ),
     (
+        "--drift-interval",
+        "drift_interval_s",
+        float,
+        "seconds between two perplexity checks of each served model against its baseline; 0: off (default: 300)",
+    ),
+    (
+        "--drift-reference",
+        "drift_reference",
+        str,
+        "text file drift is measured on (default: the last 4,000 characters of the bundled demo text)",
+    ),
+    (
         "--memory-limit",
         "memory_limit_bytes",
         int,
@@ -121,6 +133,13 @@ def add_parser(sub) -> None:
         default=None,
         help="serve the model routes without authentication even off loopback or with accounts",
     )
+    p.add_argument(
+        "--drift-sample-prompts",
+        action="store_true",
+        default=None,
+        help="also measure drift on the last prompts each model answered: held in memory only, PII-scrubbed, "
+        "dropped after each check (default: off)",
+    )
     p.set_defaults(func=run)
 
 
@@ -133,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {field: getattr(args, field_attr(flag)) for flag, field, _, _ in FLAGS}
     overrides["insecure_no_auth"] = args.insecure_no_auth
+    overrides["drift_sample_prompts"] = args.drift_sample_prompts
     try:
         settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:  # flags, SEMILLA_* variables or .env: name every bad one

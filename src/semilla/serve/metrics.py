@@ -67,7 +67,7 @@ HEALTH_CHECK_FAILURES = Counter(
 )
 MODEL_DRIFT_RATIO = Gauge(
     "semilla_model_drift_ratio",
-    "A served model's perplexity on the reference text over its baseline",
-    ["model"],
+    "A served model's perplexity over its baseline (source: the reference text, or sampled prompts)",
+    ["model", "source"],
 )
 ALERTS_FIRING = Gauge("semilla_alerts_firing", "Alerts firing now, by rule", ["alert"])

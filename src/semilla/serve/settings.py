@@ -54,6 +54,9 @@ class ServerSettings(BaseSettings):
     alert_webhook_url: str = ""  # POSTed Alertmanager-style when an alert fires or resolves; empty: none
     alert_webhook_timeout_s: float = Field(5.0, gt=0)  # per delivery try (5 tries, backoff 1, 2, 4, 8 s)
     memory_limit_bytes: int = Field(0, ge=0)  # what memory alerts measure against; 0: cgroup limit, else RAM
+    drift_interval_s: float = Field(300.0, ge=0)  # perplexity checks against each model's baseline; 0: off
+    drift_reference: str = ""  # the text drift is measured on; empty: the end of the bundled demo text
+    drift_sample_prompts: bool = False  # also score the last prompts (in memory only, never stored)
 
     # --- accounts and safety (semilla.serve.accounts) ----------------------------------
     database_url: str = ""  # empty: SQLite at <data_dir>/semilla.db; postgresql+psycopg://... works too

@@ -1,10 +1,10 @@
 """Operations: alerting rules evaluated inside the server (and shipped for Prometheus).
 
     rules = check_settings(settings)    # AlertRulesError / SemillaError: one line, exit 2
-    install(app, settings)              # the evaluator and webhook tasks, GET /admin/alerts
+    install(app, settings)              # evaluator, drift and webhook tasks, /admin/alerts, /admin/drift
 
-See rules.yml for the rules, evaluator.py for how they fire and resolve, webhook.py for the
-optional notification.
+See rules.yml for the rules, evaluator.py for how they fire and resolve, drift.py for the
+perplexity checks behind the drift rule, webhook.py for the optional notification.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from contextlib import asynccontextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 
 from semilla.errors import SemillaError
 from semilla.serve import metrics
+from semilla.serve.alerts.drift import DriftMonitor, reference_text
 from semilla.serve.alerts.evaluator import AlertEvaluator
 from semilla.serve.alerts.probes import health_problems, memory_used_ratio
 from semilla.serve.alerts.rules import DEFAULT_RULES, AlertRule, AlertRulesError, load_rules
@@ -32,6 +34,14 @@ def check_settings(settings: ServerSettings) -> list[AlertRule]:
     url = urlsplit(settings.alert_webhook_url)
     if settings.alert_webhook_url and (url.scheme not in ("http", "https") or not url.hostname):
         raise SemillaError(f"--alert-webhook must be an http(s) URL, got {settings.alert_webhook_url!r}")
+    if settings.drift_reference:
+        try:
+            reference_text(settings.drift_reference)
+        except (OSError, UnicodeDecodeError) as e:
+            reason = getattr(e, "strerror", None) or e
+            raise SemillaError(
+                f"cannot read the drift reference {settings.drift_reference}: {reason}"
+            ) from None
     return load_rules(settings.alert_rules)
 
 
@@ -53,6 +63,16 @@ def install(app: FastAPI, settings: ServerSettings) -> None:
         on_change=notifier.notify if notifier else None,
     )
     app.state.alert_webhook = notifier
+    app.state.drift = drift = None
+    if settings.drift_interval_s > 0:
+        app.state.drift = drift = DriftMonitor(
+            reference_text(settings.drift_reference),
+            Path(settings.data_dir) / "drift-baselines.json",
+            settings.drift_interval_s,
+            sample_prompts=settings.drift_sample_prompts,
+            scrub=settings.scrub_pii,
+        )
+        state.prompt_observers.append(drift.observe)
     app.include_router(router)
 
     inner = app.router.lifespan_context
@@ -63,6 +83,8 @@ def install(app: FastAPI, settings: ServerSettings) -> None:
             tasks = [asyncio.create_task(evaluator.run(), name="semilla-alerts")]
             if notifier is not None:
                 tasks.append(asyncio.create_task(notifier.run(), name="semilla-alert-webhook"))
+            if drift is not None:
+                tasks.append(asyncio.create_task(drift.run(state), name="semilla-drift"))
             try:
                 yield inner_state
             finally:
@@ -70,5 +92,7 @@ def install(app: FastAPI, settings: ServerSettings) -> None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                if drift is not None:
+                    drift.forget(list(drift.latest))
 
     app.router.lifespan_context = lifespan
