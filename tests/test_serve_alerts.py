@@ -34,10 +34,10 @@ from semilla.serve.registry import load_models
 def test_promtool_accepts_the_shipped_rules(tmp_path: Path):
     proc = subprocess.run(["promtool", "check", "rules", str(DEFAULT_RULES)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 5 rules found" in proc.stdout
+    assert "SUCCESS: 6 rules found" in proc.stdout
     names = [r.name for r in load_rules()]
     assert names == ["SemillaHighLatency", "SemillaHighErrorRate", "SemillaHighMemory", "SemillaModelDrift",
-                     "SemillaHealthCheckFailing"]  # fmt: skip
+                     "SemillaABVariantDown", "SemillaHealthCheckFailing"]  # fmt: skip
     # the shortened copy the tests evaluate is still a valid Prometheus file
     fast = fast_rules(tmp_path / "rules.yml")
     proc = subprocess.run(["promtool", "check", "rules", fast], capture_output=True, text=True)

@@ -30,6 +30,7 @@ from semilla.serve.middleware import (
 from semilla.serve.providers import ProvidersFile
 from semilla.serve.registry import ServedModel
 from semilla.serve.routes import (
+    ab,
     anthropic,
     collections,
     compat,
@@ -149,6 +150,7 @@ def create_app(
     app.include_router(embeddings.router)
     app.include_router(collections.router)
     app.include_router(model_admin.router)
+    app.include_router(ab.router)
     web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
     alerts.install(app, settings)  # alerting rules evaluated in-process, /admin/alerts, the webhook
     # outermost last: the size limit runs before anything reads the body

@@ -71,3 +71,19 @@ MODEL_DRIFT_RATIO = Gauge(
     ["model", "source"],
 )
 ALERTS_FIRING = Gauge("semilla_alerts_firing", "Alerts firing now, by rule", ["alert"])
+
+# A/B routes (backends/split.py): each variant's share of a route's traffic and how it did.
+AB_REQUESTS = Counter("semilla_ab_requests", "Requests an A/B route gave a variant", ["route", "variant"])
+AB_ERRORS = Counter("semilla_ab_errors", "Requests of a variant that failed", ["route", "variant"])
+AB_COMPLETION_TOKENS = Counter(
+    "semilla_ab_completion_tokens", "Tokens a variant generated", ["route", "variant"]
+)
+AB_LATENCY = Histogram(
+    "semilla_ab_latency_seconds",
+    "A variant's time to the full answer",
+    ["route", "variant"],
+    buckets=LATENCY_BUCKETS,
+)
+AB_VARIANT_UP = Gauge(
+    "semilla_ab_variant_up", "1 while an A/B route's variant can answer, else 0", ["route", "variant"]
+)

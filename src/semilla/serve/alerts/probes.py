@@ -40,7 +40,10 @@ def memory_used_ratio(limit_bytes: float = 0.0) -> float:
 
 def health_problems(state) -> list[str]:
     """Why the server cannot answer right now (empty: healthy): the engine stopped, or no model,
-    route or provider to serve."""
+    route or provider to serve. Also refreshes each A/B variant's semilla_ab_variant_up, so a
+    variant unloaded while no request comes is seen too."""
+    for split in state.router.splits().values():
+        split.available()
     problems = []
     if not state.engine.alive:
         problems.append("the engine is not running")
