@@ -40,6 +40,7 @@ from semilla.serve.routes import (
     ollama,
     openai,
     responses,
+    usage,
 )
 from semilla.serve.routes import models as model_admin
 from semilla.serve.serving import ClientGone
@@ -151,6 +152,7 @@ def create_app(
     app.include_router(collections.router)
     app.include_router(model_admin.router)
     app.include_router(ab.router)
+    app.include_router(usage.router)
     web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
     alerts.install(app, settings)  # alerting rules evaluated in-process, /admin/alerts, the webhook
     # outermost last: the size limit runs before anything reads the body

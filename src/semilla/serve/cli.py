@@ -95,6 +95,24 @@ FLAGS = (  # flag, settings field, type, help
         "text file drift is measured on (default: the last 4,000 characters of the bundled demo text)",
     ),
     (
+        "--price-prompt-per-1k",
+        "price_prompt_per_1k",
+        float,
+        "cost of 1,000 prompt tokens, for /admin/usage (default: 0)",
+    ),
+    (
+        "--price-completion-per-1k",
+        "price_completion_per_1k",
+        float,
+        "cost of 1,000 generated tokens, for /admin/usage (default: 0)",
+    ),
+    (
+        "--price-per-second",
+        "price_per_second",
+        float,
+        "cost of one second of generation (the CPU or GPU a request held), for /admin/usage (default: 0)",
+    ),
+    (
         "--memory-limit",
         "memory_limit_bytes",
         int,

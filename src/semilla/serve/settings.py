@@ -57,6 +57,10 @@ class ServerSettings(BaseSettings):
     drift_interval_s: float = Field(300.0, ge=0)  # perplexity checks against each model's baseline; 0: off
     drift_reference: str = ""  # the text drift is measured on; empty: the end of the bundled demo text
     drift_sample_prompts: bool = False  # also score the last prompts (in memory only, never stored)
+    price_prompt_per_1k: float = Field(0.0, ge=0)  # cost per 1,000 prompt tokens (GET /admin/usage)
+    price_completion_per_1k: float = Field(0.0, ge=0)  # cost per 1,000 generated tokens
+    price_per_second: float = Field(0.0, ge=0)  # cost per second of generation (the compute a request held)
+    price_currency: str = "USD"
 
     # --- accounts and safety (semilla.serve.accounts) ----------------------------------
     database_url: str = ""  # empty: SQLite at <data_dir>/semilla.db; postgresql+psycopg://... works too
