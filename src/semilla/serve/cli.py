@@ -67,7 +67,7 @@ FLAGS = (  # flag, settings field, type, help
         "alert_rules",
         str,
         "Prometheus alerting rules file the server evaluates itself (GET /admin/alerts, dashboard, log); "
-        "default: the rules semilla ships (P95 latency, error rate, memory, drift, health)",
+        "default: the rules semilla ships (P95 latency, error rate, memory, drift, A/B variant down, health)",
     ),
     (
         "--alert-interval",
@@ -130,7 +130,10 @@ def add_parser(sub) -> None:
         "/api/embed, robo-poet's /v1/generate and simpleIA's /predict, with continuous batching, /health, /ready and "
         "Prometheus /metrics. With --providers, a request's model may also be PROVIDER/MODEL of a remote "
         "OpenAI- or Anthropic-compatible service or a named route that falls back from one provider to the "
-        "next; admins switch models at run time (semilla admin model). "
+        "next, or an A/B route that splits traffic between variants by weight; admins switch models at run "
+        "time (semilla admin model). Operations: alerting rules evaluated in-process (/admin/alerts, an "
+        "optional webhook), drift checks (/admin/drift), A/B reports (/admin/ab) and usage and cost "
+        "(/admin/usage); see the README's Operations section. "
         "Settings: defaults < .env < SEMILLA_* variables < flags.",
     )
     p.add_argument(
