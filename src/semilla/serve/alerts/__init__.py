@@ -24,6 +24,7 @@ from semilla.serve.alerts.evaluator import AlertEvaluator
 from semilla.serve.alerts.probes import health_problems, memory_used_ratio
 from semilla.serve.alerts.rules import DEFAULT_RULES, AlertRule, AlertRulesError, load_rules
 from semilla.serve.alerts.webhook import WebhookNotifier
+from semilla.serve.routes.alerts import router
 from semilla.serve.settings import ServerSettings
 
 __all__ = ["DEFAULT_RULES", "AlertRulesError", "check_settings", "install"]
@@ -47,8 +48,6 @@ def check_settings(settings: ServerSettings) -> list[AlertRule]:
 
 def install(app: FastAPI, settings: ServerSettings) -> None:
     """Evaluate the alerting rules while the app runs; GET /admin/alerts shows them."""
-    from semilla.serve.routes.alerts import router
-
     rules = check_settings(settings)
     state = app.state.semilla
     limit = settings.memory_limit_bytes
