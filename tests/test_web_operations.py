@@ -61,6 +61,8 @@ def test_alerts_ab_and_usage_panels(tiny_run: Path, tmp_path: Path):
         expect(ab.locator("tr[data-variant]")).to_have_count(2)
         expect(ab.locator('tr[data-variant="second"]')).to_contain_text("no")
         expect(page.locator("#usage")).to_contain_text("tiny")
+        page.select_option("#usage-by", "user")
+        expect(page.locator("#usage")).to_contain_text("ana")
         expect(page.locator('a[href="/admin/usage?by=user&format=csv"]')).to_be_visible()
 
         ab.locator('tr[data-variant="tiny"] button').click()  # promote the winner

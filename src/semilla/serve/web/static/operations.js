@@ -30,11 +30,13 @@ async function promote(route, variant) {
 }
 
 async function refreshUsage() {
-  const usage = await api("/admin/usage?by=model&period=day&days=7");
+  const by = document.getElementById("usage-by").value;
+  const usage = await api(`/admin/usage?by=${by}&period=day&days=7`);
+  document.getElementById("usage-who").textContent = by === "user" ? "User" : "Model";
   const money = (v) => `${v.toFixed(4)} ${usage.currency}`;
   const body = document.getElementById("usage");
   body.replaceChildren(...usage.data.map((r) => el("tr", {},
-    el("td", {}, r.period), el("td", {}, r.model), el("td", {}, formatNumber(r.requests, 0)), el("td", {}, formatNumber(r.prompt_tokens, 0)),
+    el("td", {}, r.period), el("td", {}, r[by]), el("td", {}, formatNumber(r.requests, 0)), el("td", {}, formatNumber(r.prompt_tokens, 0)),
     el("td", {}, formatNumber(r.completion_tokens, 0)), el("td", {}, r.seconds.toFixed(1)), el("td", {}, money(r.cost)), el("td", {}, money(r.cost_per_generation)))));
   if (!usage.data.length) body.append(el("tr", {}, el("td", { colspan: 8, class: "muted" }, "No requests in the last 7 days.")));
 }
@@ -60,4 +62,5 @@ async function refreshAlerts() {
   setTimeout(refreshAlerts, REFRESH_MS);
 }
 
+document.getElementById("usage-by").addEventListener("change", () => refreshUsage().catch(() => {}));
 refreshAlerts();
