@@ -6,6 +6,7 @@ a webhook that may hang or fail."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from semilla.serve.registry import load_models
 
 
 def test_promtool_accepts_the_shipped_rules(tmp_path: Path):
+    assert shutil.which("promtool"), "promtool is missing: `make services` installs Debian's prometheus"
     proc = subprocess.run(["promtool", "check", "rules", str(DEFAULT_RULES)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS: 6 rules found" in proc.stdout
