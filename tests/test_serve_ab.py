@@ -12,6 +12,7 @@ import httpx
 import pytest
 from accounts_helpers import make_settings
 from alert_helpers import FAST, admin_session, alert_status, fast_rules, wait_for
+from openai import OpenAI
 from provider_helpers import metric, write_providers
 from server_helpers import running_server
 
@@ -146,3 +147,26 @@ def test_a_70_30_route_splits_a_thousand_requests_sticks_per_user_and_counts_eac
         r = client.post("/admin/ab/ab/promote", json={"variant": "tiny"})
         assert r.status_code == 200 and r.json()["split"] == {"tiny": 1.0}
         assert ask(seconds[1])["model_version"] == "tiny"  # no restart: everyone gets the winner
+
+
+def test_a_streamed_answer_names_its_variant_and_is_counted_when_it_ends(tiny_run: Path, tmp_path: Path):
+    providers = write_providers(tmp_path / "providers.yaml", "routes:\n  ab: {split: {tiny: 1, second: 1}}\n")
+    app = create_app(make_settings(tmp_path, providers=providers),
+                     load_models([("tiny", str(tiny_run)), ("second", str(tiny_run))]))  # fmt: skip
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        key = admin_session(http)["Authorization"].removeprefix("Bearer ")
+        client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        variant = rank_variants("ab", {"tiny": 0.5, "second": 0.5}, "end-user:ana")[0]
+        labels = {"route": "ab", "variant": variant}
+        before = (metric("semilla_ab_latency_seconds_count", **labels),
+                  metric("semilla_ab_completion_tokens_total", **labels))  # fmt: skip
+        stream = client.chat.completions.create(model="ab", user="ana", max_tokens=4, temperature=0, stream=True,
+                                                stream_options={"include_usage": True},
+                                                messages=[{"role": "user", "content": "Hola"}])  # fmt: skip
+        chunks = list(stream)
+        assert {c.model_extra["model_version"] for c in chunks} == {variant}
+        assert {c.model for c in chunks} == {variant}
+        generated = chunks[-1].usage.completion_tokens
+        after = (metric("semilla_ab_latency_seconds_count", **labels),
+                 metric("semilla_ab_completion_tokens_total", **labels))  # fmt: skip
+        assert (after[0] - before[0], after[1] - before[1]) == (1, generated)
