@@ -1,5 +1,5 @@
-"""Usage and cost by model and by user, over time, from the request log: JSON and CSV agree,
-costs follow the configured prices, only admins may read it."""
+"""Usage and cost by model and by user, over time, from the request log: JSON, CSV and
+`semilla admin ops usage` agree, costs follow the configured prices, only admins may read it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from accounts_helpers import chat, login, make_settings, register
+from helpers import assert_one_line_error, run_cli
 from server_helpers import running_server
 
 from semilla.serve.app import create_app
@@ -54,3 +55,13 @@ def test_usage_and_cost_by_model_and_user_as_json_and_csv(tiny_run: Path, tmp_pa
         assert [row["user"] for row in table] == [row["user"] for row in by_user["data"]]
         assert [float(row["cost"]) for row in table] == [row["cost"] for row in by_user["data"]]
         assert client.get("/admin/usage?by=colour", headers=ana).status_code in (400, 422)
+
+        # the same from the command line: `semilla admin ops usage` prints the export's CSV
+        token = ana["Authorization"].removeprefix("Bearer ")
+        proc = run_cli("admin", "ops", "usage", "--url", url, "--token", token, "--by", "user")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines() == r.text.splitlines()
+        proc = run_cli("admin", "ops", "alerts", "--url", url, "--token", token)
+        assert proc.returncode == 0 and proc.stdout.startswith("health: ok"), proc.stderr
+        proc = run_cli("admin", "ops", "usage", "--url", url, "--token", beto["Authorization"][7:])
+        assert_one_line_error(proc, "the server answered 403")
