@@ -74,10 +74,13 @@ test: setup browser services
 browser:
 	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-# The replica tests start their own PostgreSQL and Redis (Debian's servers) on loopback.
+# The replica tests start their own PostgreSQL and Redis (Debian's servers) on loopback; the
+# alerting tests check the shipped rules with promtool (Debian's prometheus package ships it).
 services:
 	@command -v redis-server >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq postgresql redis-server >/dev/null)
+	@command -v promtool >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
 # Screenshots of the chat and the dashboard (desktop and phone) for the README.
 screenshots: setup browser

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Response
 
 from semilla import __version__
-from semilla.serve import accounts, retrieval, switching, web
+from semilla.serve import accounts, alerts, retrieval, switching, web
 from semilla.serve.backends.base import Backend
 from semilla.serve.backends.local import LocalBackend
 from semilla.serve.backends.router import ModelRouter
@@ -30,6 +30,7 @@ from semilla.serve.middleware import (
 from semilla.serve.providers import ProvidersFile
 from semilla.serve.registry import ServedModel
 from semilla.serve.routes import (
+    ab,
     anthropic,
     collections,
     compat,
@@ -39,6 +40,7 @@ from semilla.serve.routes import (
     ollama,
     openai,
     responses,
+    usage,
 )
 from semilla.serve.routes import models as model_admin
 from semilla.serve.serving import ClientGone
@@ -56,6 +58,7 @@ class ServerState:
     models: dict[str, ServedModel] = field(default_factory=dict)  # the local checkpoints
     local: dict[str, LocalBackend] = field(default_factory=dict)  # their backends, by id
     started: float = field(default_factory=time.time)
+    prompt_observers: list = field(default_factory=list)  # called with (model, prompt text) per request
 
     def __post_init__(self) -> None:
         self.router = ModelRouter(self.local)
@@ -64,7 +67,7 @@ class ServerState:
         lm = served.lm
         self.engine.add_model(served.id, lm.model, lm.tokenizer.pad_id)
         self.models[served.id] = served
-        self.local[served.id] = LocalBackend(served, self.engine)
+        self.local[served.id] = LocalBackend(served, self.engine, self.prompt_observers)
 
     def remove_model(self, name: str) -> ServedModel:
         """Stop serving a local model; its requests in flight end with an error."""
@@ -148,7 +151,10 @@ def create_app(
     app.include_router(embeddings.router)
     app.include_router(collections.router)
     app.include_router(model_admin.router)
+    app.include_router(ab.router)
+    app.include_router(usage.router)
     web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
+    alerts.install(app, settings)  # alerting rules evaluated in-process, /admin/alerts, the webhook
     # outermost last: the size limit runs before anything reads the body
     app.add_middleware(RequestMetrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

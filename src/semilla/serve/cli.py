@@ -62,6 +62,62 @@ FLAGS = (  # flag, settings field, type, help
         float,
         "seconds a client has to send a request's headers (default: 10)",
     ),
+    (
+        "--alert-rules",
+        "alert_rules",
+        str,
+        "Prometheus alerting rules file the server evaluates itself (GET /admin/alerts, dashboard, log); "
+        "default: the rules semilla ships (P95 latency, error rate, memory, drift, A/B variant down, health)",
+    ),
+    (
+        "--alert-interval",
+        "alert_interval_s",
+        float,
+        "seconds between two evaluations of the alerting rules (default: 15)",
+    ),
+    (
+        "--alert-webhook",
+        "alert_webhook_url",
+        str,
+        "URL POSTed an Alertmanager-style JSON body when an alert fires or resolves, retried with backoff "
+        "($SEMILLA_ALERT_WEBHOOK_URL; default: none)",
+    ),
+    (
+        "--drift-interval",
+        "drift_interval_s",
+        float,
+        "seconds between two perplexity checks of each served model against its baseline; 0: off (default: 300)",
+    ),
+    (
+        "--drift-reference",
+        "drift_reference",
+        str,
+        "text file drift is measured on (default: the last 4,000 characters of the bundled demo text)",
+    ),
+    (
+        "--price-prompt-per-1k",
+        "price_prompt_per_1k",
+        float,
+        "cost of 1,000 prompt tokens, for /admin/usage (default: 0)",
+    ),
+    (
+        "--price-completion-per-1k",
+        "price_completion_per_1k",
+        float,
+        "cost of 1,000 generated tokens, for /admin/usage (default: 0)",
+    ),
+    (
+        "--price-per-second",
+        "price_per_second",
+        float,
+        "cost of one second of generation (the CPU or GPU a request held), for /admin/usage (default: 0)",
+    ),
+    (
+        "--memory-limit",
+        "memory_limit_bytes",
+        int,
+        "bytes the memory alert measures against (default: the cgroup's limit, else the machine's memory)",
+    ),
 )
 
 
@@ -74,7 +130,10 @@ def add_parser(sub) -> None:
         "/api/embed, robo-poet's /v1/generate and simpleIA's /predict, with continuous batching, /health, /ready and "
         "Prometheus /metrics. With --providers, a request's model may also be PROVIDER/MODEL of a remote "
         "OpenAI- or Anthropic-compatible service or a named route that falls back from one provider to the "
-        "next; admins switch models at run time (semilla admin model). "
+        "next, or an A/B route that splits traffic between variants by weight; admins switch models at run "
+        "time (semilla admin model). Operations: alerting rules evaluated in-process (/admin/alerts, an "
+        "optional webhook), drift checks (/admin/drift), A/B reports (/admin/ab) and usage and cost "
+        "(/admin/usage); see the README's Operations section. "
         "Settings: defaults < .env < SEMILLA_* variables < flags.",
     )
     p.add_argument(
@@ -95,6 +154,13 @@ def add_parser(sub) -> None:
         default=None,
         help="serve the model routes without authentication even off loopback or with accounts",
     )
+    p.add_argument(
+        "--drift-sample-prompts",
+        action="store_true",
+        default=None,
+        help="also measure drift on the last prompts each model answered: held in memory only, PII-scrubbed, "
+        "dropped after each check (default: off)",
+    )
     p.set_defaults(func=run)
 
 
@@ -107,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {field: getattr(args, field_attr(flag)) for flag, field, _, _ in FLAGS}
     overrides["insecure_no_auth"] = args.insecure_no_auth
+    overrides["drift_sample_prompts"] = args.drift_sample_prompts
     try:
         settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:  # flags, SEMILLA_* variables or .env: name every bad one

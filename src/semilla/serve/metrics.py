@@ -55,3 +55,35 @@ PROVIDER_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 TEMPLATE_ANSWERS = Counter("semilla_template_answers", "Requests answered with the canned last-resort text")
+
+# Operations (semilla.serve.alerts): what the shipped alerting rules read besides the above.
+MEMORY_USED_RATIO = Gauge(
+    "semilla_memory_used_ratio",
+    "Resident memory of the server over its limit (cgroup limit, else the machine's)",
+)
+HEALTH_CHECK_FAILURES = Counter(
+    "semilla_health_check_failures",
+    "The server's own health checks that failed (engine stopped, nothing to serve)",
+)
+MODEL_DRIFT_RATIO = Gauge(
+    "semilla_model_drift_ratio",
+    "A served model's perplexity over its baseline (source: the reference text, or sampled prompts)",
+    ["model", "source"],
+)
+ALERTS_FIRING = Gauge("semilla_alerts_firing", "Alerts firing now, by rule", ["alert"])
+
+# A/B routes (backends/split.py): each variant's share of a route's traffic and how it did.
+AB_REQUESTS = Counter("semilla_ab_requests", "Requests an A/B route gave a variant", ["route", "variant"])
+AB_ERRORS = Counter("semilla_ab_errors", "Requests of a variant that failed", ["route", "variant"])
+AB_COMPLETION_TOKENS = Counter(
+    "semilla_ab_completion_tokens", "Tokens a variant generated", ["route", "variant"]
+)
+AB_LATENCY = Histogram(
+    "semilla_ab_latency_seconds",
+    "A variant's time to the full answer",
+    ["route", "variant"],
+    buckets=LATENCY_BUCKETS,
+)
+AB_VARIANT_UP = Gauge(
+    "semilla_ab_variant_up", "1 while an A/B route's variant can answer, else 0", ["route", "variant"]
+)

@@ -11,12 +11,16 @@ the checkpoints named on the command line, and in what order when one fails.
       claude: {kind: anthropic, api_key_env: ANTHROPIC_API_KEY, model: claude-3-5-haiku-latest}
     routes:
       chain: local -> deepseek -> claude -> templates        # or a list
+      ab: {split: {local: 70, deepseek: 30}}                 # an A/B test: weights, sticky per user
     default: chain                                           # the model of requests that name none
     templates: {enabled: true, answer: "Sorry, no model can answer right now."}
     cooldown: {allowed_fails: 3, cooldown_s: 5, window_s: 60}
 
 Keys come only from the environment or secret files, never from this file. Every problem is
 reported at once, each with its line (`providers.yaml:7: ...`).
+
+A split's weights are relative: they are divided by their sum (70/30, 0.7/0.3 and 7/3 are the
+same test); each must be a number above 0, and a split names two or more distinct variants.
 """
 
 from __future__ import annotations
@@ -102,6 +106,9 @@ class ProvidersFile:
     path: str = ""
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     routes: dict[str, list[str]] = field(default_factory=dict)
+    splits: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # A/B routes: variant -> share (sums to 1)
     default: str = ""
     templates: TemplatesConfig = field(default_factory=TemplatesConfig)
     cooldown: CooldownPolicy = field(default_factory=CooldownPolicy)
@@ -286,6 +293,36 @@ def _check_link(reader: _Reader, where: tuple, link: str, file: ProvidersFile, l
         reader.problem(where, f"{link!r} is no model or provider (known: {', '.join(known) or 'none'})")
 
 
+def _read_split(reader: _Reader, name: str, value: dict, file: ProvidersFile, local: set[str]) -> None:
+    """An A/B route: {split: {variant: weight, ...}}, weights normalised to shares."""
+    where = ("routes", name)
+    if name in local or name in file.providers or name == TEMPLATES:
+        reader.problem(where, f"route name {name!r} must differ from every model and provider")
+        return
+    split = value.get("split")
+    if set(value) != {"split"} or not isinstance(split, dict) or len(split) < 2:
+        reader.problem(
+            where, f"route {name!r}: an A/B route is {{split: {{MODEL: WEIGHT, MODEL: WEIGHT, ...}}}}"
+        )
+        return
+    weights = {}
+    for variant, weight in split.items():
+        spot = (*where, "split", variant)
+        if not isinstance(variant, str) or not variant:
+            reader.problem(spot, f"route {name!r}: a variant must be a model name, got {variant!r}")
+            continue
+        _check_link(reader, spot, variant, file, local)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+            reader.problem(
+                spot, f"route {name!r}: the weight of {variant!r} must be a number above 0, got {weight!r}"
+            )
+            continue
+        weights[variant] = float(weight)
+    if len(weights) == len(split):
+        total = sum(weights.values())
+        file.splits[name] = {variant: weight / total for variant, weight in weights.items()}
+
+
 def load_providers(path: str, local_names: Iterable[str] = ()) -> ProvidersFile:
     """Read and check a providers file; `local_names` are the checkpoints served besides its own.
     Raises ProvidersFileError listing every problem with its line."""
@@ -356,6 +393,9 @@ def load_providers(path: str, local_names: Iterable[str] = ()) -> ProvidersFile:
         routes = {}
     for name, value in routes.items():
         links = route_links(value)
+        if isinstance(value, dict) and isinstance(name, str) and NAME.match(name):
+            _read_split(reader, name, value, file, local)
+            continue
         if (
             not isinstance(name, str)
             or not NAME.match(name)
@@ -384,7 +424,7 @@ def load_providers(path: str, local_names: Iterable[str] = ()) -> ProvidersFile:
     if not isinstance(default, str):
         reader.problem(("default",), f"default must be a model or route name, got {default!r}")
     elif default:
-        if default not in file.routes:
+        if default not in file.routes and default not in file.splits:
             _check_link(reader, ("default",), default, file, local)
         file.default = default
     if reader.problems:

@@ -19,6 +19,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from semilla.checkpoint import resolve_checkpoint
 from semilla.errors import SemillaError
+from semilla.serve import alerts
 from semilla.serve.accounts import StartupPolicyError, check_startup_policy
 from semilla.serve.app import create_app
 from semilla.serve.providers import load_providers
@@ -121,6 +122,7 @@ def serve(
     providers = (
         load_providers(settings.providers, [name for name, _ in specs]) if settings.providers else None
     )
+    alerts.check_settings(settings)  # a bad rules file or webhook URL: one line, before any loading
     sock = bind_socket(settings.host, settings.port)
     try:
         check_startup_policy(settings)

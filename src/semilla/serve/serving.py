@@ -150,6 +150,7 @@ class GenerationCall:
     prompt_param: str = "messages"
     screen: Callable[[str], bool] | None = None  # True: withhold the output (content filter)
     on_tokens: Callable[[int], None] | None = None  # told the tokens generated, however it ends
+    user_key: str = ""  # who asks (the request's user, else its account, key or address): A/B stickiness
 
 
 def fit_max_tokens(model: str, limit: int | None, prompt_len: int, call: GenerationCall) -> int:
@@ -184,6 +185,7 @@ class Generation(ABC):
     model: str  # the id that answers: reported as the response's `model` and recorded
     fingerprint: str = FINGERPRINT  # the response's system_fingerprint
     cacheable: bool = False  # a deterministic answer may be replayed from the response cache
+    model_version: str | None = None  # an A/B route's variant that answered (the response says so)
 
     def __init__(self, model: str, n_choices: int, call: GenerationCall):
         self.model, self.call, self.cfg = model, call, call.cfg

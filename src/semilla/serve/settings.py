@@ -48,6 +48,20 @@ class ServerSettings(BaseSettings):
     metrics_public: bool = False  # /metrics without a token even when accounts exist (else: an admin's)
     docs: bool | None = None  # /docs and /openapi.json; None: on, except in production
 
+    # --- operations (semilla.serve.alerts) -----------------------------------------------
+    alert_rules: str = ""  # Prometheus alerting rules evaluated in-process; empty: the ones semilla ships
+    alert_interval_s: float = Field(15.0, gt=0)  # how often the rules are evaluated
+    alert_webhook_url: str = ""  # POSTed Alertmanager-style when an alert fires or resolves; empty: none
+    alert_webhook_timeout_s: float = Field(5.0, gt=0)  # per delivery try (5 tries, backoff 1, 2, 4, 8 s)
+    memory_limit_bytes: int = Field(0, ge=0)  # what memory alerts measure against; 0: cgroup limit, else RAM
+    drift_interval_s: float = Field(300.0, ge=0)  # perplexity checks against each model's baseline; 0: off
+    drift_reference: str = ""  # the text drift is measured on; empty: the end of the bundled demo text
+    drift_sample_prompts: bool = False  # also score the last prompts (in memory only, never stored)
+    price_prompt_per_1k: float = Field(0.0, ge=0)  # cost per 1,000 prompt tokens (GET /admin/usage)
+    price_completion_per_1k: float = Field(0.0, ge=0)  # cost per 1,000 generated tokens
+    price_per_second: float = Field(0.0, ge=0)  # cost per second of generation (the compute a request held)
+    price_currency: str = "USD"
+
     # --- accounts and safety (semilla.serve.accounts) ----------------------------------
     database_url: str = ""  # empty: SQLite at <data_dir>/semilla.db; postgresql+psycopg://... works too
     redis_url: str = ""  # redis://...: rate limits and the response cache shared by every replica

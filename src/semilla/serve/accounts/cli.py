@@ -222,6 +222,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--token", help="an admin token or key (default: $SEMILLA_API_KEY)")
     p.set_defaults(func=_wrap(cmd_reload))
 
-    from semilla.serve import models_cli
+    from semilla.serve import models_cli, ops_cli
 
     models_cli.add_parser(sub)
+    ops_cli.add_parser(sub)

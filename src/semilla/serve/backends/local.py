@@ -15,9 +15,10 @@ from semilla.serve.serving import GenerationCall, Job, fit_max_tokens, settings_
 class LocalBackend(Backend):
     """A served model: its chat template, context and tokenizer stay on this side of the seam."""
 
-    def __init__(self, served: ServedModel, engine: Engine):
+    def __init__(self, served: ServedModel, engine: Engine, prompt_observers: list | None = None):
         super().__init__(served.id)
         self.served, self.engine = served, engine
+        self.prompt_observers = prompt_observers if prompt_observers is not None else []  # (model, text)
         self.created = served.created
         self._embedder = None
         self._embedder_lock = threading.Lock()
@@ -48,6 +49,13 @@ class LocalBackend(Backend):
     def chat(self, messages: list[dict], call: GenerationCall) -> Job:
         job = self._job([self.served.lm.tokenizer.apply_chat_template(messages)], call)
         job.texts = messages
+        self._observe(
+            "\n".join(
+                m["content"]
+                for m in messages
+                if m.get("role") == "user" and isinstance(m.get("content"), str)
+            )
+        )
         return job
 
     def complete(self, prompt: list[str] | list[int], call: GenerationCall) -> Job:
@@ -62,7 +70,12 @@ class LocalBackend(Backend):
             prompts = [tokenizer.encode(t) or [tokenizer.bos_id] for t in texts]
         job = self._job(prompts, call)
         job.texts = texts
+        self._observe("\n".join(texts))
         return job
+
+    def _observe(self, text: str) -> None:
+        for observe in self.prompt_observers:  # drift's opt-in prompt sample (alerts/drift.py)
+            observe(self.id, text)
 
     def embedder(self):
         """Mean-pooled final hidden states of this model (made on first use)."""

@@ -9,6 +9,7 @@ from semilla.serve.backends.base import Backend
 from semilla.serve.backends.chain import Breaker, FallbackChain, TemplateBackend
 from semilla.serve.backends.local import LocalBackend
 from semilla.serve.backends.remote import BACKENDS, RemoteBackend, Upstream
+from semilla.serve.backends.split import SplitRoute
 from semilla.serve.errors import APIError
 from semilla.serve.providers import TEMPLATES, ProvidersFile
 
@@ -31,9 +32,11 @@ class ModelRouter:
         self.remote: dict[str, RemoteBackend] = {}
         self.direct: dict[str, FallbackChain] = {}
         self.templates = TemplateBackend(file.templates.answer) if file.templates.enabled else None
-        self.routes = {
+        self.routes: dict[str, Backend] = {
             name: FallbackChain(name, links, self.link, self.breaker) for name, links in file.routes.items()
         }
+        for name, weights in file.splits.items():  # A/B routes: a variant may be a model or a route
+            self.routes[name] = SplitRoute(name, weights, self.backend, self.breaker)
         self.default = file.default
         return replaced
 
@@ -76,6 +79,23 @@ class ModelRouter:
         if name not in self.direct:
             self.direct[name] = FallbackChain(name, [name], self.link, self.breaker)
         return self.direct[name]
+
+    def splits(self) -> dict[str, SplitRoute]:
+        """The A/B routes, by name."""
+        return {name: r for name, r in self.routes.items() if isinstance(r, SplitRoute)}
+
+    def promote(self, route: str, variant: str) -> SplitRoute:
+        """Send all of an A/B route's traffic to `variant` from now on (until the providers file
+        is reloaded): the test is over and it won."""
+        split = self.splits().get(route)
+        if split is None:
+            raise APIError(404, f"no A/B route {route!r} (A/B routes: {', '.join(self.splits()) or 'none'})",
+                           param="route", code="route_not_found")  # fmt: skip
+        if variant not in split.weights:
+            raise APIError(400, f"{variant!r} is not a variant of {route!r} ({', '.join(split.weights)})",
+                           param="variant")  # fmt: skip
+        split.keep_only(variant)
+        return split
 
     def names(self) -> list[str]:
         return [*self.local, *self.routes, *self.remote_names()]

@@ -67,6 +67,8 @@ class Envelope:
     def __call__(self, choices: list[dict], **extra) -> dict:
         head = {"id": self.cid, "object": self.object, "created": self.created, "model": self.gen.model,
                 "system_fingerprint": self.gen.fingerprint}  # fmt: skip
+        if self.gen.model_version is not None:  # an A/B route's variant
+            head["model_version"] = self.gen.model_version
         return {**head, "choices": choices, **extra}
 
 
@@ -185,10 +187,11 @@ async def stream_guard(
 
 
 def generation_call(
-    request: Request, principal: Principal, cfg, asked: bool, n: int, **fields
+    request: Request, principal: Principal, cfg, asked: bool, n: int, user: str | None = None, **fields
 ) -> GenerationCall:
     """The call a backend gets: outputs pass the content filter and generated tokens count
-    against the caller's tokens-per-minute budget, however the request ends."""
+    against the caller's tokens-per-minute budget, however the request ends. `user`: the
+    request's own end-user id (OpenAI's `user`), which A/B routes keep on one variant."""
     hooks = request.app.state.hooks
     return GenerationCall(
         cfg,
@@ -196,8 +199,21 @@ def generation_call(
         n=n,
         screen=hooks.screen_output if hooks.screens_output else None,
         on_tokens=lambda tokens: hooks.record_tokens(principal, tokens),
+        user_key=user_key(request, principal, user),
         **fields,
     )
+
+
+def user_key(request: Request, principal: Principal, user: str | None) -> str:
+    """Who asks, for stickiness: the end user the request names, else the account, else the
+    API key, else the client's address."""
+    if user:
+        return f"end-user:{user}"
+    if principal.user_id is not None:
+        return f"user:{principal.user_id}"
+    if principal.key_id is not None:
+        return f"key:{principal.key_id}"
+    return f"address:{request.client.host if request.client else ''}"
 
 
 def material_for(gen: Generation, route: str, prompt: Any, n: int, extra: dict | None = None) -> dict | None:
@@ -236,7 +252,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     cfg = sampling_config(body, asked or state.settings.default_max_tokens, top)
     cfg = dataclasses.replace(cfg, stop=body.stop_list())
     call = generation_call(
-        request, principal, cfg, asked is not None, body.n, stream=body.stream, param=param
+        request, principal, cfg, asked is not None, body.n, body.user, stream=body.stream, param=param
     )
     gen = backend.chat(messages, call)
     material = material_for(gen, "chat", messages, body.n)
@@ -323,6 +339,7 @@ async def completions(body: CompletionRequest, request: Request):
         cfg,
         body.max_tokens is not None,
         body.n,
+        body.user,
         stream=body.stream,
         prompt_param="prompt",
     )
