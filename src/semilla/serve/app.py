@@ -153,6 +153,7 @@ def create_app(
     if with_docs:
         docs.install(app)
     accounts.install(app, settings)  # store, auth, limits, cache, feedback: sets app.state.hooks
+    state.router.redis = app.state.accounts.redis  # provider cooldowns shared by replicas (or None)
     retrieval.install(app, settings)  # embedding models and collections (in the accounts store)
     app.include_router(embeddings.router)
     app.include_router(collections.router)

@@ -140,18 +140,27 @@ def point_between(before: Totals, after: Totals) -> dict[str, Any]:
 class StatsSampler:
     """A ring buffer of chart points, filled by `run()` (an asyncio task) or by `sample()`."""
 
-    def __init__(self, interval_s: float = 5.0, capacity: int = 720, registry: CollectorRegistry = REGISTRY):
-        self.interval_s, self.registry = interval_s, registry
+    def __init__(
+        self,
+        interval_s: float = 5.0,
+        capacity: int = 720,
+        registry: CollectorRegistry = REGISTRY,
+        shared=None,  # web.replicas.SharedTotals: sum every replica's counters (Redis)
+    ):
+        self.interval_s, self.registry, self.shared = interval_s, registry, shared
         self.points: deque[dict[str, Any]] = deque(maxlen=capacity)
         self._last: Totals | None = None
+        self.replicas = 1  # how many replicas the figures sum
         self._lock = threading.Lock()
 
     def sample(self) -> dict[str, Any] | None:
         """Read the registry now; append and return the point since the previous reading."""
-        totals = read_totals(self.registry)
+        totals, replicas = read_totals(self.registry), 1
+        if self.shared is not None:
+            totals, replicas = self.shared.combine(totals)
         with self._lock:
-            before, self._last = self._last, totals
-            if before is None:
+            before, self._last, self.replicas = self._last, totals, replicas
+            if before is None or went_back(before, totals):  # a replica left or restarted: start anew
                 return None
             point = point_between(before, totals)
             self.points.append(point)
@@ -180,4 +189,10 @@ class StatsSampler:
                 "cache_hit_rate": round(last.cache_hits / lookups, 4) if lookups else None,
                 "providers": provider_totals(last.providers),
             }
-        return {"object": "stats", "interval_s": self.interval_s, "points": points, "totals": totals}
+        return {"object": "stats", "interval_s": self.interval_s, "replicas": self.replicas, "points": points,
+                "totals": totals}  # fmt: skip
+
+
+def went_back(before: Totals, after: Totals) -> bool:
+    """Whether cumulative counters fell between two readings (summed replicas: one left)."""
+    return sum(after.requests.values()) < sum(before.requests.values()) or after.tokens < before.tokens
