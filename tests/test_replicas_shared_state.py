@@ -12,6 +12,9 @@ from provider_helpers import write_providers
 from replica_helpers import replica, running_postgres, running_redis
 from server_helpers import free_port, wait_until
 
+from semilla.serve.accounts.shared import RedisLink
+from semilla.serve.backends.cooldowns import SharedBreaker
+from semilla.serve.providers import CooldownPolicy
 from semilla.serve.web.replicas import decode_totals, encode_totals, sum_totals
 from semilla.serve.web.stats import Totals
 
@@ -36,6 +39,29 @@ def test_totals_round_trip_and_sum():
     assert both.requests == {"2xx": 5.0, "4xx": 1.0} and both.tokens == 20.0 and both.time == 5.0
     assert both.latency_buckets == {0.1: 3.0, float("inf"): 6.0} and both.active_slots == 1.0
     assert both.providers == {"dead": {"calls": 1.0, "skips": 1.0}}
+
+
+def test_breakers_of_two_replicas_count_failures_and_cool_down_together():
+    policy = CooldownPolicy(allowed_fails=2, cooldown_s=30, window_s=60)
+    with running_redis() as (url, proc):
+        a, b = SharedBreaker(RedisLink(url), "p", policy), SharedBreaker(RedisLink(url), "p", policy)
+        a.failed()
+        assert a.available and b.available and b.state()["recent_failures"] == 1
+        b.failed()  # the second failure, on the other replica: both cool down
+        assert not a.available and not b.available
+        assert 29 < a.state()["cooling_down_s"] <= 30 and a.state()["recent_failures"] == 0
+        other = SharedBreaker(RedisLink(url), "q", policy)  # another provider is not affected
+        assert other.available
+        other.failed(retry_after=0.2)  # Retry-After cools it down at once, for as long as it asks
+        assert not SharedBreaker(RedisLink(url), "q", policy).available
+        assert wait_until(lambda: other.available, timeout=5)
+
+        proc.kill()  # Redis gone: each replica keeps its own breaker, as without Redis
+        proc.wait()
+        alone = SharedBreaker(RedisLink(url), "r", CooldownPolicy(allowed_fails=1, cooldown_s=30))
+        assert alone.available
+        alone.failed()
+        assert not alone.available and alone.state()["cooling_down_s"] > 29
 
 
 @pytest.mark.slow
