@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from accounts_helpers import login, register
 from provider_helpers import write_providers
 from replica_helpers import replica, running_postgres, running_redis
@@ -15,7 +16,7 @@ from server_helpers import free_port, wait_until
 from semilla.serve.accounts.shared import RedisLink
 from semilla.serve.backends.cooldowns import SharedBreaker
 from semilla.serve.providers import CooldownPolicy
-from semilla.serve.web.replicas import decode_totals, encode_totals, sum_totals
+from semilla.serve.web.replicas import SharedTotals, decode_totals, encode_totals, sum_totals
 from semilla.serve.web.stats import Totals
 
 SECRET = "r" * 48
@@ -39,6 +40,18 @@ def test_totals_round_trip_and_sum():
     assert both.requests == {"2xx": 5.0, "4xx": 1.0} and both.tokens == 20.0 and both.time == 5.0
     assert both.latency_buckets == {0.1: 3.0, float("inf"): 6.0} and both.active_slots == 1.0
     assert both.providers == {"dead": {"calls": 1.0, "skips": 1.0}}
+
+
+def test_each_replica_publishes_its_totals_and_reads_the_sum():
+    with running_redis() as (url, proc):
+        a, b = SharedTotals(RedisLink(url), interval_s=5), SharedTotals(RedisLink(url), interval_s=5)
+        assert a.combine(Totals(time=1.0, tokens=12.0)) == (Totals(time=1.0, tokens=12.0), 1)
+        both, replicas = b.combine(Totals(time=2.0, tokens=8.0, requests={"2xx": 1.0}))
+        assert replicas == 2 and both.tokens == 20.0 and both.requests == {"2xx": 1.0}
+        assert 14_000 < redis.Redis.from_url(url).pttl(a.key) <= 15_000  # gone 3 intervals after a stops
+        proc.kill()  # Redis gone: each replica shows its own counters
+        proc.wait()
+        assert a.combine(Totals(time=3.0, tokens=13.0)) == (Totals(time=3.0, tokens=13.0), 1)
 
 
 def test_breakers_of_two_replicas_count_failures_and_cool_down_together():
