@@ -124,9 +124,17 @@ def test_a_cancelled_stream_frees_its_engine_slot(server, stub):
 
 
 def test_metrics_count_grpc_calls_beside_the_engines(server, stub):
+    from semilla.serve.web.stats import read_totals
+
     _, url, _ = server
+    before = read_totals()
     stub.Chat(chat_request(model="tiny", max_tokens=3, temperature=0))
     refusal(lambda: stub.Chat(chat_request(model="nope")))
+    after = read_totals()  # the dashboard counts them with the HTTP requests
+    assert {k: after.requests.get(k, 0) - before.requests.get(k, 0) for k in ("2xx", "4xx")} == {
+        "2xx": 1,
+        "4xx": 1,
+    }
     text = httpx.get(url + "/metrics").text
     assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="Chat"}' in text
     assert 'grpc_server_handled_total{grpc_code="NOT_FOUND",grpc_method="Chat"}' in text

@@ -24,6 +24,11 @@ from prometheus_client import REGISTRY, CollectorRegistry
 # The web UI's own pages, assets and this endpoint: not traffic the dashboard should chart.
 UNCOUNTED_ROUTES = frozenset({"/", "/admin", "/keys", "/static", "/admin/stats"})
 QUANTILES = (0.5, 0.95, 0.99)
+# a gRPC status as the HTTP status class it stands for (serve/rpc/service.py maps them)
+GRPC_STATUS_CLASS = {"OK": "2xx"} | dict.fromkeys(
+    ("INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND", "ALREADY_EXISTS",
+     "RESOURCE_EXHAUSTED", "CANCELLED"), "4xx",
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,10 @@ def read_totals(registry: CollectorRegistry = REGISTRY, now: float | None = None
             if name == "semilla_requests_total":
                 kind = labels.get("status", "0")[:1] + "xx"
                 t.requests[kind] = t.requests.get(kind, 0.0) + value
-            elif name == "semilla_request_latency_seconds_bucket":
+            elif name == "grpc_server_handled_total":  # gRPC calls count as the requests they are
+                kind = GRPC_STATUS_CLASS.get(labels.get("grpc_code", ""), "5xx")
+                t.requests[kind] = t.requests.get(kind, 0.0) + value
+            elif name in ("semilla_request_latency_seconds_bucket", "grpc_server_handling_seconds_bucket"):
                 le = float(labels["le"])
                 t.latency_buckets[le] = t.latency_buckets.get(le, 0.0) + value
             elif name == "semilla_generated_tokens_total":
