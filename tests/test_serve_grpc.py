@@ -157,6 +157,11 @@ def test_the_same_keys_and_rate_limits_as_http(tmp_path: Path, tiny_run: Path):
         assert e.code() == grpc.StatusCode.UNAUTHENTICATED
         admin = [("authorization", f"Bearer {key}")]
         assert stub.Chat(request, metadata=admin).usage.completion_tokens > 0
+        narrow = c.post("/v1/keys", headers=login(c, "root"), json={"name": "fb", "scopes": ["feedback"]})
+        e = refusal(
+            lambda: stub.Chat(request, metadata=[("authorization", f"Bearer {narrow.json()['key']}")])
+        )
+        assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "'models' scope" in e.details()
 
         register(c, "limited")
         user = [("authorization", login(c, "limited")["Authorization"])]
