@@ -177,7 +177,10 @@ class StatsSampler:
     async def run(self) -> None:
         while True:
             try:
-                self.sample()
+                if self.shared is None:
+                    self.sample()
+                else:  # a Redis round trip (up to its timeout): off the event loop
+                    await asyncio.to_thread(self.sample)
             except Exception:  # one bad sample must not freeze the dashboard for good
                 log.exception("stats sample failed")
             await asyncio.sleep(self.interval_s)
