@@ -223,3 +223,27 @@ def test_the_python_client_example_talks_to_the_server(server):
     whole = re.fullmatch(r"chat: (.*) \((\d+) tokens\)", lines[2], re.DOTALL)
     assert whole and 0 < int(whole[2]) <= 48
     assert lines[3] == "stream: " + whole[1]  # the same seed: the same text, streamed
+
+
+def test_a_database_outage_is_unavailable_then_recovers(tmp_path: Path, tiny_run: Path):
+    from replica_helpers import running_postgres
+
+    with running_postgres() as pg:
+        app = build_app(make_settings(tmp_path, grpc_port=0, database_url=pg.url), tiny_run)
+        with serve(app) as url, grpc.insecure_channel(f"127.0.0.1:{app.state.grpc_port}") as channel:
+            c = httpx.Client(base_url=url, timeout=30)
+            register(c, "root")
+            key = [
+                (
+                    "authorization",
+                    "Bearer "
+                    + c.post("/v1/keys", headers=login(c, "root"), json={"name": "k"}).json()["key"],
+                )
+            ]
+            stub = services.SemillaStub(channel)
+            pg.stop()
+            e = refusal(lambda: stub.ListModels(pb.ListModelsRequest(), metadata=key))
+            assert e.code() == grpc.StatusCode.UNAVAILABLE and "database" in e.details()
+            assert dict(e.trailing_metadata())["retry-after"] == "5"
+            pg.start()
+            assert [m.id for m in stub.ListModels(pb.ListModelsRequest(), metadata=key).models] == ["tiny"]

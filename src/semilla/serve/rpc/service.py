@@ -22,10 +22,12 @@ import grpc
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from semilla.serve import metrics
+from semilla.serve.accounts import DATABASE_RETRY_AFTER_S
 from semilla.serve.errors import APIError, validation_error
 from semilla.serve.hooks import Principal
 from semilla.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -136,6 +138,10 @@ class SemillaService(services.SemillaServicer):
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except (OperationalError, InterfaceError) as e:  # the database is down or restarting, as over HTTP
+            log.error("database unavailable on gRPC %s: %s", method, str(e).splitlines()[0])
+            code, retry = grpc.StatusCode.UNAVAILABLE, str(DATABASE_RETRY_AFTER_S)
+            await context.abort(code, "the database is unavailable; retry shortly", (("retry-after", retry),))
         except Exception:
             log.exception("gRPC %s failed", method)
             code = grpc.StatusCode.INTERNAL
