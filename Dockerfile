@@ -16,7 +16,7 @@ ENV PATH=/opt/semilla/bin:$PATH
 RUN pip install --no-cache-dir torch==${TORCH_VERSION} --index-url https://download.pytorch.org/whl/${TORCH_VARIANT}
 COPY pyproject.toml README.md /src/
 COPY src /src/src
-RUN pip install --no-cache-dir '/src[replicas]'
+RUN pip install --no-cache-dir '/src[replicas,grpc]'
 
 # --- run: the environment, a C++ compiler for semilla's CPU kernels, a user that is not root -
 FROM python:3.11-slim-bookworm AS run

@@ -94,6 +94,7 @@ bench: setup peers
 	$(BIN)/python bench/generate_speed.py
 	$(BIN)/python bench/engine_speed.py
 	$(BIN)/python bench/serve_load.py --compare-auth
+	$(BIN)/python bench/serve_load.py --grpc --clients 1 --clients 16
 	$(BIN)/python bench/inference_compare.py
 	$(BIN)/python bench/inference_compare.py --shape 50m
 

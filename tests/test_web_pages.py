@@ -50,6 +50,7 @@ def test_assets_are_served_locally(server):
         "common.js",
         "markdown.js",
         "charts.js",
+        "providers.js",
         "style.css",
     ):
         r = server.get(f"/static/{name}")

@@ -114,7 +114,16 @@ def create_app(
         engine.start()
         log.info("serving %s on http://%s:%s", ", ".join(state.router.names()) or "no model", settings.host,
                  settings.port)  # fmt: skip
+        grpc_server = None
+        if settings.grpc_port is not None:  # the gRPC API on this event loop (serve/rpc)
+            from semilla.serve.rpc.server import start_grpc
+
+            grpc_server = await start_grpc(app, settings)
         yield
+        if grpc_server is not None:
+            from semilla.serve.rpc.server import stop_grpc
+
+            await stop_grpc(app, grpc_server)
         engine.stop()
         for upstream in state.router.upstreams.values():
             await upstream.aclose()
@@ -147,6 +156,7 @@ def create_app(
     if with_docs:
         docs.install(app)
     accounts.install(app, settings)  # store, auth, limits, cache, feedback: sets app.state.hooks
+    state.router.redis = app.state.accounts.redis  # provider cooldowns shared by replicas (or None)
     retrieval.install(app, settings)  # embedding models and collections (in the accounts store)
     app.include_router(embeddings.router)
     app.include_router(collections.router)

@@ -10,6 +10,13 @@ FLAGS = (  # flag, settings field, type, help
     ("--host", "host", str, "address to bind (default: 127.0.0.1; $SEMILLA_HOST)"),
     ("--port", "port", int, "port (default: 8000, or $PORT / $SEMILLA_PORT)"),
     (
+        "--grpc-port",
+        "grpc_port",
+        int,
+        "also serve the gRPC API (chat, completions, models, grpc.health.v1) on this port, with the same "
+        "keys, limits and metrics; needs semilla[grpc] (default: off; $SEMILLA_GRPC_PORT)",
+    ),
+    (
         "--models-dir",
         "models_dir",
         str,
@@ -128,7 +135,7 @@ def add_parser(sub) -> None:
         description="Serve checkpoints over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models, "
         "/v1/responses), Anthropic's /v1/messages, Ollama's /api/chat, /api/generate, /api/tags, /api/show and "
         "/api/embed, robo-poet's /v1/generate and simpleIA's /predict, with continuous batching, /health, /ready and "
-        "Prometheus /metrics. With --providers, a request's model may also be PROVIDER/MODEL of a remote "
+        "Prometheus /metrics; with --grpc-port, chat, completions and models over gRPC too. With --providers, a request's model may also be PROVIDER/MODEL of a remote "
         "OpenAI- or Anthropic-compatible service or a named route that falls back from one provider to the "
         "next, or an A/B route that splits traffic between variants by weight; admins switch models at run "
         "time (semilla admin model). Operations: alerting rules evaluated in-process (/admin/alerts, an "

@@ -61,6 +61,18 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_grpc(settings: ServerSettings) -> None:
+    """--grpc-port: a SemillaError now, before the models load, when the gRPC packages are
+    missing or the port cannot be bound."""
+    try:
+        import grpc_health  # noqa: F401
+        import grpc_tools  # noqa: F401
+    except ImportError:
+        raise SemillaError("--grpc-port needs the gRPC packages: pip install 'semilla[grpc]'") from None
+    if settings.grpc_port:
+        bind_socket(settings.host, settings.grpc_port).close()
+
+
 def header_timeout_protocol(timeout_s: float) -> type[H11Protocol]:
     """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers: a client that
     sends them a byte at a time (slowloris) is disconnected instead of holding a connection."""
@@ -124,6 +136,8 @@ def serve(
     )
     alerts.check_settings(settings)  # a bad rules file or webhook URL: one line, before any loading
     sock = bind_socket(settings.host, settings.port)
+    if settings.grpc_port is not None:
+        check_grpc(settings)
     try:
         check_startup_policy(settings)
     except StartupPolicyError as e:

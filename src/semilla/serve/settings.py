@@ -35,6 +35,7 @@ class ServerSettings(BaseSettings):
     allowed_hosts: str = ""  # comma-separated names the Host header may carry besides loopback and IPs
     forwarded_allow_ips: str = ""  # proxies whose X-Forwarded-For/-Proto are believed; empty: none
     header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must arrive within this
+    grpc_port: int | None = Field(None, ge=0, le=65535)  # also serve the gRPC API here; 0: any free port
 
     # --- engine -------------------------------------------------------------------------
     max_slots: int = Field(16, ge=1)  # sequences decoded together per model

@@ -19,6 +19,7 @@ class ModelRouter:
 
     def __init__(self, local: dict[str, LocalBackend], file: ProvidersFile | None = None):
         self.local = local  # the server's own dict: loads and unloads are seen at once
+        self.redis = None  # accounts.shared.RedisLink: cooldowns shared by every replica
         self.upstreams: dict[str, Upstream] = {}
         self.configure(file or ProvidersFile())
 
@@ -42,7 +43,12 @@ class ModelRouter:
 
     def breaker(self, label: str) -> Breaker:
         if label not in self.breakers:
-            self.breakers[label] = Breaker(self.file.cooldown)
+            if self.redis is None:
+                self.breakers[label] = Breaker(self.file.cooldown)
+            else:
+                from semilla.serve.backends.cooldowns import SharedBreaker
+
+                self.breakers[label] = SharedBreaker(self.redis, label, self.file.cooldown)
         return self.breakers[label]
 
     def link(self, name: str) -> Backend:

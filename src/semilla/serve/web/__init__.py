@@ -36,7 +36,13 @@ def install(app: FastAPI, settings: ServerSettings, stats_interval_s: float = 5.
     """Serve the web client from `app` and sample its metrics for the dashboard while it runs."""
     from fastapi.staticfiles import StaticFiles
 
-    app.state.web_stats = sampler = StatsSampler(stats_interval_s)
+    accounts = getattr(app.state, "accounts", None)
+    shared = None
+    if accounts is not None and accounts.redis is not None:  # replicas: sum everyone's counters
+        from semilla.serve.web.replicas import SharedTotals
+
+        shared = SharedTotals(accounts.redis, stats_interval_s)
+    app.state.web_stats = sampler = StatsSampler(stats_interval_s, shared=shared)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(SecurityHeaders)

@@ -24,6 +24,11 @@ from prometheus_client import REGISTRY, CollectorRegistry
 # The web UI's own pages, assets and this endpoint: not traffic the dashboard should chart.
 UNCOUNTED_ROUTES = frozenset({"/", "/admin", "/keys", "/static", "/admin/stats"})
 QUANTILES = (0.5, 0.95, 0.99)
+# a gRPC status as the HTTP status class it stands for (serve/rpc/service.py maps them)
+GRPC_STATUS_CLASS = {"OK": "2xx"} | dict.fromkeys(
+    ("INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND", "ALREADY_EXISTS",
+     "RESOURCE_EXHAUSTED", "CANCELLED"), "4xx",
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,10 @@ def read_totals(registry: CollectorRegistry = REGISTRY, now: float | None = None
             if name == "semilla_requests_total":
                 kind = labels.get("status", "0")[:1] + "xx"
                 t.requests[kind] = t.requests.get(kind, 0.0) + value
-            elif name == "semilla_request_latency_seconds_bucket":
+            elif name == "grpc_server_handled_total":  # gRPC calls count as the requests they are
+                kind = GRPC_STATUS_CLASS.get(labels.get("grpc_code", ""), "5xx")
+                t.requests[kind] = t.requests.get(kind, 0.0) + value
+            elif name in ("semilla_request_latency_seconds_bucket", "grpc_server_handling_seconds_bucket"):
                 le = float(labels["le"])
                 t.latency_buckets[le] = t.latency_buckets.get(le, 0.0) + value
             elif name == "semilla_generated_tokens_total":
@@ -140,18 +148,27 @@ def point_between(before: Totals, after: Totals) -> dict[str, Any]:
 class StatsSampler:
     """A ring buffer of chart points, filled by `run()` (an asyncio task) or by `sample()`."""
 
-    def __init__(self, interval_s: float = 5.0, capacity: int = 720, registry: CollectorRegistry = REGISTRY):
-        self.interval_s, self.registry = interval_s, registry
+    def __init__(
+        self,
+        interval_s: float = 5.0,
+        capacity: int = 720,
+        registry: CollectorRegistry = REGISTRY,
+        shared=None,  # web.replicas.SharedTotals: sum every replica's counters (Redis)
+    ):
+        self.interval_s, self.registry, self.shared = interval_s, registry, shared
         self.points: deque[dict[str, Any]] = deque(maxlen=capacity)
         self._last: Totals | None = None
+        self.replicas = 1  # how many replicas the figures sum
         self._lock = threading.Lock()
 
     def sample(self) -> dict[str, Any] | None:
         """Read the registry now; append and return the point since the previous reading."""
-        totals = read_totals(self.registry)
+        totals, replicas = read_totals(self.registry), 1
+        if self.shared is not None:
+            totals, replicas = self.shared.combine(totals)
         with self._lock:
-            before, self._last = self._last, totals
-            if before is None:
+            before, self._last, self.replicas = self._last, totals, replicas
+            if before is None or went_back(before, totals):  # a replica left or restarted: start anew
                 return None
             point = point_between(before, totals)
             self.points.append(point)
@@ -160,7 +177,10 @@ class StatsSampler:
     async def run(self) -> None:
         while True:
             try:
-                self.sample()
+                if self.shared is None:
+                    self.sample()
+                else:  # a Redis round trip (up to its timeout): off the event loop
+                    await asyncio.to_thread(self.sample)
             except Exception:  # one bad sample must not freeze the dashboard for good
                 log.exception("stats sample failed")
             await asyncio.sleep(self.interval_s)
@@ -180,4 +200,10 @@ class StatsSampler:
                 "cache_hit_rate": round(last.cache_hits / lookups, 4) if lookups else None,
                 "providers": provider_totals(last.providers),
             }
-        return {"object": "stats", "interval_s": self.interval_s, "points": points, "totals": totals}
+        return {"object": "stats", "interval_s": self.interval_s, "replicas": self.replicas, "points": points,
+                "totals": totals}  # fmt: skip
+
+
+def went_back(before: Totals, after: Totals) -> bool:
+    """Whether cumulative counters fell between two readings (summed replicas: one left)."""
+    return sum(after.requests.values()) < sum(before.requests.values()) or after.tokens < before.tokens
