@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Response
 
 from semilla import __version__
-from semilla.serve import accounts, retrieval, switching, web
+from semilla.serve import accounts, adapters, retrieval, switching, web
 from semilla.serve.backends.base import Backend
 from semilla.serve.backends.local import LocalBackend
 from semilla.serve.backends.router import ModelRouter
@@ -36,6 +36,7 @@ from semilla.serve.routes import (
     docs,
     embeddings,
     health,
+    lora,
     ollama,
     openai,
     responses,
@@ -70,6 +71,7 @@ class ServerState:
         """Stop serving a local model; its requests in flight end with an error."""
         served = self.models.pop(name)
         del self.local[name]
+        adapters.drop_adapters_of(self, name)
         self.engine.remove_model(name)
         return served
 
@@ -95,7 +97,7 @@ def create_app(
     providers and routes of `providers` (default: the file settings.providers names, whose
     checkpoints are loaded here)."""
     settings = settings or ServerSettings()
-    engine = Engine(settings.max_slots, settings.queue_size, settings.request_timeout_s)
+    engine = Engine(settings.max_slots, settings.queue_size, settings.request_timeout_s, settings.max_loras)
     state = ServerState(settings, engine)
     for served in (models or {}).values():
         state.add_model(served)
@@ -105,6 +107,7 @@ def create_app(
         switching.use_providers(state, providers)
     if settings.default_model:
         state.router.default = settings.default_model
+    adapters.load_startup_adapters(state, settings.lora)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -148,6 +151,7 @@ def create_app(
     app.include_router(embeddings.router)
     app.include_router(collections.router)
     app.include_router(model_admin.router)
+    app.include_router(lora.router)
     web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
     # outermost last: the size limit runs before anything reads the body
     app.add_middleware(RequestMetrics)

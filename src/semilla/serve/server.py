@@ -20,6 +20,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from semilla.checkpoint import resolve_checkpoint
 from semilla.errors import SemillaError
 from semilla.serve.accounts import StartupPolicyError, check_startup_policy
+from semilla.serve.adapters import check_adapter_specs
 from semilla.serve.app import create_app
 from semilla.serve.providers import load_providers
 from semilla.serve.registry import discover, load_models, model_specs
@@ -118,6 +119,7 @@ def serve(
     specs = resolve_model_specs(settings, checkpoints, names)
     for _, path in specs:  # a wrong path is reported before anything else happens
         resolve_checkpoint(path)
+    check_adapter_specs(settings.lora)
     providers = (
         load_providers(settings.providers, [name for name, _ in specs]) if settings.providers else None
     )

@@ -26,6 +26,8 @@ class ServerSettings(BaseSettings):
     default_model: str = (
         ""  # the model (or route) of requests that name none; empty: the file's, else the first
     )
+    lora: str = ""  # comma-separated NAME=PATH: LoRA adapters served on the default model
+    max_loras: int = Field(8, ge=1)  # LoRA adapters held in memory per model (least recently used leave)
     data_dir: str = "semilla-data"  # database and logs
     device: str | None = None  # None: cuda when available, else cpu
     threads: int | None = Field(None, ge=1)  # torch threads; None: all cores but one (HTTP needs one)
