@@ -151,7 +151,7 @@ def create_app(
     app.include_router(embeddings.router)
     app.include_router(collections.router)
     app.include_router(model_admin.router)
-    app.include_router(lora.router)
+    lora.install(app, settings)  # vLLM's adapter routes, LoRA jobs (after accounts: they own conversations)
     web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
     # outermost last: the size limit runs before anything reads the body
     app.add_middleware(RequestMetrics)
