@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 
 from semilla.cli.flags import add_dataclass_flags, explicit_overrides, flag_name
@@ -128,11 +129,61 @@ AGE_FIELDS = (
 )
 
 
+DB_FILTERS = ("domain", "user", "positive_only", "since", "until")
+
+
+def iso_date(raw: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a date is YYYY-MM-DD, got {raw!r}") from None
+
+
+def conversations_from_db(args: argparse.Namespace, directory: str) -> str:
+    """The conversations --from-db and its filters select, written as chat JSONL in `directory`."""
+    from semilla.serve.accounts.domains import ConversationFilter, export_conversations
+
+    def midnight(day: datetime.date | None, days: int = 0) -> datetime.datetime | None:
+        return (
+            None
+            if day is None
+            else datetime.datetime.combine(day, datetime.time()) + datetime.timedelta(days)
+        )
+
+    where = ConversationFilter(
+        domain=args.domain.strip().casefold() if args.domain else None, username=args.user,
+        positive_only=args.positive_only, since=midnight(args.since), until=midnight(args.until, 1),
+    )  # fmt: skip
+    path = f"{directory}/conversations.jsonl"
+    if not export_conversations(args.from_db, where, path):
+        chosen = ", ".join(
+            f"--{n.replace('_', '-')} {getattr(args, n)}" for n in DB_FILTERS if getattr(args, n)
+        )
+        raise SemillaError(f"--from-db: no conversation in the database matches {chosen or 'at all'}")
+    return path
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="semilla-from-db-") as scratch:
+        return finetune_command(args, scratch)
+
+
+def finetune_command(args: argparse.Namespace, scratch: str) -> int:
     from semilla.finetuning import finetune
 
     settings = explicit_overrides(args, TrainConfig)
     data, out = settings.pop("data", None), settings.pop("out_dir", None)
+    filters = [n for n in DB_FILTERS if getattr(args, n)]
+    if filters and not args.from_db:
+        raise SemillaError(
+            f"--{filters[0].replace('_', '-')} filters the conversations of --from-db URL: give it"
+        )
+    if args.from_db:
+        if data or args.resume:
+            raise SemillaError("--from-db URL is the training data: drop --data (and --resume)")
+        data = conversations_from_db(args, scratch)  # prepared into the run: a resume needs it no more
     if args.resume:
         if args.checkpoint or data or out:
             raise SemillaError(
@@ -284,6 +335,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--overwrite", action="store_true", help="replace the adapter and run in the output directory"
     )
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    db = p.add_argument_group(
+        "conversations from the server's database",
+        "--from-db URL trains on the conversations `semilla serve` stored (its database URL: "
+        "sqlite:///semilla-data/semilla.db or postgresql://...), chosen by the filters below; it only reads",
+    )
+    db.add_argument("--from-db", metavar="URL", help="the server's database URL (instead of --data)")
+    db.add_argument("--domain", help="only conversations tagged with this domain (the chat's domain picker)")
+    db.add_argument("--user", metavar="USERNAME", help="only this account's conversations")
+    db.add_argument("--positive-only", action="store_true", help="only conversations rated up and never down")
+    db.add_argument(
+        "--since", type=iso_date, metavar="YYYY-MM-DD", help="only those changed on or after this day"
+    )
+    db.add_argument(
+        "--until", type=iso_date, metavar="YYYY-MM-DD", help="only those changed on or before this day"
+    )
     add_dataclass_flags(
         p, TrainConfig, "fine-tuning", skip=("init_from", "tokenizer", "vocab_size_bpe", *AGE_FIELDS),
         defaults={"lora_r": 8, "out_dir": None}, aliases={"out_dir": "-o"},

@@ -183,12 +183,7 @@ class LoraJobs:
             if len(active) >= self.queue_size:
                 raise APIError(429, f"{len(active)} LoRA jobs are waiting; retry later", code="too_many_jobs",
                                headers={"Retry-After": "30"})  # fmt: skip
-            domains = self.domains()
-            if domain not in domains and len(domains) >= self.max_domains:
-                raise APIError(
-                    400, f"at most {self.max_domains} domains; {domain!r} would be one more "
-                    f"(existing: {', '.join(sorted(domains))})", param="domain", code="too_many_domains",
-                )  # fmt: skip
+            self.admit_domain(domain)
             job = LoraJob(
                 id="lorajob-" + uuid.uuid4().hex[:20], owner=owner, domain=domain, base=base, adapter=name,
                 max_iters=max_iters or self.default_iters, lora_r=lora_r, conversations=len(conversations),
@@ -227,6 +222,17 @@ class LoraJobs:
             process.terminate()  # SIGTERM: training stops after the current step
         self._save(job)
         return job
+
+    def admit_domain(self, domain: str) -> str:
+        """`domain` normalized, when it is in use or one more fits (a 400 naming the limit)."""
+        domain = normalize_domain(domain)
+        domains = self.domains()
+        if domain not in domains and len(domains) >= self.max_domains:
+            raise APIError(
+                400, f"at most {self.max_domains} domains; {domain!r} would be one more "
+                f"(existing: {', '.join(sorted(domains))})", param="domain", code="too_many_domains",
+            )  # fmt: skip
+        return domain
 
     def domains(self) -> set[str]:
         """Every domain in use: those of jobs and those conversations are tagged with."""

@@ -21,10 +21,10 @@ from starlette.concurrency import run_in_threadpool
 
 from semilla.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from semilla.serve import adapters
-from semilla.serve.accounts import records
+from semilla.serve.accounts import domains, records
 from semilla.serve.errors import APIError
 from semilla.serve.hooks import Principal
-from semilla.serve.lora_jobs import LoraJob, LoraJobs
+from semilla.serve.lora_jobs import LoraJob, LoraJobs, normalize_domain
 from semilla.serve.protocol import Body
 from semilla.serve.protocol import Request as RequestBody
 from semilla.serve.routes.models import NonEmpty, admin, log_action
@@ -79,6 +79,7 @@ def install(app: FastAPI, settings: ServerSettings) -> None:
         app.state.semilla, Path(settings.data_dir) / "lora", max_domains=settings.lora_max_domains,
         per_owner=settings.lora_jobs_per_user, queue_size=settings.lora_job_queue,
         default_iters=settings.lora_job_iters,
+        known_domains=lambda: domains.conversation_domains(app.state.accounts.store),
     )  # fmt: skip
     app.include_router(router)
 
@@ -135,19 +136,38 @@ async def start_job(
 
 @router.post("/v1/lora/generate", dependencies=JSON_BODY, status_code=202)
 async def generate_adapter(body: LoraGenerate, request: Request) -> dict:
-    """Train an adapter for `domain` from a conversation (its id, or its messages) in the
-    background; the job's id answers at once."""
+    """Train an adapter for `domain` in the background from one conversation (its id, or its
+    messages), else from every conversation of the caller tagged with `domain`; the job's id
+    answers at once."""
     principal = await request.app.state.hooks.authorize(request, "models")
-    if (body.conversation_id is None) == (body.messages is None):
-        raise APIError(400, "give conversation_id or messages (one of them)", param="conversation_id")
+    if body.conversation_id is not None and body.messages is not None:
+        raise APIError(400, "give conversation_id or messages, not both", param="conversation_id")
     if body.messages is not None:
-        messages = [m.model_dump() for m in body.messages]
+        conversations = [[m.model_dump() for m in body.messages]]
+    elif body.conversation_id is not None:
+        conversations = [
+            await run_in_threadpool(conversation_messages, request, principal, body.conversation_id)
+        ]
     else:
-        messages = await run_in_threadpool(conversation_messages, request, principal, body.conversation_id)
+        conversations = await run_in_threadpool(tagged_conversations, request, principal, body.domain)
     return await start_job(
-        request, principal, [messages], body.domain, base=body.model, adapter=body.adapter,
+        request, principal, conversations, body.domain, base=body.model, adapter=body.adapter,
         max_iters=body.max_iters, lora_r=body.lora_r,
     )  # fmt: skip
+
+
+def tagged_conversations(request: Request, principal: Principal, domain: str) -> list[list[dict]]:
+    """The caller's conversations tagged with `domain` (a 400 when there is none)."""
+    accounts = request.app.state.accounts
+    accounts.writer.flush()
+    where = domains.ConversationFilter(domain=normalize_domain(domain), user_id=principal.user_id)
+    found = domains.filtered_conversations(accounts.store, where)
+    if not found:
+        raise APIError(
+            400, f"you have no conversation tagged {where.domain!r}: give conversation_id or messages, or tag one "
+            "(PATCH /v1/conversations/ID with a domain)", param="conversation_id",
+        )  # fmt: skip
+    return found
 
 
 @router.post("/api/lora/generate", dependencies=JSON_BODY, status_code=202)
