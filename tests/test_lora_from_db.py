@@ -135,6 +135,8 @@ def test_finetune_from_db_trains_on_the_chosen_conversations(tmp_path):
     )
     assert_one_line_error(r, "--from-db: no database at")
     assert not (tmp_path / "none.db").exists()  # reading never creates one
+    r = run_cli("finetune", base, "--from-db", "not a url", "-o", tmp_path / "x", *common)
+    assert_one_line_error(r, "'not a url' is not a database URL")
     r = run_cli("finetune", base, "--data", "x.jsonl", "--domain", "medicina", "-o", tmp_path / "x", *common)
     assert_one_line_error(r, "--domain", "--from-db")
     r = run_cli("finetune", base, "--from-db", url, "--since", "March", "-o", tmp_path / "x", *common)

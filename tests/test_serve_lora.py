@@ -14,6 +14,7 @@ import pytest
 from accounts_helpers import login, make_settings, register
 from helpers import assert_one_line_error, clean_env, run_cli
 from lora_helpers import merged_checkpoint, random_adapter, tiny_base
+from safetensors.torch import load_file, save_file
 from server_helpers import running_server
 
 from semilla.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -132,6 +133,8 @@ def broken_adapters(files: dict[str, Path], root: Path) -> dict[str, Path]:
     for name, change in {"rank0": {"r": 0}, "negative": {"r": -2}, "not-lora": {"peft_type": "IA3"}}.items():
         config = copy(name) / ADAPTER_CONFIG
         config.write_text(json.dumps(json.loads(config.read_text()) | change))
+    weights = copy("unknown-module") / ADAPTER_WEIGHTS  # a layer this model does not have
+    save_file({k.replace("q_proj", "foo_proj"): v for k, v in load_file(weights).items()}, weights)
     out["foreign"] = files["foreign"]
     out["missing"] = root / "nowhere"
     return out

@@ -269,13 +269,17 @@ class LoraJobs:
             self._save(job)
             try:
                 self._run(job)
+            except APIError as e:  # its base was unloaded, or its name taken meanwhile
+                self._finish(job, "failed", error=e.message)
             except Exception as e:  # a job's failure is the job's, never the server's
                 log.exception("LoRA job %s failed", job.id)
                 self._finish(job, "failed", error=f"{type(e).__name__}: {e}")
 
     def _run(self, job: LoraJob) -> None:
         folder = self.directory / job.id
-        served = self.state.models[job.base]
+        served = self.state.models.get(job.base)
+        if served is None:
+            raise APIError(404, f"model {job.base!r} was unloaded before the job began")
         n = job.max_iters
         command = [
             sys.executable, "-m", "semilla", "finetune", served.path, "--data", str(folder / "data.jsonl"),

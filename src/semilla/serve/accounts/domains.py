@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import or_, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from semilla.atomic import atomic_write_text
 from semilla.errors import SemillaError
@@ -99,7 +99,14 @@ def export_conversations(url: str, where: ConversationFilter, path: str | os.Pat
     server never upgraded is a SemillaError naming it."""
     if url.startswith("sqlite") and not Path(url.split("///", 1)[-1]).is_file():
         raise SemillaError(f"--from-db: no database at {url.split('///', 1)[-1]}")
-    store = Store(url)
+    try:
+        store = Store(url)
+    except ImportError as e:  # PostgreSQL without its driver
+        raise SemillaError(
+            f"--from-db {url.split(':', 1)[0]}: {e.name} is missing: pip install 'semilla[replicas]'"
+        ) from None
+    except ArgumentError as e:
+        raise SemillaError(f"--from-db: {url!r} is not a database URL: {e}") from None
     try:
         rows = filtered_conversations(store, where)
     except ValueError as e:
