@@ -101,6 +101,15 @@ def test_a_conversation_becomes_a_served_downloadable_adapter(base, tmp_path):
         metrics = client.get("/metrics", headers=admin).text
         assert "semilla_lora_files_generated_total" in metrics
 
+    # a restart finds the job where it ended and serves its adapter again
+    with serve(base, tmp_path) as url, httpx.Client(base_url=url, timeout=60) as client:
+        beto = login(client, "beto")
+        assert client.get(f"/v1/lora/jobs/{job['id']}", headers=beto).json()["status"] == "succeeded"
+        assert client.get("/v1/lora/stats", headers=beto).json()["lora_files_generated"] == 1
+        r = client.post("/v1/chat/completions", headers=beto,
+                        json={"model": "tiny-medicina", "messages": CHAT[:1], "max_tokens": 4})  # fmt: skip
+        assert r.status_code == 200, r.text
+
 
 def test_jobs_from_stored_conversations_the_seed_alias_and_cancelling(base, tmp_path):
     with serve(base, tmp_path, lora_jobs_per_user=2) as url, httpx.Client(base_url=url, timeout=60) as client:
