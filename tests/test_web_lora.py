@@ -11,7 +11,7 @@ import re
 import pytest
 from lora_helpers import random_adapter, tiny_base
 from server_helpers import running_server
-from web_helpers import CHROMIUM_ARGS, DESKTOP, chromium_path, is_loopback
+from web_helpers import CHROMIUM_ARGS, DESKTOP, PASSWORD, chromium_path, is_loopback
 
 from semilla.serve.app import create_app
 from semilla.serve.registry import load_models
@@ -74,5 +74,12 @@ def test_pick_an_adapter_tag_a_domain_and_teach_the_conversation(url):
         expect(page.locator("#domain")).to_have_value("medicina")
         expect(page.locator("#adapter")).to_have_value("med")
         expect(page.locator("#domains option")).to_have_count(1)
+
+        # the dashboard lists the adapter as what it is (an admin's view: the first account)
+        page.request.post(url + "/auth/register", data={"username": "ana", "password": PASSWORD})
+        assert page.request.post(url + "/auth/login", form={"username": "ana", "password": PASSWORD}).ok
+        page.goto(url + "/admin")
+        expect(page.locator("#models tr.adapter")).to_have_count(2)
+        expect(page.locator("#models tr.adapter").first).to_contain_text("LoRA adapter on tiny")
         assert remote == []
         browser.close()

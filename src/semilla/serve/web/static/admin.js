@@ -176,10 +176,16 @@ async function showRun(id) {
 // --- models, feedback, users, keys -----------------------------------------------------------
 
 function renderModels(models) {
-  ui.models.replaceChildren(...models.map((m) => el("tr", {},
+  ui.models.replaceChildren(...models.map((m) => m.parent ? adapterRow(m) : el("tr", {},
     el("td", {}, m.id), el("td", {}, num(m.parameters)), el("td", {}, m.context_length ? `${m.context_length} tokens` : "unbounded"),
     el("td", {}, `${m.meta.arch} ${m.meta.family || ""} · ${m.meta.n_layer} layers × ${m.meta.n_embd}`),
     el("td", {}, `${m.meta.tokenizer} · ${m.meta.vocab_size}`), el("td", { class: "path" }, m.meta.path))));
+}
+
+/** A LoRA adapter (its card has a parent): what it adapts and where it was read from. */
+function adapterRow(a) {
+  return el("tr", { class: "adapter" }, el("td", {}, a.id), el("td", {}, "–"), el("td", {}, "–"),
+    el("td", {}, `LoRA adapter on ${a.parent}`), el("td", {}, "–"), el("td", { class: "path" }, a.meta ? a.meta.path : ""));
 }
 
 function renderFeedback(feedback) {
