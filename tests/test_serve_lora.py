@@ -86,6 +86,17 @@ def test_adapters_named_at_start_answer_as_merged_into_their_base(files, tmp_pat
         twin = client.completions.create(model="merged", prompt="the quick", max_tokens=12, temperature=0)
         assert done.model == "med" and done.choices[0].text == twin.choices[0].text
 
+        # the router resolves the name, so every protocol's routes serve the adapter alike
+        ollama = httpx.post(url + "/api/chat", headers=user, timeout=60, json={
+            "model": "med", "messages": PROMPT, "stream": False, "options": {"temperature": 0, "num_predict": 24}})  # fmt: skip
+        assert ollama.status_code == 200 and ollama.json()["message"]["content"] == answer(client, "merged")
+        assert "med" in {m["name"] for m in httpx.get(url + "/api/tags", headers=user).json()["models"]}
+        anthropic = httpx.post(url + "/v1/messages", headers=user, timeout=60, json={
+            "model": "med", "messages": PROMPT, "max_tokens": 24, "temperature": 0})  # fmt: skip
+        assert anthropic.status_code == 200 and anthropic.json()["content"][0]["text"] == answer(
+            client, "merged"
+        )
+
 
 def test_admins_load_and_unload_adapters_at_run_time(files, tmp_path):
     with serve(files, tmp_path, models=("base", "merged")) as url:
