@@ -163,6 +163,14 @@ def test_conversations_are_tagged_with_at_most_32_domains(tmp_path):
             r.json()["error"]["code"] == "too_many_domains"
             and "at most 32 domains" in r.json()["error"]["message"]
         )
+        r = client.patch(
+            f"/v1/conversations/{ids[32]}", headers=ana, json={"title": "renamed", "domain": "el-33"}
+        )
+        assert r.status_code == 400  # and nothing of the request was applied:
+        assert client.get(f"/v1/conversations/{ids[32]}", headers=ana).json()["title"] != "renamed"
+        assert (
+            client.patch(f"/v1/conversations/{ids[32]}", headers=ana, json={"domain": ""}).status_code == 400
+        )
         r = client.post("/v1/lora/generate", headers=ana, json={"messages": chat, "domain": "el-33"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_domains"
         # an existing domain is always fine; clearing a tag frees its domain for another

@@ -60,11 +60,15 @@ def rename_conversation(
     """Rename it, or tag it with a domain (at most --lora-max-domains distinct ones)."""
     if body.title is None and "domain" not in body.model_fields_set:
         raise APIError(400, "give a title or a domain", param="title")
+    tagging = "domain" in body.model_fields_set
+    # the domain is checked first: a refused one leaves the title as it was too
+    domain = (
+        request.app.state.lora_jobs.admit_domain(body.domain) if tagging and body.domain is not None else None
+    )
     found = None
     if body.title is not None:
         found = records.rename_conversation(accounts.store, conversation_id, principal.user_id, body.title)
-    if "domain" in body.model_fields_set:
-        domain = None if body.domain is None else request.app.state.lora_jobs.admit_domain(body.domain)
+    if tagging:
         found = domains.set_conversation_domain(accounts.store, conversation_id, principal.user_id, domain)
     return found
 
