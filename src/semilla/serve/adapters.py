@@ -109,12 +109,14 @@ def unload_adapter(state, name: str) -> None:
 
 
 def adapter_names(state) -> list[str]:
-    return [name for name, b in state.local.items() if isinstance(b, AdapterBackend)]
+    return [name for name, b in list(state.local.items()) if isinstance(b, AdapterBackend)]
 
 
 def drop_adapters_of(state, base: str) -> None:
     """Forget the adapters of base model `base` (being unloaded: its engine worker goes too)."""
-    for name in [n for n, b in state.local.items() if isinstance(b, AdapterBackend) and b.parent == base]:
+    for name in [
+        n for n, b in list(state.local.items()) if isinstance(b, AdapterBackend) and b.parent == base
+    ]:
         del state.local[name]
 
 

@@ -174,7 +174,7 @@ class LoraJobs:
             conversations, lambda m: len(tokenizer.apply_chat_template(m)), served.lm.context_length or 256
         )
         with self.lock:
-            active = [j for j in self.jobs.values() if j.status in ACTIVE]
+            active = [j for j in list(self.jobs.values()) if j.status in ACTIVE]
             if sum(j.owner == owner for j in active) >= self.per_owner:
                 raise APIError(
                     429, f"you have {self.per_owner} LoRA job(s) queued or running; wait for it or cancel it",
@@ -207,7 +207,7 @@ class LoraJobs:
         return job
 
     def list(self, owner: str, admin: bool = False) -> list[LoraJob]:
-        return [j for j in self.jobs.values() if admin or j.owner == owner]
+        return [j for j in list(self.jobs.values()) if admin or j.owner == owner]
 
     def cancel(self, job: LoraJob) -> LoraJob:
         """Stop a queued or running job (a running one saves its step and stops); no adapter."""
@@ -236,11 +236,13 @@ class LoraJobs:
 
     def domains(self) -> set[str]:
         """Every domain in use: those of jobs and those conversations are tagged with."""
-        return {j.domain for j in self.jobs.values() if j.status != "cancelled"} | set(self.known_domains())
+        return {j.domain for j in list(self.jobs.values()) if j.status != "cancelled"} | set(
+            self.known_domains()
+        )
 
     def generated(self) -> int:
         """LoRA files generated: the jobs that produced an adapter."""
-        return sum(j.status == "succeeded" for j in self.jobs.values())
+        return sum(j.status == "succeeded" for j in list(self.jobs.values()))
 
     def adapter_dir(self, job: LoraJob) -> Path:
         return self.directory / job.id / "adapter"
