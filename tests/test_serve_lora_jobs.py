@@ -98,6 +98,9 @@ def test_a_conversation_becomes_a_served_downloadable_adapter(base, tmp_path):
         stats = client.get("/v1/lora/stats", headers=carla).json()
         assert stats["lora_files_generated"] == 1 and stats["domains"] == ["medicina"]
         assert stats["max_domains"] == 32 and set(stats["adapters"]) == {"tiny-medicina", "from-zip"}
+        assert stats["jobs"] == {} and client.get("/v1/lora/stats", headers=beto).json()["jobs"] == {
+            "succeeded": 1
+        }
         metrics = client.get("/metrics", headers=admin).text
         assert "semilla_lora_files_generated_total" in metrics
 

@@ -81,5 +81,8 @@ def test_pick_an_adapter_tag_a_domain_and_teach_the_conversation(url):
         page.goto(url + "/admin")
         expect(page.locator("#models tr.adapter")).to_have_count(2)
         expect(page.locator("#models tr.adapter").first).to_contain_text("LoRA adapter on tiny")
+        expect(page.locator("#lora-stats")).to_have_text(
+            "LoRA files generated: 1 · jobs: 1 succeeded · domains: 1 of 32"
+        )
         assert remote == []
         browser.close()

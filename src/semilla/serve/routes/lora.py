@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -237,11 +238,13 @@ async def download_peft(job_id: str, request: Request) -> Response:
 
 @router.get("/v1/lora/stats")
 async def lora_stats(request: Request) -> dict:
-    """LoRA files generated, the domains in use and their limit, the adapters served."""
-    await request.app.state.hooks.authorize(request, "models")
+    """LoRA files generated, jobs by status, the domains in use and their limit, the adapters served."""
+    principal = await request.app.state.hooks.authorize(request, "models")
     jobs: LoraJobs = request.app.state.lora_jobs
+    seen = jobs.list(owner_of(principal), principal.role == "admin")
     return {
         "lora_files_generated": jobs.generated(),
+        "jobs": dict(Counter(j.status for j in seen)),  # the caller's (an admin's: all), by status
         "domains": sorted(jobs.domains()),
         "max_domains": jobs.max_domains,
         "adapters": adapters.adapter_names(request.app.state.semilla),
