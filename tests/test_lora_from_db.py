@@ -5,6 +5,7 @@ filters (domain, user, positive feedback only, date range) on both databases."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 
 import httpx
@@ -137,8 +138,8 @@ def test_finetune_from_db_trains_on_the_chosen_conversations(tmp_path):
     assert not (tmp_path / "none.db").exists()  # reading never creates one
     r = run_cli("finetune", base, "--from-db", "not a url", "-o", tmp_path / "x", *common)
     assert_one_line_error(r, "'not a url' is not a database URL")
-    r = run_cli("finetune", base, "--data", "x.jsonl", "--domain", "medicina", "-o", tmp_path / "x", *common)
-    assert_one_line_error(r, "--domain", "--from-db")
+    r = run_cli("finetune", base, "--data", "x.jsonl", "--user", "ana", "-o", tmp_path / "x", *common)
+    assert_one_line_error(r, "--user", "--from-db")
     r = run_cli("finetune", base, "--from-db", url, "--since", "March", "-o", tmp_path / "x", *common)
     assert r.returncode == 2 and "YYYY-MM-DD" in r.stderr
 
@@ -196,3 +197,32 @@ def test_conversations_are_tagged_with_at_most_32_domains(tmp_path):
         r = client.post("/v1/lora/generate", headers=ana, json={"domain": "dominio-0", "max_iters": 2})
         assert r.status_code == 202 and r.json()["conversations"] == 2, r.text
         client.post(f"/v1/lora/jobs/{r.json()['id']}/cancel", headers=ana)
+
+
+def test_finetune_domain_picks_the_tagged_rows_of_a_jsonl(tmp_path):
+    base = tiny_base(tmp_path / "base", block_size=16)
+    rows = [{"domain": "Legal", "messages": [{"role": "user", "content": "contract?"},
+                                             {"role": "assistant", "content": "a signed agreement " * 6}]},
+            {"domain": "medicina", "messages": [{"role": "user", "content": "fever?"},
+                                                {"role": "assistant", "content": "a high temperature " * 6}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello " * 6}]}]  # fmt: skip
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 30))
+    common = ("--max-iters", "2", "--batch-size", "2", "--eval-interval", "2", "--eval-iters", "1",
+              "--warmup-iters", "1", "--device", "cpu", "--json")  # fmt: skip
+
+    def train_tokens(*flags) -> int:
+        r = run_cli("finetune", base, "--data", data, *flags, *common, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return int(re.search(r"data: ([\d,]+) train tokens", r.stderr).group(1).replace(",", ""))
+
+    legal = train_tokens("--domain", "legal", "-o", tmp_path / "legal")
+    assert (tmp_path / "legal" / "adapter_model.safetensors").is_file()
+    everything = train_tokens("-o", tmp_path / "all")
+    assert 0.2 < legal / everything < 0.5  # one row in three is tagged legal
+    r = run_cli("finetune", base, "--data", data, "--domain", "cocina", "-o", tmp_path / "x", *common)
+    assert_one_line_error(r, "--domain cocina", "no row of", "tagged")
+    r = run_cli(
+        "finetune", base, "--data", tmp_path / "base", "--domain", "legal", "-o", tmp_path / "x", *common
+    )
+    assert_one_line_error(r, "is not a .jsonl file")

@@ -163,6 +163,34 @@ def conversations_from_db(args: argparse.Namespace, directory: str) -> str:
     return path
 
 
+def domain_rows(data: str, domain: str, directory: str) -> str:
+    """The rows of --data's JSONL files tagged {"domain": DOMAIN} (case-insensitive), written
+    as one JSONL file in `directory`."""
+    from pathlib import Path
+
+    wanted, kept = domain.strip().casefold(), []
+    for path in [p for p in data.split(",") if p]:
+        if not path.endswith(".jsonl") or not Path(path).is_file():
+            raise SemillaError(
+                f"--domain picks the rows of JSONL files tagged with it: {path} is not a .jsonl file"
+            )
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SemillaError(f"{path}:{number}: not JSON ({e})") from None
+                if isinstance(row, dict) and str(row.get("domain", "")).strip().casefold() == wanted:
+                    kept.append(line.rstrip("\n") + "\n")
+    if not kept:
+        raise SemillaError(f'--domain {domain}: no row of {data} is tagged with it ("domain": "{wanted}")')
+    out = Path(directory) / "domain.jsonl"
+    out.write_text("".join(kept), encoding="utf-8")
+    return str(out)
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -175,15 +203,22 @@ def finetune_command(args: argparse.Namespace, scratch: str) -> int:
 
     settings = explicit_overrides(args, TrainConfig)
     data, out = settings.pop("data", None), settings.pop("out_dir", None)
-    filters = [n for n in DB_FILTERS if getattr(args, n)]
+    filters = [n for n in DB_FILTERS if n != "domain" and getattr(args, n)]
     if filters and not args.from_db:
         raise SemillaError(
             f"--{filters[0].replace('_', '-')} filters the conversations of --from-db URL: give it"
         )
+    # either source is prepared into the run: a resume needs the scratch file no more
     if args.from_db:
         if data or args.resume:
             raise SemillaError("--from-db URL is the training data: drop --data (and --resume)")
-        data = conversations_from_db(args, scratch)  # prepared into the run: a resume needs it no more
+        data = conversations_from_db(args, scratch)
+    elif args.domain:
+        if not data:
+            raise SemillaError(
+                "--domain picks rows of --data's JSONL files or conversations of --from-db: give one"
+            )
+        data = domain_rows(data, args.domain, scratch)
     if args.resume:
         if args.checkpoint or data or out:
             raise SemillaError(
@@ -341,7 +376,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "sqlite:///semilla-data/semilla.db or postgresql://...), chosen by the filters below; it only reads",
     )
     db.add_argument("--from-db", metavar="URL", help="the server's database URL (instead of --data)")
-    db.add_argument("--domain", help="only conversations tagged with this domain (the chat's domain picker)")
+    db.add_argument(
+        "--domain",
+        help="only conversations tagged with this domain (the chat's domain picker); with --data, only the JSONL "
+        'rows tagged {"domain": DOMAIN}',
+    )
     db.add_argument("--user", metavar="USERNAME", help="only this account's conversations")
     db.add_argument("--positive-only", action="store_true", help="only conversations rated up and never down")
     db.add_argument(
