@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 
 from semilla.cli.flags import add_dataclass_flags, explicit_overrides, flag_name
@@ -128,11 +129,96 @@ AGE_FIELDS = (
 )
 
 
+DB_FILTERS = ("domain", "user", "positive_only", "since", "until")
+
+
+def iso_date(raw: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a date is YYYY-MM-DD, got {raw!r}") from None
+
+
+def conversations_from_db(args: argparse.Namespace, directory: str) -> str:
+    """The conversations --from-db and its filters select, written as chat JSONL in `directory`."""
+    from semilla.serve.accounts.domains import ConversationFilter, export_conversations
+
+    def midnight(day: datetime.date | None, days: int = 0) -> datetime.datetime | None:
+        return (
+            None
+            if day is None
+            else datetime.datetime.combine(day, datetime.time()) + datetime.timedelta(days)
+        )
+
+    where = ConversationFilter(
+        domain=args.domain.strip().casefold() if args.domain else None, username=args.user,
+        positive_only=args.positive_only, since=midnight(args.since), until=midnight(args.until, 1),
+    )  # fmt: skip
+    path = f"{directory}/conversations.jsonl"
+    if not export_conversations(args.from_db, where, path):
+        chosen = ", ".join(
+            f"--{n.replace('_', '-')} {getattr(args, n)}" for n in DB_FILTERS if getattr(args, n)
+        )
+        raise SemillaError(f"--from-db: no conversation in the database matches {chosen or 'at all'}")
+    return path
+
+
+def domain_rows(data: str, domain: str, directory: str) -> str:
+    """The rows of --data's JSONL files tagged {"domain": DOMAIN} (case-insensitive), written
+    as one JSONL file in `directory`."""
+    from pathlib import Path
+
+    wanted, kept = domain.strip().casefold(), []
+    for path in [p for p in data.split(",") if p]:
+        if not path.endswith(".jsonl") or not Path(path).is_file():
+            raise SemillaError(
+                f"--domain picks the rows of JSONL files tagged with it: {path} is not a .jsonl file"
+            )
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SemillaError(f"{path}:{number}: not JSON ({e})") from None
+                if isinstance(row, dict) and str(row.get("domain", "")).strip().casefold() == wanted:
+                    kept.append(line.rstrip("\n") + "\n")
+    if not kept:
+        raise SemillaError(f'--domain {domain}: no row of {data} is tagged with it ("domain": "{wanted}")')
+    out = Path(directory) / "domain.jsonl"
+    out.write_text("".join(kept), encoding="utf-8")
+    return str(out)
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="semilla-from-db-") as scratch:
+        return finetune_command(args, scratch)
+
+
+def finetune_command(args: argparse.Namespace, scratch: str) -> int:
     from semilla.finetuning import finetune
 
     settings = explicit_overrides(args, TrainConfig)
     data, out = settings.pop("data", None), settings.pop("out_dir", None)
+    filters = [n for n in DB_FILTERS if n != "domain" and getattr(args, n)]
+    if filters and not args.from_db:
+        raise SemillaError(
+            f"--{filters[0].replace('_', '-')} filters the conversations of --from-db URL: give it"
+        )
+    # either source is prepared into the run: a resume needs the scratch file no more
+    if args.from_db:
+        if data or args.resume:
+            raise SemillaError("--from-db URL is the training data: drop --data (and --resume)")
+        data = conversations_from_db(args, scratch)
+    elif args.domain:
+        if not data:
+            raise SemillaError(
+                "--domain picks rows of --data's JSONL files or conversations of --from-db: give one"
+            )
+        data = domain_rows(data, args.domain, scratch)
     if args.resume:
         if args.checkpoint or data or out:
             raise SemillaError(
@@ -284,6 +370,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--overwrite", action="store_true", help="replace the adapter and run in the output directory"
     )
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    db = p.add_argument_group(
+        "conversations from the server's database",
+        "--from-db URL trains on the conversations `semilla serve` stored (its database URL: "
+        "sqlite:///semilla-data/semilla.db or postgresql://...), chosen by the filters below; it only reads",
+    )
+    db.add_argument("--from-db", metavar="URL", help="the server's database URL (instead of --data)")
+    db.add_argument(
+        "--domain",
+        help="only conversations tagged with this domain (the chat's domain picker); with --data, only the JSONL "
+        'rows tagged {"domain": DOMAIN}',
+    )
+    db.add_argument("--user", metavar="USERNAME", help="only this account's conversations")
+    db.add_argument("--positive-only", action="store_true", help="only conversations rated up and never down")
+    db.add_argument(
+        "--since", type=iso_date, metavar="YYYY-MM-DD", help="only those changed on or after this day"
+    )
+    db.add_argument(
+        "--until", type=iso_date, metavar="YYYY-MM-DD", help="only those changed on or before this day"
+    )
     add_dataclass_flags(
         p, TrainConfig, "fine-tuning", skip=("init_from", "tokenizer", "vocab_size_bpe", *AGE_FIELDS),
         defaults={"lora_r": 8, "out_dir": None}, aliases={"out_dir": "-o"},

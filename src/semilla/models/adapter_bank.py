@@ -43,6 +43,10 @@ class UnknownAdapterError(AdapterError):
     """A request names an adapter that is not registered."""
 
 
+class AdaptersBusyError(AdapterError):
+    """Every adapter slot in memory is taken by running rows: another must wait its turn."""
+
+
 def fused_layers(model: nn.Module) -> list[tuple[FusedLinear, list[str], list[int]]]:
     """Every FusedLinear of `model` with its layers' module names and output sizes."""
     found = []
@@ -219,7 +223,7 @@ class AdapterBank:
         while len(self.loaded) >= self.max_held:
             idle = next((n for n in self.loaded if not self.users[n]), None)
             if idle is None:
-                raise AdapterError(
+                raise AdaptersBusyError(
                     f"all {self.max_held} adapters held in memory are in use by running requests; "
                     "try again when one finishes"
                 )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Response
 
 from semilla import __version__
-from semilla.serve import accounts, alerts, retrieval, switching, web
+from semilla.serve import accounts, adapters, alerts, retrieval, switching, web
 from semilla.serve.backends.base import Backend
 from semilla.serve.backends.local import LocalBackend
 from semilla.serve.backends.router import ModelRouter
@@ -37,6 +37,7 @@ from semilla.serve.routes import (
     docs,
     embeddings,
     health,
+    lora,
     ollama,
     openai,
     responses,
@@ -73,6 +74,7 @@ class ServerState:
         """Stop serving a local model; its requests in flight end with an error."""
         served = self.models.pop(name)
         del self.local[name]
+        adapters.drop_adapters_of(self, name)
         self.engine.remove_model(name)
         return served
 
@@ -98,7 +100,7 @@ def create_app(
     providers and routes of `providers` (default: the file settings.providers names, whose
     checkpoints are loaded here)."""
     settings = settings or ServerSettings()
-    engine = Engine(settings.max_slots, settings.queue_size, settings.request_timeout_s)
+    engine = Engine(settings.max_slots, settings.queue_size, settings.request_timeout_s, settings.max_loras)
     state = ServerState(settings, engine)
     for served in (models or {}).values():
         state.add_model(served)
@@ -108,6 +110,7 @@ def create_app(
         switching.use_providers(state, providers)
     if settings.default_model:
         state.router.default = settings.default_model
+    adapters.load_startup_adapters(state, settings.lora)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -163,6 +166,7 @@ def create_app(
     app.include_router(model_admin.router)
     app.include_router(ab.router)
     app.include_router(usage.router)
+    lora.install(app, settings)  # vLLM's adapter routes, LoRA jobs (after accounts: they own conversations)
     web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
     alerts.install(app, settings)  # alerting rules evaluated in-process, /admin/alerts, the webhook
     # outermost last: the size limit runs before anything reads the body

@@ -35,6 +35,36 @@ FLAGS = (  # flag, settings field, type, help
         str,
         "the model or route of requests that name none (default: the providers file's, else the first model)",
     ),
+    (
+        "--max-loras",
+        "max_loras",
+        int,
+        "LoRA adapters held in memory per model; the least recently used idle one leaves (default: 8)",
+    ),
+    (
+        "--lora-max-domains",
+        "lora_max_domains",
+        int,
+        "distinct domains conversations and LoRA jobs may use; the next is refused (default: 32)",
+    ),
+    (
+        "--lora-jobs-per-user",
+        "lora_jobs_per_user",
+        int,
+        "LoRA jobs (POST /v1/lora/generate) one caller may have queued or running; 429 beyond (default: 1)",
+    ),
+    (
+        "--lora-job-queue",
+        "lora_job_queue",
+        int,
+        "LoRA jobs queued or running on the server; 429 beyond (default: 8)",
+    ),
+    (
+        "--lora-job-iters",
+        "lora_job_iters",
+        int,
+        "fine-tuning steps of a LoRA job that names none (default: 100)",
+    ),
     ("--data-dir", "data_dir", str, "where the database and logs live (default: semilla-data)"),
     ("--device", "device", str, "cpu, cuda, mps (default: cuda when available)"),
     ("--threads", "threads", int, "CPU threads for the model (default: all cores but one, left to HTTP)"),
@@ -156,6 +186,13 @@ def add_parser(sub) -> None:
     for flag, _, typ, text in FLAGS:
         p.add_argument(flag, type=typ, help=text)
     p.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=PATH",
+        help="serve the PEFT adapter directory PATH (semilla finetune's output) as model NAME on the default "
+        "model; /v1/models lists it with its parent (repeatable; $SEMILLA_LORA: comma-separated)",
+    )
+    p.add_argument(
         "--insecure-no-auth",
         action="store_true",
         default=None,
@@ -181,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {field: getattr(args, field_attr(flag)) for flag, field, _, _ in FLAGS}
     overrides["insecure_no_auth"] = args.insecure_no_auth
     overrides["drift_sample_prompts"] = args.drift_sample_prompts
+    overrides["lora"] = ",".join(args.lora) if args.lora else None
     try:
         settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as e:  # flags, SEMILLA_* variables or .env: name every bad one

@@ -21,6 +21,7 @@ from semilla.checkpoint import resolve_checkpoint
 from semilla.errors import SemillaError
 from semilla.serve import alerts
 from semilla.serve.accounts import StartupPolicyError, check_startup_policy
+from semilla.serve.adapters import check_adapter_specs
 from semilla.serve.app import create_app
 from semilla.serve.providers import load_providers
 from semilla.serve.registry import discover, load_models, model_specs
@@ -131,6 +132,7 @@ def serve(
     specs = resolve_model_specs(settings, checkpoints, names)
     for _, path in specs:  # a wrong path is reported before anything else happens
         resolve_checkpoint(path)
+    check_adapter_specs(settings.lora)
     providers = (
         load_providers(settings.providers, [name for name, _ in specs]) if settings.providers else None
     )

@@ -23,6 +23,7 @@ from semilla import __version__
 from semilla.api import StopStringFilter
 from semilla.config import GenerateConfig
 from semilla.errors import SemillaError
+from semilla.models.adapter_bank import AdaptersBusyError, UnknownAdapterError
 from semilla.serve import metrics
 from semilla.serve.engine import Engine, ModelUnloadedError, QueueFullError, QueueTimeoutError, Sequence
 from semilla.serve.errors import APIError
@@ -248,10 +249,13 @@ class Job(Generation):
         prompts: list[list[int]],
         cfg: GenerateConfig,
         call: GenerationCall,
+        adapter: str | None = None,
     ):
-        """`cfg`: the call's settings fitted to the model (max_new_tokens, stop strings)."""
-        super().__init__(served.id, len(prompts) * call.n, call)
+        """`cfg`: the call's settings fitted to the model (max_new_tokens, stop strings);
+        `adapter`: a LoRA adapter of the model, which then answers under the adapter's name."""
+        super().__init__(adapter or served.id, len(prompts) * call.n, call)
         self.engine, self.served, self.cfg, self.n = engine, served, cfg, call.n
+        self.adapter = adapter
         self.prompts = prompts
         self.prompt_tokens = sum(len(p) for p in prompts)
         tok = served.lm.tokenizer
@@ -281,16 +285,21 @@ class Job(Generation):
                 for j in range(self.n):
                     seed = None if self.cfg.seed is None else self.cfg.seed + j
                     cfg = dataclasses.replace(self.cfg, seed=seed)
-                    seq = self.engine.submit(self.served.id, prompt, cfg, self.stop_ids, loop, self.queue)
+                    seq = self.engine.submit(
+                        self.served.id, prompt, cfg, self.stop_ids, loop, self.queue, adapter=self.adapter
+                    )
                     self.sequences[seq] = p_index * self.n + j
         except QueueFullError as e:
             self.cancel()
             raise APIError(
                 503, f"the server is busy ({e}); retry shortly", headers={"Retry-After": "1"}
             ) from e
-        except ModelUnloadedError as e:
+        except (ModelUnloadedError, UnknownAdapterError) as e:  # unloaded since the route resolved it
             self.cancel()
             raise APIError(404, str(e), param="model", code="model_not_found") from e
+        except AdaptersBusyError as e:
+            self.cancel()
+            raise APIError(429, f"{e}", code="adapters_busy", headers={"Retry-After": "1"}) from e
         metrics.PROMPT_TOKENS.labels(self.served.id).inc(sum(len(p) for p in self.prompts))
 
     def cancel(self) -> None:  # noqa: B027 (optional hook, a no-op by default)

@@ -26,6 +26,12 @@ class ServerSettings(BaseSettings):
     default_model: str = (
         ""  # the model (or route) of requests that name none; empty: the file's, else the first
     )
+    lora: str = ""  # comma-separated NAME=PATH: LoRA adapters served on the default model
+    max_loras: int = Field(8, ge=1)  # LoRA adapters held in memory per model (least recently used leave)
+    lora_max_domains: int = Field(32, ge=1)  # distinct conversation domains (and LoRA job domains)
+    lora_jobs_per_user: int = Field(1, ge=1)  # LoRA jobs one caller may have queued or running
+    lora_job_queue: int = Field(8, ge=1)  # LoRA jobs queued or running on the server; 429 beyond
+    lora_job_iters: int = Field(100, ge=1)  # fine-tuning steps of a LoRA job that names none
     data_dir: str = "semilla-data"  # database and logs
     device: str | None = None  # None: cuda when available, else cpu
     threads: int | None = Field(None, ge=1)  # torch threads; None: all cores but one (HTTP needs one)

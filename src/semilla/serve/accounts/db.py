@@ -125,6 +125,7 @@ class Conversation(Base):
     model: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    domain: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # a LoRA domain tag
 
 
 class Message(Base):

@@ -129,7 +129,7 @@ def append_turn(s, conv: Conversation, r: CompletionRecord) -> None:
 
 
 def conversation_dict(c: Conversation, messages: list[Message] | None = None) -> dict[str, Any]:
-    out = {"id": c.id, "object": "conversation", "title": c.title, "model": c.model,
+    out = {"id": c.id, "object": "conversation", "title": c.title, "model": c.model, "domain": c.domain,
            "created_at": iso(c.created_at), "updated_at": iso(c.updated_at)}  # fmt: skip
     if messages is not None:
         out["messages"] = [
@@ -163,8 +163,12 @@ def create_conversation(
     return get_conversation(store, conv.id, user_id)
 
 
-def list_conversations(store: Store, user_id: int | None, limit: int = 100) -> list[dict]:
+def list_conversations(
+    store: Store, user_id: int | None, limit: int = 100, domain: str | None = None
+) -> list[dict]:
     q = select(Conversation).where(owned_by(Conversation.user_id, user_id))
+    if domain is not None:
+        q = q.where(Conversation.domain == domain)
     with store.read() as s:
         return [
             conversation_dict(c) for c in s.scalars(q.order_by(Conversation.updated_at.desc()).limit(limit))

@@ -15,6 +15,8 @@ from semilla.serve.serving import GenerationCall, Job, fit_max_tokens, settings_
 class LocalBackend(Backend):
     """A served model: its chat template, context and tokenizer stay on this side of the seam."""
 
+    adapter: str | None = None  # the LoRA adapter every request runs with (see backends/adapter.py)
+
     def __init__(self, served: ServedModel, engine: Engine, prompt_observers: list | None = None):
         super().__init__(served.id)
         self.served, self.engine = served, engine
@@ -44,7 +46,7 @@ class LocalBackend(Backend):
         cfg = settings_or_400(
             dataclasses.replace(cfg, max_new_tokens=max_new, min_new_tokens=min(cfg.min_new_tokens, max_new))
         )
-        return Job(self.engine, self.served, prompts, cfg, call)
+        return Job(self.engine, self.served, prompts, cfg, call, self.adapter)
 
     def chat(self, messages: list[dict], call: GenerationCall) -> Job:
         job = self._job([self.served.lm.tokenizer.apply_chat_template(messages)], call)

@@ -115,7 +115,7 @@ class ModelRouter:
 
     def cards(self, admin: bool = False) -> list[dict]:
         """/v1/models: local models, routes, and the remote models the file lists (no URL, no key)."""
-        cards = [b.card(admin) for b in self.local.values()]
+        cards = [b.card(admin) for b in list(self.local.values())]  # a copy: loads happen in threads
         cards += [r.card(admin) for r in self.routes.values()]
         cards += [self.link(name).card(admin) for name in self.remote_names()]
         return cards

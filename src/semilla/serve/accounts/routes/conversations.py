@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import Field
 
-from semilla.serve.accounts import records
+from semilla.serve.accounts import domains, records
 from semilla.serve.accounts.deps import Accounts, ConversationsCaller
+from semilla.serve.errors import APIError
 from semilla.serve.protocol import Body
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
@@ -25,14 +26,19 @@ class NewConversation(Body):
 
 
 class Rename(Body):
-    title: str = Field(max_length=200)
+    title: str | None = Field(None, max_length=200)
+    domain: str | None = Field(None, max_length=200)  # a LoRA domain tag; null clears it
 
 
 @router.get("")
 def list_conversations(
-    principal: ConversationsCaller, accounts: Accounts, limit: int = Query(100, ge=1, le=1000)
+    principal: ConversationsCaller,
+    accounts: Accounts,
+    limit: int = Query(100, ge=1, le=1000),
+    domain: str | None = Query(None, max_length=200),
 ) -> dict:
-    return {"object": "list", "data": records.list_conversations(accounts.store, principal.user_id, limit)}
+    data = records.list_conversations(accounts.store, principal.user_id, limit, domain)
+    return {"object": "list", "data": data}
 
 
 @router.post("", status_code=201)
@@ -49,9 +55,22 @@ def get_conversation(conversation_id: str, principal: ConversationsCaller, accou
 
 @router.patch("/{conversation_id}")
 def rename_conversation(
-    conversation_id: str, body: Rename, principal: ConversationsCaller, accounts: Accounts
+    conversation_id: str, body: Rename, principal: ConversationsCaller, accounts: Accounts, request: Request
 ) -> dict:
-    return records.rename_conversation(accounts.store, conversation_id, principal.user_id, body.title)
+    """Rename it, or tag it with a domain (at most --lora-max-domains distinct ones)."""
+    if body.title is None and "domain" not in body.model_fields_set:
+        raise APIError(400, "give a title or a domain", param="title")
+    tagging = "domain" in body.model_fields_set
+    # the domain is checked first: a refused one leaves the title as it was too
+    domain = (
+        request.app.state.lora_jobs.admit_domain(body.domain) if tagging and body.domain is not None else None
+    )
+    found = None
+    if body.title is not None:
+        found = records.rename_conversation(accounts.store, conversation_id, principal.user_id, body.title)
+    if tagging:
+        found = domains.set_conversation_domain(accounts.store, conversation_id, principal.user_id, domain)
+    return found
 
 
 @router.delete("/{conversation_id}", status_code=204)

@@ -60,6 +60,7 @@ async function refresh() {
       api("/v1/models"), api("/training/runs"), api("/admin/feedback?limit=1000"), api("/admin/users"), api("/admin/keys")]);
     renderServer(stats, feedback.data);
     renderModels(models.data);
+    renderLora();
     renderFeedback(feedback.data);
     renderUsers(users.data);
     renderKeys(keys.data);
@@ -176,10 +177,28 @@ async function showRun(id) {
 // --- models, feedback, users, keys -----------------------------------------------------------
 
 function renderModels(models) {
-  ui.models.replaceChildren(...models.map((m) => el("tr", {},
+  ui.models.replaceChildren(...models.map((m) => m.parent ? adapterRow(m) : el("tr", {},
     el("td", {}, m.id), el("td", {}, num(m.parameters)), el("td", {}, m.context_length ? `${m.context_length} tokens` : "unbounded"),
     el("td", {}, `${m.meta.arch} ${m.meta.family || ""} · ${m.meta.n_layer} layers × ${m.meta.n_embd}`),
     el("td", {}, `${m.meta.tokenizer} · ${m.meta.vocab_size}`), el("td", { class: "path" }, m.meta.path))));
+}
+
+/** LoRA files generated, jobs by status and domains in use, under the models. */
+async function renderLora() {
+  const node = document.getElementById("lora-stats");
+  try {
+    const lora = await api("/v1/lora/stats");
+    const jobs = Object.entries(lora.jobs).map(([status, n]) => `${n} ${status}`).join(", ") || "none yet";
+    node.textContent = `LoRA files generated: ${lora.lora_files_generated} · jobs: ${jobs} · domains: ${lora.domains.length} of ${lora.max_domains}`;
+  } catch (err) {
+    node.textContent = `LoRA: ${err.message}`;
+  }
+}
+
+/** A LoRA adapter (its card has a parent): what it adapts and where it was read from. */
+function adapterRow(a) {
+  return el("tr", { class: "adapter" }, el("td", {}, a.id), el("td", {}, "–"), el("td", {}, "–"),
+    el("td", {}, `LoRA adapter on ${a.parent}`), el("td", {}, "–"), el("td", { class: "path" }, a.meta ? a.meta.path : ""));
 }
 
 function renderFeedback(feedback) {

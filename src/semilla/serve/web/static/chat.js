@@ -3,6 +3,7 @@
 import { $, ApiError, api, copyText, describe, el, errorFrom, formatNumber, renderNav, session, showError, signIn } from "./common.js";
 import { renderMarkdown } from "./markdown.js";
 import { ragRequest, sourcesView, startDocuments } from "./rag.js";
+import { clearConversation, requestModel, showAdapters, showConversation, splitModels, startLora } from "./lora.js";
 
 const SETTINGS_KEY = "semilla.chat.settings";
 const MODEL_KEY = "semilla.chat.model";
@@ -41,7 +42,8 @@ async function start() {
   renderNav(ui.nav, state.who, "/");
   if (!state.who.user) ui.nav.append(el("a", { href: "/?signin", id: "signin-link" }, "Sign in"));
   ui.app.hidden = false;
-  await Promise.all([loadModels(), loadConversations(), startDocuments(handleError)]);
+  await Promise.all([loadModels(), loadConversations(), startDocuments(handleError),
+    startLora(() => state.conversationId, loadModels, handleError)]);
   const wanted = new URLSearchParams(location.hash.slice(1)).get("c");
   if (wanted) await openConversation(wanted);
   ui.input.focus();
@@ -111,10 +113,11 @@ function sampling() {
 
 async function loadModels() {
   try {
-    const models = (await api("/v1/models")).data;
-    const wanted = localStorage.getItem(MODEL_KEY);
+    const models = splitModels((await api("/v1/models")).data);
+    const wanted = ui.model.value || localStorage.getItem(MODEL_KEY);
     ui.model.replaceChildren(...models.map((m) => el("option", { value: m.id, selected: m.id === wanted },
       `${m.id} · ${formatNumber(m.parameters)} params`)));
+    showAdapters();
     if (!models.length) showError(ui.banner, new ApiError(503, "no model is loaded"));
   } catch (err) {
     handleError(err, loadModels);
@@ -188,6 +191,7 @@ function newChat() {
   state.conversationId = null;
   state.messages = [];
   ui.messages.replaceChildren(ui.empty);
+  clearConversation();
   markCurrent();
   ui.input.focus();
 }
@@ -204,7 +208,7 @@ async function openConversation(id) {
       addMessage({ role: m.role, content: m.content, completionId: m.completion_id });
     }
     if (!state.messages.length) ui.messages.append(ui.empty);
-    if (conv.model && [...ui.model.options].some((o) => o.value === conv.model)) ui.model.value = conv.model;
+    showConversation(conv);
     markCurrent();
     refreshActions();
     scrollToEnd(true);
@@ -356,7 +360,7 @@ async function generate(skip = 0) {
       headers: { "Content-Type": "application/json" },
       signal: state.controller.signal,
       body: JSON.stringify({
-        model: ui.model.value || undefined,
+        model: requestModel(),
         messages: turnsToSend(skip),
         stream: true,
         stream_options: { include_usage: true },
