@@ -68,7 +68,7 @@ $(DEMO_DONE):
 	touch $@
 
 test: setup browser services
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 # The browser tests drive Debian's chromium (Playwright's own download needs the network).
 browser:
