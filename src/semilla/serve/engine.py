@@ -20,6 +20,7 @@ adapters and rows with none share every forward (models/adapter_bank.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -366,10 +367,8 @@ def yield_to_requests() -> None:
     engine's steps share a core with the event loop; at equal priority the kernel can leave the
     loop waiting behind a step for tens of milliseconds, while a lower-priority engine gives way
     the moment a request arrives and costs nothing when the loop is idle."""
-    try:
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: as it was
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENGINE_NICENESS)
-    except (AttributeError, OSError):  # not Linux, or not allowed: run at the process's priority
-        pass
 
 
 class Engine:
