@@ -58,7 +58,7 @@ def use_shape(name: str) -> None:
 
 
 def train_tokens(data: Path) -> np.ndarray:
-    from semilla.data import TokenDataset
+    from semilla.batches import TokenDataset
 
     return np.concatenate([np.asarray(s) for s in TokenDataset(data, "train").shards])
 

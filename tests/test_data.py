@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from semilla.data import TokenDataset, bpe_sample, find_files, list_pieces, prepare, text_slices
+from semilla.batches import TokenDataset
+from semilla.data import bpe_sample, find_files, list_pieces, prepare, text_slices
 from semilla.errors import DataError
 from semilla.tokenizer import Tokenizer
 

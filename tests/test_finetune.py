@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from test_train import assert_same_training
 
 from semilla.api import LanguageModel
+from semilla.batches import IGNORE_INDEX, MixtureDataset, TokenDataset, parse_mixture
 from semilla.checkpoint import (
     load_checkpoint,
     load_optimizer_state,
@@ -24,7 +25,7 @@ from semilla.checkpoint import (
 )
 from semilla.cli import main
 from semilla.config import TrainConfig, preset, replace
-from semilla.data import IGNORE_INDEX, MixtureDataset, TokenDataset, parse_mixture, prepare
+from semilla.data import prepare
 from semilla.errors import CheckpointError
 from semilla.evaluate import evaluate
 from semilla.export.hf import export_hf

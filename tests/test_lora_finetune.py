@@ -13,8 +13,9 @@ from helpers import DEMO_TEXT, TINY_TRAIN, assert_one_line_error, run_cli, tiny_
 from safetensors.torch import load_file
 
 import semilla
+from semilla.batches import MixtureDataset, TokenDataset
 from semilla.checkpoint import load_checkpoint
-from semilla.data import MixtureDataset, TokenDataset, prepare
+from semilla.data import prepare
 from semilla.errors import CheckpointError, ConfigError
 from semilla.evaluate import prepared_split_ids
 from semilla.models.lora import load_adapter, merge_and_unload

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from semilla.api import LanguageModel
+from semilla.batches import TokenDataset, is_prepared
 from semilla.config import EVAL_SAMPLING, GenerateConfig
-from semilla.data import TokenDataset, is_prepared
 from semilla.errors import DataError
 from semilla.tokenizer import Tokenizer
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from semilla.ages import stage_end
 from semilla.atomic import atomic_directory, atomic_write_text
+from semilla.batches import IGNORE_INDEX, MixtureDataset, TokenDataset
 from semilla.checkpoint import (
     OptimizerState,
     optimizer_state_by_name,
@@ -28,7 +29,6 @@ from semilla.checkpoint import (
     write_optimizer_tensors,
 )
 from semilla.config import ModelConfig, TrainConfig
-from semilla.data import IGNORE_INDEX, MixtureDataset, TokenDataset
 from semilla.distributed import (
     any_rank,
     full_model_state,

@@ -8,16 +8,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from semilla.batches import MixtureDataset, TokenDataset, is_prepared, parse_mixture
 from semilla.checkpoint import infer_shapes, read_config, resolve_checkpoint, weight_shapes
 from semilla.config import ModelConfig, TrainConfig, apply_overrides, model_config_from_dict
-from semilla.data import (
-    MixtureDataset,
-    TokenDataset,
-    is_prepared,
-    parse_mixture,
-    prepare,
-    train_tokenizer,
-)
+from semilla.data import prepare, train_tokenizer
 from semilla.errors import CheckpointError, ConfigError, DataError
 from semilla.tokenizer import Tokenizer
 

@@ -10,7 +10,7 @@ import resource
 import torch
 import torch.nn.functional as F
 
-from semilla.data import IGNORE_INDEX
+from semilla.batches import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ from torch import nn
 
 from semilla.ages import AGE_SETTINGS, Stage, check_growth, plan_stages, stage_end
 from semilla.atomic import existing_dir
+from semilla.batches import MixtureDataset, TokenDataset
 from semilla.checkpoint import (
     load_checkpoint,
     load_optimizer_state,
     read_optimizer_tensors,
 )
 from semilla.config import ModelConfig, TrainConfig, apply_overrides, model_config_from_dict
-from semilla.data import MixtureDataset, TokenDataset
 from semilla.distributed import (
     World,
     any_rank,

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from semilla.api import LanguageModel, load
+from semilla.batches import is_prepared
 from semilla.checkpoint import read_config, resolve_checkpoint
-from semilla.data import is_prepared
 from semilla.errors import SemillaError
 from semilla.evaluate import prepared_split_ids
 from semilla.learn import gate
