@@ -89,6 +89,12 @@ def test_every_invalid_setting_is_named_in_one_error():
 
 def test_provider_shorthand():
     assert provider_settings("ollama/llama3")["teacher_url"] == "http://localhost:11434/v1"
+    assert provider_settings("anthropic/claude-3-5-haiku-latest") == {
+        "teacher_url": "https://api.anthropic.com",
+        "teacher_model": "claude-3-5-haiku-latest",
+        "teacher_api_key_env": "ANTHROPIC_API_KEY",
+        "teacher_api": "anthropic",
+    }
     with pytest.raises(ValueError, match="PROVIDER/MODEL"):
         provider_settings("llama3")
 

@@ -131,6 +131,7 @@ class TrainConfig:
     lora_alpha: float = 16.0  # LoRA scale: the adapter's update is multiplied by lora_alpha / lora_r
     lora_dropout: float = 0.05  # dropout on the LoRA adapters' input
     target_modules: str = "q_proj,v_proj"  # layers LoRA adapts: comma-separated names, or all-linear
+    lora_from: str = ""  # a PEFT adapter to train on from (same rank, alpha, modules); empty: a new one
     tokenizer: str = "char"  # tokenizer to train when --data is raw text
     vocab_size_bpe: int = 8192  # BPE vocabulary size when --data is raw text and --tokenizer bpe
     max_iters: int = 2000  # optimizer steps to train for
@@ -204,6 +205,8 @@ class TrainConfig:
             p.append("lora_r needs init_from: a LoRA adapter is trained on a checkpoint's model")
         elif self.lora_r and (self.ages or self.target_age is not None or self.age_schedule):
             p.append("lora_r cannot be combined with ages: an adapter does not grow")
+        if self.lora_from and not self.lora_r:
+            p.append("lora_from needs lora_r: it continues a LoRA adapter")
         if self.lora_r > 0:
             from semilla.models.lora import AdapterError, LoraConfig
 
