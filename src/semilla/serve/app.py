@@ -36,6 +36,7 @@ from semilla.serve.routes import (
     docs,
     embeddings,
     health,
+    learn,
     ollama,
     openai,
     responses,
@@ -148,6 +149,7 @@ def create_app(
     app.include_router(embeddings.router)
     app.include_router(collections.router)
     app.include_router(model_admin.router)
+    app.include_router(learn.router)
     web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
     # outermost last: the size limit runs before anything reads the body
     app.add_middleware(RequestMetrics)
