@@ -334,6 +334,7 @@ def test_dashboard_as_admin_shows_populated_charts(web, page):
     expect(page.locator("#users")).to_contain_text("ana")
     expect(page.locator("#all-keys")).to_contain_text("notebook")
     expect(page.locator("#feedback")).to_contain_text("buen comienzo")
+    expect(page.locator("#learn")).to_contain_text("no learning loop has run yet")  # static/learn.js
     page.click("#pause")
     expect(page.locator("#pause")).to_have_attribute("aria-pressed", "true")
 
@@ -344,7 +345,7 @@ def test_dashboard_is_forbidden_for_a_user(web, page):
     expect(page.locator("#forbidden")).to_be_visible()
     expect(page.locator("#dashboard")).to_be_hidden()
     expect(page.locator("nav")).not_to_contain_text("Dashboard")
-    for path in ("/admin/stats", "/admin/users", "/admin/keys", "/admin/feedback"):
+    for path in ("/admin/stats", "/admin/users", "/admin/keys", "/admin/feedback", "/admin/learn"):
         assert page.request.get(url + path).status == 403, path
 
 

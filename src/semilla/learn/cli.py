@@ -57,6 +57,8 @@ def print_stats(run: str, as_json: bool) -> int:
     for key in ("rounds", "questions_asked", "gaps_detected", "teacher_invalid", "datasets_generated",
                 "examples_generated", "promotions", "rollbacks", "train_steps"):  # fmt: skip
         print(f"{key.replace('_', ' '):<20} {stats[key]}")
+    ages = ", ".join(f"age {g['age']} after round {g['after_round']}" for g in stats["growths"])
+    print(f"{'growths':<20} {len(stats['growths'])}{f' ({ages})' if ages else ''}")
     print("round  status        questions  gaps  examples  recall  val_ppl")
     for r in stats["per_round"]:
         recall = f"{r['recall']:.2f}" if "recall" in r else "-"
@@ -81,7 +83,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--max-ppl-rise. --into-adapter DIR trains a LoRA adapter there instead (the base model kept; the "
         "gate judges base + adapter; a rejected round leaves the adapter as it was). Limits: 10 questions an hour, 100 a day, 30 s apart unless set otherwise; they "
         "persist in the run. Ctrl-C or a crash loses nothing: the next run resumes the round. "
-        "`semilla learn stats RUN`: gaps, datasets, examples, promotions, rollbacks, recall per round.",
+        "--grow-on-plateau: after --plateau-rounds rolled-back rounds in a row the model grows to the next THAU "
+        "age (function-preserving) and learning goes on with it. "
+        "`semilla learn stats RUN`: gaps, datasets, examples, promotions, rollbacks, growths, recall per round.",
     )
     p.add_argument("target", nargs="+", metavar="RUN", help="the run directory (or: stats RUN)")
     p.add_argument("--teacher", metavar="PROVIDER/MODEL",

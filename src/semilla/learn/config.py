@@ -58,6 +58,8 @@ class LearnConfig:
     lora_r: int = 8  # --into-adapter: the rank of a new adapter
     lora_alpha: float = 16.0  # --into-adapter: a new adapter's scale (alpha / r)
     target_modules: str = "all-linear"  # --into-adapter: the layers a new adapter adapts
+    grow_on_plateau: bool = False  # grow the model to the next THAU age when rounds stop being promoted
+    plateau_rounds: int = 2  # --grow-on-plateau: this many rolled-back rounds in a row are a plateau
     gate: bool = True  # promote only a candidate that passes the gate; off: every candidate
     max_ppl_rise: float = 0.01  # original validation perplexity may rise at most this (0.01: one percent)
     max_fact_drop: float = 0.0  # facts learned in earlier rounds: recall may drop at most this
@@ -77,7 +79,7 @@ class LearnConfig:
         if self.language not in ("auto", "es", "en"):
             p.append(f"language must be auto, es or en, got {self.language!r}")
         for name in ("questions_per_round", "questions_per_hour", "questions_per_day", "n_concepts",
-                     "max_answer_tokens", "train_steps", "batch_size", "val_tokens"):  # fmt: skip
+                     "max_answer_tokens", "train_steps", "batch_size", "val_tokens", "plateau_rounds"):  # fmt: skip
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("min_question_spacing_s", "teacher_timeout", "min_answer_chars", "num_samples"):
@@ -103,6 +105,8 @@ class LearnConfig:
                 LoraConfig(self.lora_r, self.lora_alpha, 0.0, self.target_modules)
             except AdapterError as e:
                 p.append(str(e))
+        if self.grow_on_plateau and self.into_adapter:
+            p.append("grow_on_plateau cannot be combined with into_adapter: an adapter does not grow")
         if self.age is not None and self.age < 0:
             p.append(f"age must be >= 0, got {self.age}")
         return p

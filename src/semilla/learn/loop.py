@@ -30,6 +30,7 @@ from semilla.learn import gate
 from semilla.learn.config import LearnConfig
 from semilla.learn.dataset import NearDuplicates, example_text, lesson_rows, read_rows, write_round_dataset
 from semilla.learn.gaps import ask
+from semilla.learn.growth import grow_on_plateau
 from semilla.learn.journal import Journal
 from semilla.learn.limits import Clock, Limiter, Stopped
 from semilla.learn.questions import (
@@ -111,6 +112,11 @@ def run_age(run: Path) -> int:
     return int(digits) if digits else 0
 
 
+def current_age(learner: Learner) -> int:
+    """The age the loop grew its model to, else the run's own."""
+    return learner.journal.state().get("age", run_age(learner.run))
+
+
 def question_pool(learner: Learner) -> tuple[list[dict[str, str]], str]:
     """Every question the loop may ask, and their language."""
     cfg = learner.cfg
@@ -123,7 +129,7 @@ def question_pool(learner: Learner) -> tuple[list[dict[str, str]], str]:
         raise SemillaError(
             f"no concepts: the corpus of {learner.run} has no frequent content words; give --topics"
         )
-    age = cfg.age if cfg.age is not None else run_age(learner.run)
+    age = cfg.age if cfg.age is not None else current_age(learner)
     return make_questions(concepts, templates_for(language, age, cfg.templates)), language
 
 
@@ -341,6 +347,13 @@ def learn(
     learner = Learner(run, cfg, journal, limiter, Teacher(cfg), clock, original_data(run), wait)
     done: list[dict[str, Any]] = []
     while (forever or len(done) < rounds) and not stop.is_set():
+        grown = (
+            cfg.grow_on_plateau
+            and journal.open_round() is None
+            and grow_on_plateau(journal, current_age(learner), cfg.plateau_rounds, cfg.seed)
+        )
+        if grown:
+            learner.forget_student()  # the next round questions the grown model
         try:
             record = run_round(learner)
         except Stopped:  # waiting for a limit or a teacher: the round resumes on the next run
