@@ -329,7 +329,12 @@ def test_dashboard_as_admin_shows_populated_charts(web, page):
     runs = page.locator("#runs tr[data-run]")
     expect(runs).to_have_count(1)
     expect(runs.first).to_contain_text("tiny-chat")
-    expect(page.locator("#run-detail figure")).to_have_count(2)
+    expect(page.locator("#run-detail figure")).to_have_count(
+        4
+    )  # loss, perplexity, learning rate, gradient norm
+    expect(
+        page.locator("#run-detail figure").filter(has_text="Gradient norm").locator("svg path.line")
+    ).to_be_attached()
     expect(page.locator("#run-detail svg path.line").first).to_be_attached()
     expect(page.locator("#users")).to_contain_text("ana")
     expect(page.locator("#all-keys")).to_contain_text("notebook")

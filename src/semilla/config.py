@@ -148,6 +148,7 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2
     grad_clip: float = 1.0  # 0 disables clipping
+    grad_spike_factor: float = 5.0  # flag a gradient norm over this x the running median (0: off)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     eval_interval: int = 250  # steps between validation runs (and best/ saves)
     eval_iters: int = 20  # batches per validation run
@@ -195,6 +196,8 @@ class TrainConfig:
             p.append(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
         if not 0 < self.plateau_factor < 1:
             p.append(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if self.grad_spike_factor < 0:
+            p.append(f"grad_spike_factor must be >= 0 (0: off), got {self.grad_spike_factor}")
         if not 0.0 <= self.label_smoothing < 1.0:
             p.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.tokenizer not in TOKENIZERS:
