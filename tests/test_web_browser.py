@@ -340,6 +340,9 @@ def test_dashboard_as_admin_shows_populated_charts(web, page):
     expect(page.locator("#all-keys")).to_contain_text("notebook")
     expect(page.locator("#feedback")).to_contain_text("buen comienzo")
     expect(page.locator("#learn")).to_contain_text("no learning loop has run yet")  # static/learn.js
+    page.fill("#learn input[name=run]", "nope")  # the panel's form posts, and the refusal shows
+    page.click("#learn button[type=submit]")
+    expect(page.locator("#learn .banner")).to_contain_text("nope")
     page.click("#pause")
     expect(page.locator("#pause")).to_have_attribute("aria-pressed", "true")
 
