@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import time
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +79,7 @@ class Teacher:
             {"role": "user", "content": f"Concept: {concept}\nQuestion: {question}"},
         ]
         try:
-            content = asyncio.run(self._reply(messages))
+            content = run_to_end(self._reply(messages))
         except ProviderError as e:  # connection, timeout, 5xx, 429: later; a refusal or junk: now
             if e.retryable and e.reason != "invalid":
                 raise TeacherUnreachable(f"{self.cfg.teacher_url}: {e.message}") from None
@@ -108,6 +110,17 @@ class Teacher:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "concept": concept,
         }
+
+
+def run_to_end(coroutine: Coroutine[Any, Any, str]) -> str:
+    """Run `coroutine` to its result, also from a thread whose event loop runs (a notebook's):
+    then in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
