@@ -1,6 +1,6 @@
-"""A teacher of the tests' own: a small OpenAI-compatible chat server on loopback that answers
-from a table of invented facts the student has never seen (or lies, or answers junk), and a
-clock that simulates time."""
+"""A teacher of the tests' own: a small chat server on loopback, OpenAI-compatible or speaking
+Anthropic's Messages API, that answers from a table of invented facts the student has never seen
+(or lies, or answers junk), and a clock that simulates time."""
 
 from __future__ import annotations
 
@@ -123,35 +123,81 @@ class Teacher:
         return json.dumps(data, ensure_ascii=False)
 
 
+def openai_reply(body: dict, content: str) -> tuple[int, dict]:
+    return 200, {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 0,
+        "model": body["model"],
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+
+
+def anthropic_reply(body: dict, content: str) -> tuple[int, dict]:
+    """Anthropic's Messages answer, as its API documents it."""
+    return 200, {
+        "id": "msg_test",
+        "type": "message",
+        "role": "assistant",
+        "model": body["model"],
+        "content": [{"type": "text", "text": content}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 1, "output_tokens": 1},
+    }
+
+
+def anthropic_refusal(headers, body: dict, key: str | None) -> tuple[int, dict] | None:
+    """The Messages API's 4xx for a request without the right key (x-api-key, or a bearer token
+    as Anthropic's newer clients send it), the version header or a max_tokens, or with a system
+    message among the messages (it goes in `system`)."""
+    if key and key not in (
+        headers.get("x-api-key"),
+        headers.get("authorization", "").removeprefix("Bearer "),
+    ):
+        problem = (401, "authentication_error", "invalid x-api-key")
+    elif not headers.get("anthropic-version"):
+        problem = (400, "invalid_request_error", "anthropic-version: header is required")
+    elif not isinstance(body.get("max_tokens"), int):
+        problem = (400, "invalid_request_error", "max_tokens: Field required")
+    elif any(m["role"] == "system" for m in body["messages"]):
+        problem = (400, "invalid_request_error", "messages: system is not a role; use the system field")
+    else:
+        return None
+    return problem[0], {"type": "error", "error": {"type": problem[1], "message": problem[2]}}
+
+
 @contextmanager
-def teacher_server(teacher: Teacher):
-    """Serve `teacher` as /v1/chat/completions on 127.0.0.1; yields the base URL."""
+def teacher_server(teacher: Teacher, api: str = "openai", key: str | None = None):
+    """Serve `teacher` on 127.0.0.1 as /v1/chat/completions (api openai) or /v1/messages
+    (api anthropic, which wants `key` when given); yields the base URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            expected = "/v1/messages" if api == "anthropic" else "/v1/chat/completions"
+            if self.path != expected:
+                refused = (404, {"error": f"no route {self.path}"})
+            else:
+                refused = anthropic_refusal(self.headers, body, key) if api == "anthropic" else None
+            if refused:
+                self.answer(*refused)
+                return
             user = body["messages"][-1]["content"]
             concept = re.search(r"Concept: (.+)", user).group(1).strip()
             with teacher.lock:
                 teacher.requests[concept] += 1
             time.sleep(teacher.delay)
-            reply = {
-                "id": "chatcmpl-test",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": teacher.content(concept)},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            }
+            reply = anthropic_reply if api == "anthropic" else openai_reply
+            self.answer(*reply(body, teacher.content(concept)))
+
+        def answer(self, status: int, reply: dict) -> None:
             data = json.dumps(reply).encode()
             try:
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -166,7 +212,8 @@ def teacher_server(teacher: Teacher):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+        root = f"http://127.0.0.1:{server.server_address[1]}"
+        yield root if api == "anthropic" else root + "/v1"
     finally:
         server.shutdown()
         server.server_close()

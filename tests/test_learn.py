@@ -131,6 +131,84 @@ def test_a_lying_teacher_is_stopped_by_the_gate_and_does_damage_without_it(
     assert learn_stats(run)["rollbacks"] == 1
 
 
+@pytest.mark.slow
+def test_into_adapter_learns_in_an_adapter_and_a_rejected_round_leaves_it_unchanged(
+    student: Path, tmp_path: Path
+):
+    run, adapter = copy_run(student, tmp_path), tmp_path / "facts-adapter"
+    base = digest(run / "best" / "model.safetensors")
+    concepts = list(FACTS)[:7]  # the facts the liar lies about
+    with teacher_server(Teacher("facts")) as url:
+        proc = run_cli("learn", run, "--teacher-url", url, "--teacher-model", "facts", *files(tmp_path, concepts),
+                       "--into-adapter", adapter, "--questions-per-round", "7", "--train-steps", "600",
+                       "--learning-rate", "5e-3", "--max-ppl-rise", "0.02", *FLAGS, timeout=900,
+                       env=clean_env(SEMILLA_KERNELS="0"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "round 1: promoted" in proc.stdout and f"adapter: {adapter}" in proc.stdout, proc.stdout
+    assert digest(run / "best" / "model.safetensors") == base and not (run / "learn" / "best").exists()
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    questions = [q for q in FACT_QUESTIONS if q["question"].split()[-1][:-1] in concepts]
+    recalled = recall(semilla.load(str(run), device="cpu", adapter=str(adapter)), questions, 48)
+    assert recalled > recall(semilla.load(str(run), device="cpu"), questions, 48) == 0.0
+    assert recalled == learn_stats(run)["per_round"][0]["recall"]  # the gate judged base + adapter
+    kept = digest(adapter / "adapter_model.safetensors")
+    with teacher_server(Teacher("lies")) as url:
+        cfg = settings(tmp_path, list(NEW_THINGS), teacher_url=url, into_adapter=str(adapter), train_steps=600,
+                       learning_rate=5e-3, max_ppl_rise=0.02)  # fmt: skip
+        [lied] = learn(run, **cfg)["rounds"]
+    assert lied["status"] == "rolled_back"
+    assert digest(adapter / "adapter_model.safetensors") == kept
+    assert digest(run / "best" / "model.safetensors") == base
+
+
+def test_into_adapter_refuses_a_directory_that_is_not_an_adapter(student: Path, tmp_path: Path):
+    run, taken = copy_run(student, tmp_path), tmp_path / "notes"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep me")
+    proc = run_cli("learn", run, "--teacher-url", "http://127.0.0.1:9/v1", "--teacher-model", "t",
+                   "--into-adapter", taken, *FLAGS, env=clean_env(SEMILLA_KERNELS="0"))  # fmt: skip
+    assert_one_line_error(proc, "is not a LoRA adapter")
+    assert (taken / "mine.txt").read_text() == "keep me" and not (run / "learn").exists()
+
+
+def test_an_anthropic_teacher_teaches_over_the_messages_api(student: Path, tmp_path: Path):
+    import anthropic
+
+    run, teacher = copy_run(student, tmp_path), Teacher("facts")
+    with teacher_server(teacher, api="anthropic", key="sk-ant-test") as url:
+        # the fake speaks the real wire format: Anthropic's own client reads its answers
+        client = anthropic.Anthropic(base_url=url, api_key="sk-ant-test", max_retries=0)
+        reply = client.messages.create(model="claude-test", max_tokens=64, system="s",
+                                       messages=[{"role": "user", "content": "Concept: zorvalo"}])  # fmt: skip
+        assert (
+            json.loads(reply.content[0].text)["key"] == FACTS["zorvalo"] and reply.stop_reason == "end_turn"
+        )
+        teacher.requests.clear()
+        proc = run_cli("learn", run, "--teacher", "anthropic/claude-test", "--teacher-url", url,
+                       *files(tmp_path, ["zorvalo", "brumel"]), "--train-steps", "10", *FLAGS,
+                       env=clean_env(SEMILLA_KERNELS="0", ANTHROPIC_API_KEY="sk-ant-test"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert teacher.requests == {"zorvalo": 1, "brumel": 1}
+    [dataset] = (run / "datasets" / "auto_generated").glob("*/round_0001.jsonl")
+    rows = [json.loads(line) for line in dataset.read_text(encoding="utf-8").splitlines()]
+    assert {r["provenance"]["concept"] for r in rows} == {"zorvalo", "brumel"}
+    assert all(r["provenance"]["model"] == "claude-test" for r in rows)
+    assert any(FACTS["zorvalo"] in r["messages"][1]["content"] for r in rows)
+
+
+def test_an_anthropic_teacher_that_refuses_the_key_trains_nothing(student: Path, tmp_path: Path, monkeypatch):
+    run, teacher = copy_run(student, tmp_path), Teacher("facts")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-wrong")
+    with teacher_server(teacher, api="anthropic", key="sk-ant-test") as url:
+        cfg = settings(tmp_path, ["zorvalo"], teacher_url=url, teacher_api="anthropic",
+                       teacher_api_key_env="ANTHROPIC_API_KEY")  # fmt: skip
+        [result] = learn(run, **cfg)["rounds"]
+    assert result["status"] == "no_data" and not (run / "datasets").exists()
+    [question] = json.loads((run / "learn" / "rounds" / "0001.json").read_text())["questions"]
+    assert question["lesson"]["status"] == "invalid" and "401" in question["lesson"]["error"]
+    assert "sk-ant-wrong" not in question["lesson"]["error"] and not teacher.requests
+
+
 def test_an_unreachable_teacher_skips_the_round_and_the_next_run_resumes_it(student: Path, tmp_path: Path):
     run = copy_run(student, tmp_path)
     cfg = settings(tmp_path, ["zorvalo", "brumel"], train_steps=10, teacher_timeout=2)

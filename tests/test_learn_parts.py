@@ -3,16 +3,19 @@ questions by language and age, settings."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 from helpers import assert_one_line_error, run_cli
+from learn_helpers import FACTS, Teacher, teacher_server
 
 from semilla.errors import ConfigError
 from semilla.learn.config import LearnConfig
 from semilla.learn.dataset import NearDuplicates
 from semilla.learn.gaps import rouge_l
 from semilla.learn.questions import corpus_concepts, detect_language, make_questions, templates_for
+from semilla.learn.teacher import Teacher as TeacherClient
 from semilla.learn.teacher import TeacherInvalid, parse_lesson, provider_settings
 
 GOOD = {"answer": "El zorvalo es un pez azul.", "key": "un pez azul",
@@ -89,6 +92,12 @@ def test_every_invalid_setting_is_named_in_one_error():
 
 def test_provider_shorthand():
     assert provider_settings("ollama/llama3")["teacher_url"] == "http://localhost:11434/v1"
+    assert provider_settings("anthropic/claude-3-5-haiku-latest") == {
+        "teacher_url": "https://api.anthropic.com",
+        "teacher_model": "claude-3-5-haiku-latest",
+        "teacher_api_key_env": "ANTHROPIC_API_KEY",
+        "teacher_api": "anthropic",
+    }
     with pytest.raises(ValueError, match="PROVIDER/MODEL"):
         provider_settings("llama3")
 
@@ -107,3 +116,15 @@ def test_semilla_learn_is_the_function_even_once_the_package_is_imported(tmp_pat
 
     with pytest.raises(ConfigError, match="teacher_url is required"):
         semilla.learn(tmp_path, rounds=1)
+
+
+def test_the_teacher_answers_inside_a_running_event_loop():
+    """In a notebook an event loop already runs: the teacher is still asked, in a thread."""
+
+    async def in_a_loop(url: str):
+        cfg = LearnConfig(teacher_url=url, teacher_model="t", examples_per_gap=4)
+        return TeacherClient(cfg).teach("zorvalo", "¿Qué es zorvalo?", "es")
+
+    with teacher_server(Teacher("facts")) as url:
+        lesson = asyncio.run(in_a_loop(url))
+    assert lesson.key == FACTS["zorvalo"] and len(lesson.examples) == 4

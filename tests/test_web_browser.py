@@ -329,11 +329,20 @@ def test_dashboard_as_admin_shows_populated_charts(web, page):
     runs = page.locator("#runs tr[data-run]")
     expect(runs).to_have_count(1)
     expect(runs.first).to_contain_text("tiny-chat")
-    expect(page.locator("#run-detail figure")).to_have_count(2)
+    expect(page.locator("#run-detail figure")).to_have_count(
+        4
+    )  # loss, perplexity, learning rate, gradient norm
+    expect(
+        page.locator("#run-detail figure").filter(has_text="Gradient norm").locator("svg path.line")
+    ).to_be_attached()
     expect(page.locator("#run-detail svg path.line").first).to_be_attached()
     expect(page.locator("#users")).to_contain_text("ana")
     expect(page.locator("#all-keys")).to_contain_text("notebook")
     expect(page.locator("#feedback")).to_contain_text("buen comienzo")
+    expect(page.locator("#learn")).to_contain_text("no learning loop has run yet")  # static/learn.js
+    page.fill("#learn input[name=run]", "nope")  # the panel's form posts, and the refusal shows
+    page.click("#learn button[type=submit]")
+    expect(page.locator("#learn .banner")).to_contain_text("nope")
     page.click("#pause")
     expect(page.locator("#pause")).to_have_attribute("aria-pressed", "true")
 
@@ -344,7 +353,7 @@ def test_dashboard_is_forbidden_for_a_user(web, page):
     expect(page.locator("#forbidden")).to_be_visible()
     expect(page.locator("#dashboard")).to_be_hidden()
     expect(page.locator("nav")).not_to_contain_text("Dashboard")
-    for path in ("/admin/stats", "/admin/users", "/admin/keys", "/admin/feedback"):
+    for path in ("/admin/stats", "/admin/users", "/admin/keys", "/admin/feedback", "/admin/learn"):
         assert page.request.get(url + path).status == 403, path
 
 

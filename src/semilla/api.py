@@ -224,15 +224,23 @@ class LanguageModel:
         }
 
 
-def load(path: str, device: str | None = None, dtype: str = "auto") -> LanguageModel:
+def load(
+    path: str, device: str | None = None, dtype: str = "auto", adapter: str | None = None
+) -> LanguageModel:
     """Load a checkpoint (or run directory: its best/ checkpoint) for generation.
 
     device: default cuda when available, else cpu. dtype: auto (bfloat16 on CUDA, float32
     elsewhere), float32 or bfloat16 (half the memory; on a CPU its speed depends on the
-    processor: with AMX batches run ~1.9x faster, see bench/README.md)."""
+    processor: with AMX batches run ~1.9x faster, see bench/README.md). adapter: a PEFT LoRA
+    adapter directory for this checkpoint, merged into the weights."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, config = load_checkpoint(path, device=device, dtype=dtype)
+    if adapter:
+        from semilla.models.lora import load_adapter, merge_and_unload
+
+        load_adapter(model, adapter)
+        model = merge_and_unload(model).eval()
     if torch.device(device).type == "cpu":
         from semilla.models import kernels
 

@@ -135,6 +135,7 @@ class TrainConfig:
     lora_alpha: float = 16.0  # LoRA scale: the adapter's update is multiplied by lora_alpha / lora_r
     lora_dropout: float = 0.05  # dropout on the LoRA adapters' input
     target_modules: str = "q_proj,v_proj"  # layers LoRA adapts: comma-separated names, or all-linear
+    lora_from: str = ""  # a PEFT adapter to train on from (same rank, alpha, modules); empty: a new one
     tokenizer: str = "char"  # tokenizer to train when --data is raw text
     vocab_size_bpe: int = 8192  # BPE vocabulary size when --data is raw text and --tokenizer bpe
     max_iters: int = 2000  # optimizer steps to train for
@@ -151,6 +152,7 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2
     grad_clip: float = 1.0  # 0 disables clipping
+    grad_spike_factor: float = 5.0  # flag a gradient norm over this x the running median (0: off)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     eval_interval: int = 250  # steps between validation runs (and best/ saves)
     eval_iters: int = 20  # batches per validation run
@@ -198,6 +200,8 @@ class TrainConfig:
             p.append(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
         if not 0 < self.plateau_factor < 1:
             p.append(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if self.grad_spike_factor < 0:
+            p.append(f"grad_spike_factor must be >= 0 (0: off), got {self.grad_spike_factor}")
         if not 0.0 <= self.label_smoothing < 1.0:
             p.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.tokenizer not in TOKENIZERS:
@@ -208,6 +212,8 @@ class TrainConfig:
             p.append("lora_r needs init_from: a LoRA adapter is trained on a checkpoint's model")
         elif self.lora_r and (self.ages or self.target_age is not None or self.age_schedule):
             p.append("lora_r cannot be combined with ages: an adapter does not grow")
+        if self.lora_from and not self.lora_r:
+            p.append("lora_from needs lora_r: it continues a LoRA adapter")
         if self.lora_r > 0:
             from semilla.models.lora import AdapterError, LoraConfig
 

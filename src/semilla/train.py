@@ -46,6 +46,7 @@ from semilla.models import count_parameters
 from semilla.models.lora import (
     write_adapter,
 )
+from semilla.train_insight import TrainingInsight
 from semilla.train_metrics import batch_metrics, loss_fn, mean_metrics, metric_sums, peak_memory_mb
 from semilla.train_setup import (
     Trainer,
@@ -223,6 +224,8 @@ def fit(t: Trainer) -> dict[str, Any]:
         writer = SummaryWriter(str(t.run_dir / "tb"), purge_step=st.step + 1 if st.step else None)
         keep_metrics_until(t.run_dir / "metrics.jsonl", st.step)
         metrics_log = open(t.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    # histograms, projector, gradient-norm spikes (train_insight.py); none in a sharded run
+    insight = TrainingInsight(t, writer) if main and not cfg.fsdp else None
     bar = tqdm(
         total=cfg.max_iters,
         initial=st.step,
@@ -232,21 +235,22 @@ def fit(t: Trainer) -> dict[str, Any]:
         dynamic_ncols=True,
     )
 
-    def record(kind: str, values: dict[str, float]) -> None:
+    def record(kind: str, values: dict[str, float], step: int | None = None) -> None:
         if not main:
             return
+        step = st.step if step is None else step
         row = {
             "kind": kind,
-            "step": st.step,
+            "step": step,
             "time": round(time.time(), 3),
             **{k: round(v, 6) for k, v in values.items()},
         }
         metrics_log.write(json.dumps(row) + "\n")
         metrics_log.flush()
         for k, v in values.items():
-            writer.add_scalar(f"{kind}/{k}", v, st.step)
+            writer.add_scalar(f"{kind}/{k}", v, step)
         line = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-        say(f"step {st.step} {kind}: {line}")
+        say(f"step {step} {kind}: {line}")
 
     def say(text: str) -> None:  # above the progress bar, or to the log without one
         if main:
@@ -295,6 +299,8 @@ def fit(t: Trainer) -> dict[str, Any]:
             grad_norm = nn.utils.clip_grad_norm_(
                 t.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf
             )
+            if insight:  # the step's norm, and its gradients when an evaluation follows it
+                insight.after_clip(st.step + 1, grad_norm)
             t.optimizer.step()
             t.optimizer.zero_grad(set_to_none=True)
             st.step += 1
@@ -315,12 +321,16 @@ def fit(t: Trainer) -> dict[str, Any]:
                     memory_mb=peak_memory_mb(t.device),
                 )
                 record("train", last)
+                if insight:
+                    insight.flag_spikes(record)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.2e}")
                 window_start, window_tokens = time.perf_counter(), 0
             # 5. evaluate: best/, plateau schedule, early stopping
             if st.step % cfg.eval_interval == 0 or st.step == cfg.max_iters:
                 val = evaluate_loss(t, t.val_data)
                 record("val", val)
+                if insight:
+                    insight.histograms(st.step)
                 last.update({f"val_{k}": v for k, v in val.items()})
                 if val["loss"] < st.best_val_loss:
                     st.best_val_loss, st.evals_since_best = val["loss"], 0
@@ -356,6 +366,9 @@ def fit(t: Trainer) -> dict[str, Any]:
             end_age(t, record)
         save(t, "last")
     bar.close()
+    if insight:
+        insight.flag_spikes(record)
+        insight.embeddings(st.step)
     if main:
         writer.close()
         metrics_log.close()

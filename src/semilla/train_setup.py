@@ -284,7 +284,10 @@ def setup(
             model = grow_model(model, stage_configs[0], mode=config.grow_mode, seed=config.seed).to(device)
             model_config, optimizer = model.config, make_optimizer(model.train(), config, device)
         if config.lora_r:  # the checkpoint's weights frozen; only the adapter trains
-            apply_lora(model, lora_config(config))
+            if config.lora_from:
+                continue_adapter(model, config)
+            else:
+                apply_lora(model, lora_config(config))
             optimizer = make_optimizer(model, config, device)
     if config.fsdp:  # sharded once its weights are in place; the optimizer then holds shards too
         model = shard_model(model, world, device)
@@ -353,6 +356,17 @@ def rng_key(kind: str, index: int) -> str:
 
 def lora_config(config: TrainConfig) -> LoraConfig:
     return LoraConfig(config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules)
+
+
+def continue_adapter(model: nn.Module, config: TrainConfig) -> None:
+    """Load the adapter `lora_from` onto `model` to train on; it is saved with the run's lora_*
+    settings, so they must be the adapter's own."""
+    loaded, wanted = load_adapter(model, config.lora_from), lora_config(config)
+    if (loaded.r, loaded.alpha, loaded.target_modules) != (wanted.r, wanted.alpha, wanted.target_modules):
+        raise ConfigError(
+            f"lora_from {config.lora_from} has r={loaded.r}, alpha={loaded.alpha:g} and target modules "
+            f"{','.join(loaded.target_modules)}: give the same lora_r, lora_alpha and target_modules"
+        )
 
 
 def grow_trainer(t: Trainer, stage: Stage) -> None:

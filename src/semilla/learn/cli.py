@@ -38,6 +38,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
         print(json.dumps(r) if args.json else f"round {r['round']}: {r['status']} ({details})")
     if not args.json:
         print(f"current model: {result['current']}")
+        if "adapter" in result:
+            print(f"adapter: {result['adapter']}")
     return 0
 
 
@@ -55,6 +57,8 @@ def print_stats(run: str, as_json: bool) -> int:
     for key in ("rounds", "questions_asked", "gaps_detected", "teacher_invalid", "datasets_generated",
                 "examples_generated", "promotions", "rollbacks", "train_steps"):  # fmt: skip
         print(f"{key.replace('_', ' '):<20} {stats[key]}")
+    ages = ", ".join(f"age {g['age']} after round {g['after_round']}" for g in stats["growths"])
+    print(f"{'growths':<20} {len(stats['growths'])}{f' ({ages})' if ages else ''}")
     print("round  status        questions  gaps  examples  recall  val_ppl")
     for r in stats["per_round"]:
         recall = f"{r['recall']:.2f}" if "recall" in r else "-"
@@ -72,18 +76,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="self-learning: the model questions itself, a teacher fills its gaps, a gate keeps it honest",
         description="Each round the model answers questions made from the seed's templates and concepts "
         "(--topics, or its corpus's frequent words); answers that are short, unsure, improbable or "
-        "inconsistent are gaps, and an OpenAI-compatible teacher writes examples for each (kept as chat "
+        "inconsistent are gaps, and a teacher (OpenAI- or Anthropic-compatible) writes examples for each (kept as chat "
         "JSONL under RUN/datasets/auto_generated/). A candidate trained from the current model on them, "
         "with at least half original data replayed, is promoted (RUN/learn/best) only if it recalls more "
         "of the teacher's facts, keeps earlier ones, and its original validation perplexity rises at most "
-        "--max-ppl-rise. Limits: 10 questions an hour, 100 a day, 30 s apart unless set otherwise; they "
+        "--max-ppl-rise. --into-adapter DIR trains a LoRA adapter there instead (the base model kept; the "
+        "gate judges base + adapter; a rejected round leaves the adapter as it was). Limits: 10 questions an hour, 100 a day, 30 s apart unless set otherwise; they "
         "persist in the run. Ctrl-C or a crash loses nothing: the next run resumes the round. "
-        "`semilla learn stats RUN`: gaps, datasets, examples, promotions, rollbacks, recall per round.",
+        "--grow-on-plateau: after --plateau-rounds rolled-back rounds in a row the model grows to the next THAU "
+        "age (function-preserving) and learning goes on with it. "
+        "`semilla learn stats RUN`: gaps, datasets, examples, promotions, rollbacks, growths, recall per round.",
     )
     p.add_argument("target", nargs="+", metavar="RUN", help="the run directory (or: stats RUN)")
     p.add_argument("--teacher", metavar="PROVIDER/MODEL",
-                   help="ollama/MODEL, llamacpp/MODEL, vllm/MODEL, semilla/MODEL or openai/MODEL "
-                   "(their default local URL; openai reads OPENAI_API_KEY)")  # fmt: skip
+                   help="ollama/MODEL, llamacpp/MODEL, vllm/MODEL, semilla/MODEL, openai/MODEL or "
+                   "anthropic/MODEL (their default URL; openai reads OPENAI_API_KEY, anthropic ANTHROPIC_API_KEY "
+                   "and speaks the Messages API)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=1, help="rounds to run (default: 1)")
     p.add_argument(
         "--forever", action="store_true", help="run rounds until interrupted, waiting for the limits"

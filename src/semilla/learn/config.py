@@ -27,8 +27,9 @@ UNCERTAINTY_MARKERS = (
 class LearnConfig:
     """How `semilla learn` questions a model, asks its teacher, trains and gates."""
 
-    teacher_url: str = ""  # an OpenAI-compatible base URL: http://localhost:11434/v1 (Ollama), ...
+    teacher_url: str = ""  # base URL: http://localhost:11434/v1 (Ollama), https://api.anthropic.com
     teacher_model: str = ""  # the teacher's model name at that URL
+    teacher_api: str = "openai"  # the teacher's protocol: openai (chat completions) | anthropic (Messages)
     teacher_api_key_env: str = "SEMILLA_TEACHER_API_KEY"  # environment variable holding the API key
     teacher_timeout: float = 60.0  # seconds to wait for one teacher reply
     topics: str = ""  # a file of concepts, one a line; empty: frequent words of the training corpus
@@ -53,6 +54,12 @@ class LearnConfig:
     train_steps: int = 200  # optimizer steps of each round's training
     learning_rate: float = 3e-4  # peak learning rate of each round's training
     batch_size: int = 16  # sequences per training step
+    into_adapter: str = ""  # a LoRA adapter dir (PEFT) the rounds train, the base kept; empty: all weights
+    lora_r: int = 8  # --into-adapter: the rank of a new adapter
+    lora_alpha: float = 16.0  # --into-adapter: a new adapter's scale (alpha / r)
+    target_modules: str = "all-linear"  # --into-adapter: the layers a new adapter adapts
+    grow_on_plateau: bool = False  # grow the model to the next THAU age when rounds stop being promoted
+    plateau_rounds: int = 2  # --grow-on-plateau: this many rolled-back rounds in a row are a plateau
     gate: bool = True  # promote only a candidate that passes the gate; off: every candidate
     max_ppl_rise: float = 0.01  # original validation perplexity may rise at most this (0.01: one percent)
     max_fact_drop: float = 0.0  # facts learned in earlier rounds: recall may drop at most this
@@ -64,13 +71,15 @@ class LearnConfig:
         """Every invalid value, each named (empty: the config is valid)."""
         p = []
         if not self.teacher_url:
-            p.append("teacher_url is required (an OpenAI-compatible base URL)")
+            p.append("teacher_url is required (an OpenAI- or Anthropic-compatible base URL)")
         if not self.teacher_model:
             p.append("teacher_model is required")
+        if self.teacher_api not in ("openai", "anthropic"):
+            p.append(f"teacher_api must be openai or anthropic, got {self.teacher_api!r}")
         if self.language not in ("auto", "es", "en"):
             p.append(f"language must be auto, es or en, got {self.language!r}")
         for name in ("questions_per_round", "questions_per_hour", "questions_per_day", "n_concepts",
-                     "max_answer_tokens", "train_steps", "batch_size", "val_tokens"):  # fmt: skip
+                     "max_answer_tokens", "train_steps", "batch_size", "val_tokens", "plateau_rounds"):  # fmt: skip
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("min_question_spacing_s", "teacher_timeout", "min_answer_chars", "num_samples"):
@@ -89,6 +98,15 @@ class LearnConfig:
             p.append(f"max_ppl_rise must be >= 0, got {self.max_ppl_rise}")
         if not self.learning_rate > 0:
             p.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.into_adapter:
+            from semilla.models.lora import AdapterError, LoraConfig
+
+            try:
+                LoraConfig(self.lora_r, self.lora_alpha, 0.0, self.target_modules)
+            except AdapterError as e:
+                p.append(str(e))
+        if self.grow_on_plateau and self.into_adapter:
+            p.append("grow_on_plateau cannot be combined with into_adapter: an adapter does not grow")
         if self.age is not None and self.age < 0:
             p.append(f"age must be >= 0, got {self.age}")
         return p

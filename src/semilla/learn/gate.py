@@ -1,24 +1,31 @@
 """Learn and judge: a candidate trained from the current model on the teacher's examples mixed
 with replayed original data, then promoted only if it recalls more of the round's facts, keeps
 the facts of earlier rounds, and its original validation perplexity rises at most max_ppl_rise
-over the run's own model's."""
+over the run's own model's.
+
+With `into_adapter` the candidate is a LoRA adapter trained on from the current one (the base
+model frozen); the gate judges base + adapter, and a promotion replaces the adapter directory.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from semilla.api import LanguageModel
-from semilla.atomic import atomic_directory
+from semilla.atomic import atomic_directory, existing_dir
 from semilla.checkpoint import resolve_checkpoint
 from semilla.evaluate import likelihood_metrics, prepared_split_ids
 from semilla.learn.config import LearnConfig
 from semilla.learn.gaps import recall
 from semilla.learn.journal import Journal
+from semilla.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LINEAR_MODULES, read_adapter_config
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 
 
 def train_candidate(
@@ -29,16 +36,14 @@ def train_candidate(
     from semilla.config import TrainConfig
     from semilla.data import prepare
     from semilla.errors import SemillaError
+    from semilla.finetuning import finetune
     from semilla.train import train
     from semilla.train_inputs import checkpoint_model_config, init_model_config
 
     new_data = journal.root / "candidate_data"
     prepare([str(p) for p in datasets], str(new_data), split=(1.0, 0.0, 0.0), tokenizer_from=str(current),
             overwrite=True)  # fmt: skip
-    train_cfg = TrainConfig(
-        data=f"{new_data}:{1 - cfg.replay_fraction:g},{original}:{cfg.replay_fraction:g}",
-        out_dir=str(journal.candidate),
-        init_from=str(current),
+    settings = dict(
         max_iters=cfg.train_steps,
         batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
@@ -53,11 +58,19 @@ def train_candidate(
         device=cfg.device,
         progress=False,
     )
-    problems = train_cfg.problems()
-    if problems:
-        raise SemillaError("invalid training settings: " + "; ".join(problems))
+    data = f"{new_data}:{1 - cfg.replay_fraction:g},{original}:{cfg.replay_fraction:g}"
     started = time.perf_counter()
-    result = train(init_model_config(str(current), {}), train_cfg, overwrite=True)
+    if cfg.into_adapter:  # the base stays; the adapter trains on from the current one
+        adapter = current_adapter(cfg)
+        result = finetune(current, data, journal.candidate, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                          target_modules=cfg.target_modules, lora_from=str(adapter) if adapter else "",
+                          overwrite=True, **settings)  # fmt: skip
+    else:
+        train_cfg = TrainConfig(data=data, out_dir=str(journal.candidate), init_from=str(current), **settings)
+        problems = train_cfg.problems()
+        if problems:
+            raise SemillaError("invalid training settings: " + "; ".join(problems))
+        result = train(init_model_config(str(current), {}), train_cfg, overwrite=True)
     if result["interrupted"]:
         raise KeyboardInterrupt
     block_size = checkpoint_model_config(current).block_size
@@ -117,11 +130,44 @@ def candidate_checkpoint(journal: Journal) -> Path:
     return resolve_checkpoint(journal.candidate, prefer="last")
 
 
-def promote(journal: Journal) -> None:
-    """The candidate's weights become RUN/learn/best (an atomic swap; the old one is dropped)."""
-    source = candidate_checkpoint(journal)
-    with atomic_directory(journal.best) as tmp:
-        for name in CHECKPOINT_FILES:
+def candidate_adapter(journal: Journal) -> Path:
+    return journal.candidate / "last"  # a LoRA run's last/ is its adapter
+
+
+def current_adapter(cfg: LearnConfig) -> Path | None:
+    """The adapter --into-adapter names, once it holds one (a crash mid-swap: the previous one)."""
+    found = existing_dir(cfg.into_adapter) if cfg.into_adapter else None
+    return found if found and (found / ADAPTER_CONFIG).is_file() else None
+
+
+def adapter_settings(cfg: LearnConfig) -> LearnConfig:
+    """`cfg` with the rank, scale and layers of the adapter into_adapter already holds: the
+    rounds train that adapter on. A directory there that is not an adapter is refused."""
+    from semilla.errors import SemillaError
+
+    path = Path(cfg.into_adapter) if cfg.into_adapter else None
+    if path is None or current_adapter(cfg) is None:
+        if path is not None and path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise SemillaError(
+                f"--into-adapter {path} exists and is not a LoRA adapter; name a new directory"
+            )
+        return cfg
+    lora, raw = read_adapter_config(current_adapter(cfg))
+    targets = raw.get("target_modules")
+    named = isinstance(targets, list) and targets and all(t in LINEAR_MODULES for t in targets)
+    return dataclasses.replace(cfg, lora_r=lora.r, lora_alpha=lora.alpha,
+                               target_modules=",".join(targets) if named else cfg.target_modules)  # fmt: skip
+
+
+def promote(journal: Journal, cfg: LearnConfig) -> None:
+    """The candidate becomes current (an atomic swap; the old one is dropped): its weights
+    RUN/learn/best, or with into_adapter its adapter that directory."""
+    if cfg.into_adapter:
+        source, dest, names = candidate_adapter(journal), Path(cfg.into_adapter), ADAPTER_FILES
+    else:
+        source, dest, names = candidate_checkpoint(journal), journal.best, CHECKPOINT_FILES
+    with atomic_directory(dest) as tmp:
+        for name in names:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
 

@@ -1,10 +1,12 @@
 """Where the loop keeps its state in a run directory, each file written atomically, so a Ctrl-C
 or a kill -9 loses at most the step in flight and a restart resumes the round it stopped in:
 
-    RUN/learn/state.json              the baseline perplexity the gate compares against
+    RUN/learn/state.json              the baseline perplexity the gate compares against; the
+                                      age grown to and each growth (growth.py)
     RUN/learn/rounds/NNNN.json        one round: questions, answers, signals, lessons, gate
     RUN/learn/limits.json             the questions' times (see limits.py)
-    RUN/learn/best/                   the promoted model (absent: RUN's own best/ is current)
+    RUN/learn/best/                   the promoted (or grown) model (absent: RUN's own best/ is current)
+    --into-adapter DIR                the promoted adapter instead, the model left as it is
     RUN/learn/candidate/              a round's training run, deleted once the gate decided
     RUN/datasets/auto_generated/YYYYMMDD/round_NNNN.jsonl   the teacher's examples, kept forever
 """

@@ -7,6 +7,7 @@ grant names its question, so a question re-asked after a crash uses the slot it 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -15,14 +16,23 @@ from semilla.atomic import atomic_write_text
 HOUR, DAY = 3600.0, 86400.0
 
 
+class Stopped(Exception):
+    """The clock's stop event was set while it slept."""
+
+
 class Clock:
-    """Wall time and sleeping; tests inject a simulated one."""
+    """Wall time and sleeping, which a set `stop` event cuts short (Stopped); tests inject a
+    simulated clock."""
+
+    def __init__(self, stop: threading.Event | None = None):
+        self.stop = stop or threading.Event()
 
     def now(self) -> float:
         return time.time()
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
+        if self.stop.wait(seconds):
+            raise Stopped
 
 
 class Limiter:

@@ -14,7 +14,9 @@ asking a question or the teacher twice.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,9 @@ from semilla.learn import gate
 from semilla.learn.config import LearnConfig
 from semilla.learn.dataset import NearDuplicates, example_text, lesson_rows, read_rows, write_round_dataset
 from semilla.learn.gaps import ask
+from semilla.learn.growth import grow_on_plateau
 from semilla.learn.journal import Journal
-from semilla.learn.limits import Clock, Limiter
+from semilla.learn.limits import Clock, Limiter, Stopped
 from semilla.learn.questions import (
     corpus_concepts,
     detect_language,
@@ -65,9 +68,12 @@ class Learner:
     _student: LanguageModel | None = field(default=None, repr=False)
 
     def student(self) -> LanguageModel:
-        """The current model, loaded once until a promotion replaces it."""
+        """The current model (with --into-adapter: the base plus the current adapter), loaded
+        once until a promotion replaces it."""
         if self._student is None:
-            self._student = load(str(self.journal.current_model()), device=device_name(self.cfg.device))
+            adapter = gate.current_adapter(self.cfg)
+            self._student = load(str(self.journal.current_model()), device=device_name(self.cfg.device),
+                                 adapter=str(adapter) if adapter else None)  # fmt: skip
         return self._student
 
     def forget_student(self) -> None:
@@ -106,6 +112,11 @@ def run_age(run: Path) -> int:
     return int(digits) if digits else 0
 
 
+def current_age(learner: Learner) -> int:
+    """The age the loop grew its model to, else the run's own."""
+    return learner.journal.state().get("age", run_age(learner.run))
+
+
 def question_pool(learner: Learner) -> tuple[list[dict[str, str]], str]:
     """Every question the loop may ask, and their language."""
     cfg = learner.cfg
@@ -118,7 +129,7 @@ def question_pool(learner: Learner) -> tuple[list[dict[str, str]], str]:
         raise SemillaError(
             f"no concepts: the corpus of {learner.run} has no frequent content words; give --topics"
         )
-    age = cfg.age if cfg.age is not None else run_age(learner.run)
+    age = cfg.age if cfg.age is not None else current_age(learner)
     return make_questions(concepts, templates_for(language, age, cfg.templates)), language
 
 
@@ -254,7 +265,12 @@ def train_and_judge(learner: Learner, record: dict[str, Any], rounds: list[dict[
         f for r in rounds if r["status"] == "promoted" for f in facts_of(r) if f["question"] not in asked_now
     ]
     before = gate.measure(learner.student(), facts, held_out, learner.original, cfg)
-    candidate = load(str(gate.candidate_checkpoint(journal)), device=device_name(cfg.device))
+    if cfg.into_adapter:  # the base with the candidate adapter
+        candidate = load(
+            str(current), device=device_name(cfg.device), adapter=str(gate.candidate_adapter(journal))
+        )
+    else:
+        candidate = load(str(gate.candidate_checkpoint(journal)), device=device_name(cfg.device))
     after = gate.measure(candidate, facts, held_out, learner.original, cfg)
     record["gate"] = gate.judge(before, after, state["baseline_ppl"], cfg)
     record["status"] = "promoting" if record["gate"]["promote"] else "rolling_back"
@@ -263,7 +279,7 @@ def train_and_judge(learner: Learner, record: dict[str, Any], rounds: list[dict[
 
 def finish(learner: Learner, record: dict[str, Any]) -> None:
     if record["status"] == "promoting":
-        gate.promote(learner.journal)
+        gate.promote(learner.journal, learner.cfg)
         learner.forget_student()  # the next round questions the promoted model
         record["status"] = "promoted"
         log.info("round %d: promoted (recall %.2f -> %.2f)", record["round"],
@@ -305,35 +321,61 @@ def learn(
     forever: bool = False,
     wait: bool | None = None,
     clock: Clock | None = None,
+    stop: threading.Event | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Run `rounds` rounds of self-learning on a run directory (or `forever`); returns
-    {"rounds": [summary of each round run], "current": the current model's path}.
+    {"rounds": [summary of each round run], "current": the current model's path, and with
+    into_adapter once one was promoted "adapter": the adapter's}.
 
     A question limit reached ends the round (none asked: LimitReached) unless `wait` (the default
     with `forever`): then the loop sleeps until the limits allow the next question.
     settings are LearnConfig fields (teacher_url, teacher_model, questions_per_hour, ...).
-    `clock` replaces wall time and sleeping (tests simulate days with it)."""
-    cfg = LearnConfig(**settings).validate()
+    `clock` replaces wall time and sleeping (tests simulate days with it). A set `stop` event
+    ends the loop after the round in flight, or at once while it waits; `on_round` is told
+    each round's summary as it ends (the server's job counts them)."""
+    cfg = gate.adapter_settings(LearnConfig(**settings).validate())
     run = Path(run)
     resolve_checkpoint(run)
     journal = Journal(run)
-    clock = clock or Clock()
+    stop = stop or threading.Event()
+    clock = clock or Clock(stop)
     limiter = Limiter(journal.limits_path, cfg.questions_per_hour, cfg.questions_per_day,
                       cfg.min_question_spacing_s)  # fmt: skip
     wait = forever if wait is None else wait
     learner = Learner(run, cfg, journal, limiter, Teacher(cfg), clock, original_data(run), wait)
     done: list[dict[str, Any]] = []
-    while forever or len(done) < rounds:
-        record = run_round(learner)
+    while (forever or len(done) < rounds) and not stop.is_set():
+        grown = (
+            cfg.grow_on_plateau
+            and journal.open_round() is None
+            and grow_on_plateau(journal, current_age(learner), cfg.plateau_rounds, cfg.seed)
+        )
+        if grown:
+            learner.forget_student()  # the next round questions the grown model
+        try:
+            record = run_round(learner)
+        except Stopped:  # waiting for a limit or a teacher: the round resumes on the next run
+            break
         done.append(summary(record))
+        if on_round is not None:
+            on_round(done[-1])
         if record.get("teacher_error"):
             log.warning("round %d: teacher unreachable (%s); nothing trained, the round resumes on the next try",
                         record["round"], record["teacher_error"])  # fmt: skip
             if not forever:
                 break
-            clock.sleep(RETRY_AFTER_S)
-    return {"rounds": done, "current": str(journal.current_model())}
+            try:
+                clock.sleep(RETRY_AFTER_S)
+            except Stopped:
+                break
+    adapter = gate.current_adapter(cfg)
+    return {
+        "rounds": done,
+        "current": str(journal.current_model()),
+        **({"adapter": str(adapter)} if adapter else {}),
+    }
 
 
 def summary(record: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,8 @@ def learn_stats(run: str | Path) -> dict[str, Any]:
     run = Path(run)
     if not (run / "learn" / "rounds").is_dir():
         raise SemillaError(f"{run} has no self-learning rounds yet (run: semilla learn {run} ...)")
-    rounds = Journal(run).rounds()
+    journal = Journal(run)
+    rounds = journal.rounds()
     per_round = [summary(r) for r in rounds]
     asked = [q for r in rounds for q in r["questions"] if "answer" in q]
     return {
@@ -29,5 +30,6 @@ def learn_stats(run: str | Path) -> dict[str, Any]:
         "promotions": sum(r["status"] == "promoted" for r in rounds),
         "rollbacks": sum(r["status"] == "rolled_back" for r in rounds),
         "train_steps": sum(r.get("compute", {}).get("train_steps", 0) for r in rounds),
+        "growths": journal.state().get("growths", []),
         "per_round": per_round,
     }

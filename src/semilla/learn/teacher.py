@@ -1,21 +1,27 @@
 """The teacher: any OpenAI-compatible chat service (Ollama, llama.cpp's server, vLLM, another
-semilla, OpenAI) asked, for one gap, for a reference answer, its key fact and a few
-question/answer examples. Its reply is data: parsed as JSON strings and stored, never obeyed.
+semilla, OpenAI) or Anthropic's Messages API, asked, for one gap, for a reference answer, its key
+fact and a few question/answer examples. It is spoken to by the server's provider backends
+(serve/backends/remote.py), so both protocols and their errors are handled in one place. Its reply
+is data: parsed as JSON strings and stored, never obeyed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
 import time
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from semilla.learn.config import LearnConfig
 
 MAX_TEXT = 2000  # characters of one question or answer; a longer one is not a usable example
+MAX_REPLY_TOKENS = 4096  # a lesson of 10 examples fits; Anthropic's API needs a bound
 
 SYSTEM = (
     "You write training data for a small language model. Answer the user's question about the "
@@ -44,45 +50,58 @@ class Lesson:
 
 
 class Teacher:
-    """One OpenAI-compatible endpoint and model; the API key is read from an environment variable."""
+    """One endpoint and model in its protocol (cfg.teacher_api: openai | anthropic); the API key
+    is read from an environment variable."""
 
     def __init__(self, cfg: LearnConfig):
-        import openai
+        from semilla.serve.providers import ProviderConfig, Secret
 
-        for name in ("httpx", "httpx2"):  # the client logs every request at INFO: not for the terminal
-            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
         self.cfg = cfg
-        self.client = openai.OpenAI(
+        key = os.environ.get(cfg.teacher_api_key_env)
+        self.provider = ProviderConfig(
+            name="teacher",
+            kind=cfg.teacher_api,
             base_url=cfg.teacher_url,
-            api_key=os.environ.get(cfg.teacher_api_key_env) or "not-needed",
-            timeout=cfg.teacher_timeout,
-            max_retries=1,
+            api_key=Secret(key) if key else None,
+            timeout_s=cfg.teacher_timeout,
+            connect_timeout_s=min(cfg.teacher_timeout, 10.0),
+            max_connections=1,
         )
 
     def teach(self, concept: str, question: str, language: str) -> Lesson:
         """The teacher's lesson for one gap question; raises TeacherUnreachable or TeacherInvalid."""
-        import openai
+        from semilla.serve.backends.remote import ProviderError
 
         system = SYSTEM.format(n=self.cfg.examples_per_gap, language=LANGUAGES[language])
+        messages = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f"Concept: {concept}\nQuestion: {question}"},
+        ]
         try:
-            reply = self.client.chat.completions.create(
-                model=self.cfg.teacher_model,
-                messages=[
-                    {"role": "system", "content": system},
-                    {"role": "user", "content": f"Concept: {concept}\nQuestion: {question}"},
-                ],
-                temperature=0.7,
-            )
-        except (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError) as e:
-            raise TeacherUnreachable(f"{self.cfg.teacher_url}: {type(e).__name__}: {e}") from None
-        except openai.APIStatusError as e:
-            raise TeacherInvalid(f"the teacher refused the request (HTTP {e.status_code})") from None
-        except ValueError as e:  # a 200 whose body is not a completion (HTML, junk)
-            raise TeacherInvalid(f"the teacher's reply is not a chat completion: {e}") from None
-        choices = getattr(reply, "choices", None)
-        if not isinstance(choices, list) or not choices or choices[0].message is None:
-            raise TeacherInvalid("the teacher's reply has no message")
-        return parse_lesson(choices[0].message.content or "", self.cfg.examples_per_gap)
+            content = run_to_end(self._reply(messages))
+        except ProviderError as e:  # connection, timeout, 5xx, 429: later; a refusal or junk: now
+            if e.retryable and e.reason != "invalid":
+                raise TeacherUnreachable(f"{self.cfg.teacher_url}: {e.message}") from None
+            raise TeacherInvalid(f"the teacher's reply is not usable: {e.message}") from None
+        return parse_lesson(content, self.cfg.examples_per_gap)
+
+    async def _reply(self, messages: list[dict[str, str]]) -> str:
+        """The text of the teacher's answer, over a connection opened and closed for it."""
+        from semilla.config import GenerateConfig
+        from semilla.serve.backends.remote import BACKENDS, Upstream
+        from semilla.serve.serving import GenerationCall
+
+        upstream = Upstream(self.provider)
+        backend = BACKENDS[self.provider.kind](upstream, self.cfg.teacher_model)
+        call = GenerationCall(GenerateConfig(max_new_tokens=MAX_REPLY_TOKENS, temperature=0.7))
+        try:
+            generation = backend.chat(messages, call)
+            await generation.start()
+            result = await generation.result()
+        finally:
+            await upstream.aclose()
+        return result.choices[0].text
 
     def provenance(self, concept: str) -> dict[str, Any]:
         return {
@@ -91,6 +110,17 @@ class Teacher:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "concept": concept,
         }
+
+
+def run_to_end(coroutine: Coroutine[Any, Any, str]) -> str:
+    """Run `coroutine` to its result, also from a thread whose event loop runs (a notebook's):
+    then in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
@@ -134,24 +164,26 @@ def parse_lesson(content: str, max_examples: int) -> Lesson:
     return Lesson(answer, key, examples[:max_examples])
 
 
-# --teacher PROVIDER/MODEL: the OpenAI-compatible base URL each provider serves by default, and
-# the environment variable of its API key
+# --teacher PROVIDER/MODEL: the base URL each provider serves by default, the environment
+# variable of its API key, and its protocol
 PROVIDERS = {
-    "ollama": ("http://localhost:11434/v1", "SEMILLA_TEACHER_API_KEY"),
-    "llamacpp": ("http://localhost:8080/v1", "SEMILLA_TEACHER_API_KEY"),
-    "vllm": ("http://localhost:8000/v1", "SEMILLA_TEACHER_API_KEY"),
-    "semilla": ("http://localhost:8000/v1", "SEMILLA_TEACHER_API_KEY"),
-    "openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
+    "ollama": ("http://localhost:11434/v1", "SEMILLA_TEACHER_API_KEY", "openai"),
+    "llamacpp": ("http://localhost:8080/v1", "SEMILLA_TEACHER_API_KEY", "openai"),
+    "vllm": ("http://localhost:8000/v1", "SEMILLA_TEACHER_API_KEY", "openai"),
+    "semilla": ("http://localhost:8000/v1", "SEMILLA_TEACHER_API_KEY", "openai"),
+    "openai": ("https://api.openai.com/v1", "OPENAI_API_KEY", "openai"),
+    "anthropic": ("https://api.anthropic.com", "ANTHROPIC_API_KEY", "anthropic"),
 }
 
 
 def provider_settings(spec: str) -> dict[str, str]:
-    """teacher_url, teacher_model and teacher_api_key_env of 'provider/model' (ollama/llama3)."""
+    """teacher_url, teacher_model, teacher_api_key_env and teacher_api of 'provider/model'
+    (ollama/llama3, anthropic/claude-3-5-haiku-latest)."""
     provider, _, model = spec.partition("/")
     if provider not in PROVIDERS or not model:
         raise ValueError(
             f"--teacher must be PROVIDER/MODEL with PROVIDER one of {', '.join(PROVIDERS)} (or give "
             f"--teacher-url and --teacher-model), got {spec!r}"
         )
-    url, key_env = PROVIDERS[provider]
-    return {"teacher_url": url, "teacher_model": model, "teacher_api_key_env": key_env}
+    url, key_env, api = PROVIDERS[provider]
+    return {"teacher_url": url, "teacher_model": model, "teacher_api_key_env": key_env, "teacher_api": api}

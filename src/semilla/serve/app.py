@@ -37,6 +37,7 @@ from semilla.serve.routes import (
     docs,
     embeddings,
     health,
+    learn,
     lora,
     ollama,
     openai,
@@ -167,6 +168,7 @@ def create_app(
     app.include_router(ab.router)
     app.include_router(usage.router)
     lora.install(app, settings)  # vLLM's adapter routes, LoRA jobs (after accounts: they own conversations)
+    app.include_router(learn.router)
     web.install(app, settings)  # chat, API keys and dashboard pages; the dashboard's stats sampler
     alerts.install(app, settings)  # alerting rules evaluated in-process, /admin/alerts, the webhook
     # outermost last: the size limit runs before anything reads the body

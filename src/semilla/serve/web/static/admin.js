@@ -162,11 +162,16 @@ async function showRun(id) {
     state.run = { id, live: Date.now() / 1000 - lastTime < LIVE_WINDOW_S };
     for (const tr of ui.runs.querySelectorAll("tr[data-run]")) tr.classList.toggle("selected", tr.dataset.run === id);
     const title = `${id}${state.run.live ? " (live)" : ""}`;
+    const spikes = rows.filter((r) => r.kind === "grad_spike").map((r) => r.step); // train_insight.py's flags
     ui["run-detail"].replaceChildren(
       lineChart(`Loss · ${title}`, [{ name: "train", cls: "c1", points: pick("train", "loss") }, { name: "validation", cls: "c2", points: pick(evalKind, "loss") }],
         { xFormat: (x) => `step ${x}`, yFormat: (v) => v.toFixed(2), zero: false }),
       lineChart(`Perplexity · ${title}`, [{ name: "train", cls: "c1", points: pick("train", "ppl") }, { name: "validation", cls: "c2", points: pick(evalKind, "ppl") }],
         { xFormat: (x) => `step ${x}`, yFormat: num, zero: false }),
+      lineChart(`Learning rate · ${title}`, [{ name: "lr", cls: "c3", points: pick("train", "lr") }],
+        { xFormat: (x) => `step ${x}`, yFormat: (v) => v.toExponential(1) }),
+      lineChart(`Gradient norm · ${title}${spikes.length ? ` · spikes at step ${spikes.slice(-5).join(", ")}` : ""}`,
+        [{ name: "grad norm", cls: "c1", points: pick("train", "grad_norm") }], { xFormat: (x) => `step ${x}`, yFormat: (v) => v.toPrecision(2) }),
     );
   } catch (err) {
     showError(ui.banner, err);
