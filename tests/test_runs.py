@@ -49,7 +49,7 @@ def test_info_of_a_run_shows_steps_validation_loss_and_size(run_copy: Path) -> N
 
 def test_resume_says_where_it_resumed(run_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
     model_cfg, train_cfg = resume_configs(str(run_copy), {"max_iters": 10})
-    with caplog.at_level(logging.INFO, logger="semilla.train"):
+    with caplog.at_level(logging.INFO, logger="semilla"):
         train(model_cfg, train_cfg, resume=str(run_copy))
     assert f"resumed from step 8 of {run_copy}" in caplog.text
 
