@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 from semilla.retrieval.fusion import FUSIONS
+from semilla.serve.errors import APIError
+from semilla.serve.structured import OutputFormat, check_schema
 
 MAX_N = 8
 MAX_STOP = 4
@@ -37,6 +39,9 @@ TopP = Annotated[float, Field(ge=SMALLEST, le=1.0)]
 TopK = Annotated[int, Field(ge=0, le=2**31 - 1)]  # >= the vocabulary: keep every token
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+# OpenAI's logit_bias: {"token id": bias}, at most 300 entries, each within [-100, 100]
+LogitBias = Annotated[dict[StrictStr, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=300)]
+Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # a schema's or function's name
 
 
 def refuse_lone_surrogates(value: Any) -> Any:
@@ -113,6 +118,7 @@ class SamplingFields(Request):
     min_p: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     repetition_penalty: Annotated[float, Field(ge=SMALLEST, le=10.0)] = 1.0
     min_tokens: Annotated[int, Field(ge=0)] = 0
+    logit_bias: LogitBias | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -129,6 +135,31 @@ class RagOptions(Request):
     fusion: Literal["relative_score", "rrf"] = FUSIONS[0]  # how hybrid fuses BM25 and dense
 
 
+class JsonSchemaSpec(Body):
+    name: Name
+    description: StrictStr | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(Body):
+    """OpenAI's response_format: free text, any JSON object, or JSON of a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    def output(self, param: str = "response_format") -> OutputFormat | None:
+        """What the answer must be; a 400 naming the field for a schema that is not one."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return OutputFormat({"type": "object"}, param)
+        if self.json_schema is None:
+            raise APIError(400, f"{param}.json_schema is required when type is 'json_schema'", param=param)
+        where = f"{param}.json_schema.schema"
+        return OutputFormat(check_schema(self.json_schema.schema_, where), where)
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -136,6 +167,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     conversation_id: StrictStr | None = None  # semilla: append this turn to a stored conversation
     rag: RagOptions | None = None  # semilla: answer from these passages; the response lists `sources`
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(SamplingFields):

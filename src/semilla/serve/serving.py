@@ -24,10 +24,18 @@ from semilla.api import StopStringFilter
 from semilla.config import GenerateConfig
 from semilla.errors import SemillaError
 from semilla.serve import metrics
-from semilla.serve.engine import Engine, ModelUnloadedError, QueueFullError, QueueTimeoutError, Sequence
+from semilla.serve.engine import (
+    Engine,
+    LogitsRule,
+    ModelUnloadedError,
+    QueueFullError,
+    QueueTimeoutError,
+    Sequence,
+)
 from semilla.serve.errors import APIError
 from semilla.serve.hooks import CompletionRecord
 from semilla.serve.registry import ServedModel
+from semilla.serve.structured import OutputFormat
 
 FINGERPRINT = f"semilla-{__version__}"
 
@@ -150,6 +158,8 @@ class GenerationCall:
     prompt_param: str = "messages"
     screen: Callable[[str], bool] | None = None  # True: withhold the output (content filter)
     on_tokens: Callable[[int], None] | None = None  # told the tokens generated, however it ends
+    output: OutputFormat | None = None  # the answer must be JSON of this schema (constrained decoding)
+    logit_bias: dict[str, float] | None = None  # OpenAI's {"token id": bias}, checked by the schema
 
 
 def fit_max_tokens(model: str, limit: int | None, prompt_len: int, call: GenerationCall) -> int:
@@ -246,11 +256,13 @@ class Job(Generation):
         prompts: list[list[int]],
         cfg: GenerateConfig,
         call: GenerationCall,
+        rules: Callable[[], tuple[LogitsRule, ...]] = tuple,
     ):
-        """`cfg`: the call's settings fitted to the model (max_new_tokens, stop strings)."""
+        """`cfg`: the call's settings fitted to the model (max_new_tokens, stop strings);
+        `rules()`: each sequence's own logits rules (a grammar's parser state, a bias)."""
         super().__init__(served.id, len(prompts) * call.n, call)
         self.engine, self.served, self.cfg, self.n = engine, served, cfg, call.n
-        self.prompts = prompts
+        self.prompts, self.rules = prompts, rules
         self.prompt_tokens = sum(len(p) for p in prompts)
         tok = served.lm.tokenizer
         self.tokenizer = tok
@@ -279,7 +291,9 @@ class Job(Generation):
                 for j in range(self.n):
                     seed = None if self.cfg.seed is None else self.cfg.seed + j
                     cfg = dataclasses.replace(self.cfg, seed=seed)
-                    seq = self.engine.submit(self.served.id, prompt, cfg, self.stop_ids, loop, self.queue)
+                    seq = self.engine.submit(
+                        self.served.id, prompt, cfg, self.stop_ids, loop, self.queue, rules=self.rules()
+                    )
                     self.sequences[seq] = p_index * self.n + j
         except QueueFullError as e:
             self.cancel()

@@ -10,6 +10,7 @@ from semilla.serve.engine import Engine
 from semilla.serve.errors import APIError
 from semilla.serve.registry import ServedModel
 from semilla.serve.serving import GenerationCall, Job, fit_max_tokens, settings_or_400
+from semilla.serve.structured import Grammars, TokenBias, token_bias
 
 
 class LocalBackend(Backend):
@@ -21,6 +22,7 @@ class LocalBackend(Backend):
         self.created = served.created
         self._embedder = None
         self._embedder_lock = threading.Lock()
+        self.grammars = Grammars(served.lm.tokenizer)
 
     def card(self, admin: bool = False) -> dict:
         return self.served.card(admin)
@@ -43,7 +45,17 @@ class LocalBackend(Backend):
         cfg = settings_or_400(
             dataclasses.replace(cfg, max_new_tokens=max_new, min_new_tokens=min(cfg.min_new_tokens, max_new))
         )
-        return Job(self.engine, self.served, prompts, cfg, call)
+        return Job(self.engine, self.served, prompts, cfg, call, self._rules(call))
+
+    def _rules(self, call: GenerationCall):
+        """A maker of each sequence's logits rules: the output grammar (compiled once, checked
+        now: a 400 for what cannot be enforced), then the logit bias."""
+        bias = token_bias(call.logit_bias, self.served.lm.model.config.vocab_size)
+        shared = (TokenBias(bias),) if bias else ()
+        if call.output is None:
+            return lambda: shared
+        grammar = self.grammars.compile(call.output)
+        return lambda: (self.grammars.rule(grammar), *shared)
 
     def chat(self, messages: list[dict], call: GenerationCall) -> Job:
         job = self._job([self.served.lm.tokenizer.apply_chat_template(messages)], call)

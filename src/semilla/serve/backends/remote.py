@@ -334,6 +334,12 @@ class RemoteBackend(Backend):
         self, n_choices: int, call: GenerationCall, path: str, body: dict, texts
     ) -> RemoteGeneration:
         settings_or_400(call.cfg)
+        for param, asked in (
+            (call.output and call.output.param, call.output),
+            ("logit_bias", call.logit_bias),
+        ):
+            if asked:  # token masks and biases need the model's own tokens
+                raise APIError(400, f"{param} needs a local model, not {self.id!r}", param=param)
         return RemoteGeneration(self, n_choices, call, path, body, texts)
 
     @abstractmethod

@@ -200,6 +200,11 @@ def generation_call(
     )
 
 
+def constraints(call: GenerationCall) -> dict:
+    """What else shapes a deterministic answer beyond its settings (part of its cache key)."""
+    return {"output": call.output and call.output.schema, "logit_bias": call.logit_bias}
+
+
 def material_for(gen: Generation, route: str, prompt: Any, n: int, extra: dict | None = None) -> dict | None:
     """What a deterministic answer is cached under; None when it must not be cached."""
     if not (gen.cacheable and is_deterministic(gen.cfg)):
@@ -235,11 +240,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     top = (body.top_logprobs or 0) if body.logprobs else None
     cfg = sampling_config(body, asked or state.settings.default_max_tokens, top)
     cfg = dataclasses.replace(cfg, stop=body.stop_list())
+    output = body.response_format.output() if body.response_format else None
     call = generation_call(
-        request, principal, cfg, asked is not None, body.n, stream=body.stream, param=param
-    )
+        request, principal, cfg, asked is not None, body.n, stream=body.stream, param=param,
+        output=output, logit_bias=body.logit_bias,
+    )  # fmt: skip
     gen = backend.chat(messages, call)
-    material = material_for(gen, "chat", messages, body.n)
+    material = material_for(gen, "chat", messages, body.n, constraints(call))
     cid = new_id("chatcmpl")
     full, part = Envelope(cid, "chat.completion", gen), Envelope(cid, "chat.completion.chunk", gen)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -325,13 +332,16 @@ async def completions(body: CompletionRequest, request: Request):
         body.n,
         stream=body.stream,
         prompt_param="prompt",
+        logit_bias=body.logit_bias,
     )
     gen = backend.complete(prompt, call)
     texts = gen.texts
     if token_ids:
         for t in texts:
             hooks.screen_prompt(principal, t)
-    material = material_for(gen, "completions", prompt, body.n, {"echo": body.echo, "texts": texts})
+    material = material_for(
+        gen, "completions", prompt, body.n, {"echo": body.echo, "texts": texts, **constraints(call)}
+    )
     envelope = Envelope(new_id("cmpl"), "text_completion", gen)
     cid = envelope.cid
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
