@@ -22,7 +22,7 @@ from semilla.serve.registry import load_models
 from semilla.serve.settings import ServerSettings
 from semilla.tokenizer import Tokenizer
 
-JSON_CHARS = '{}[]":,-0123456789. abcdefghijklmnopqrstuvwxyz'  # the schemas' letters too
+JSON_CHARS = '{}[]":,-_0123456789. abcdefghijklmnopqrstuvwxyz'  # the schemas' letters too
 PERSON = {
     "type": "object",
     "properties": {
@@ -40,7 +40,7 @@ def random_checkpoint(root: Path, tok: Tokenizer, seed: int = 0) -> Path:
     """An untrained model (random answers: the grammar alone makes them JSON)."""
     torch.manual_seed(seed)
     model = build_model(
-        ModelConfig(vocab_size=tok.vocab_size, block_size=512, n_layer=2, n_head=2, n_embd=32)
+        ModelConfig(vocab_size=tok.vocab_size, block_size=2048, n_layer=2, n_head=2, n_embd=32)
     )
     return save_checkpoint(root / tok.kind, model, tok)
 
@@ -59,7 +59,10 @@ def checkpoints(tmp_path_factory, corpus_text: str) -> dict[str, Path]:
 def server(checkpoints: dict[str, Path], tmp_path_factory):
     models = load_models([(name, str(path)) for name, path in checkpoints.items()])
     root = tmp_path_factory.mktemp("data")
-    settings = ServerSettings(max_slots=16, queue_size=64, data_dir=str(root))
+    many = {"anonymous": 10**6, "user": 10**6, "admin": 10**6}  # hundreds of requests a minute here
+    settings = ServerSettings(
+        max_slots=16, queue_size=64, data_dir=str(root), rate_limit_rpm=many, rate_limit_tpm=many
+    )
     with running_server(create_app(settings, models)) as url:
         yield url
 
@@ -201,3 +204,161 @@ def test_bad_logit_bias_is_400_naming_it(server: str, bias: dict, needle: str):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert needle in error["message"] and error["param"].startswith("logit_bias")
+
+
+# --- tools -------------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Madrid", "Lima"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 8}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+ASK = [{"role": "user", "content": "¿Qué tiempo hace?"}]
+
+
+def test_200_required_tool_calls_are_all_valid_calls(client: openai.OpenAI):
+    def ask(i: int) -> list:
+        r = client.chat.completions.create(
+            model="char" if i % 5 else "bpe", messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+            max_tokens=600, n=4, seed=100 * i,
+        )  # fmt: skip
+        assert all(c.finish_reason == "tool_calls" and c.message.content is None for c in r.choices), [
+            (c.finish_reason, (c.message.content or "")[-200:]) for c in r.choices
+        ]
+        return [call for c in r.choices for call in c.message.tool_calls]
+
+    with ThreadPoolExecutor(8) as pool:
+        calls = [call for batch in pool.map(ask, range(50)) for call in batch]
+    assert len(calls) >= 200
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    assert {call.function.name for call in calls} == {"get_weather", "get_time"}
+
+
+def test_a_named_function_is_the_one_called_once_without_parallel_calls(client: openai.OpenAI):
+    r = client.chat.completions.create(
+        model="char", messages=ASK, tools=[WEATHER, TIME], parallel_tool_calls=False, n=4, seed=1,
+        tool_choice={"type": "function", "function": {"name": "get_time"}}, max_tokens=200,
+    )  # fmt: skip
+    for c in r.choices:
+        assert len(c.message.tool_calls) == 1 and c.message.tool_calls[0].function.name == "get_time"
+
+
+def test_streamed_tool_calls_equal_the_whole_answer(client: openai.OpenAI):
+    kw = dict(model="char", messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=200, seed=5)
+    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls
+    chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    deltas = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+    assert [(d.function.name, d.function.arguments) for d in deltas] == [
+        (w.function.name, w.function.arguments) for w in whole
+    ]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks)
+
+
+def test_tool_calls_and_results_are_rendered_into_the_prompt(
+    client: openai.OpenAI, checkpoints: dict[str, Path]
+):
+    from semilla.serve.tools import Tool, tools_prompt
+
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Lima", "days": 2}'},
+    }
+    messages = [
+        {"role": "system", "content": "Breve."},
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+    ]
+    r = client.chat.completions.create(
+        model="char", messages=messages, tools=[WEATHER], max_tokens=4, temperature=0
+    )
+    tool = Tool("get_weather", "The weather in a city", WEATHER["function"]["parameters"])
+    expected = [
+        {"role": "system", "content": "Breve.\n\n" + tools_prompt([tool])},
+        *ASK,
+        {
+            "role": "assistant",
+            "content": '[{"name": "get_weather", "arguments": {"city": "Lima", "days": 2}}]',
+        },
+        {"role": "user", "content": "Result of get_weather: 18 C"},
+    ]
+    tok = Tokenizer.load(checkpoints["char"])
+    assert r.usage.prompt_tokens == len(tok.apply_chat_template(expected))
+
+
+def test_auto_answers_are_calls_only_when_they_parse_as_calls():
+    from semilla.serve.tools import CallStream, Tool, parse_calls
+
+    tools = [Tool("f", parameters={"type": "object"})]
+    calls = parse_calls('[{"name": "f", "arguments": {"x": 1}}]', tools)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"x": 1})]
+    assert parse_calls('{"name": "f", "arguments": {}}', tools)[0].name == "f"
+    for text in ["hola", '[{"name": "g", "arguments": {}}]', '[{"name": "f", "arguments": 3}]', "[]", "{"]:
+        assert parse_calls(text, tools) is None
+    stream = CallStream(tools, forced=False)
+    assert stream.push("  ", False) == ("", None)  # may still become a call
+    assert stream.push("hola", False) == ("  hola", None)  # text: shown from here on
+    assert stream.push(" mundo", True) == (" mundo", None)
+    stream = CallStream(tools, forced=False)
+    assert stream.push('[{"name": "f", ', False) == ("", None)
+    shown, calls = stream.push('"arguments": {}}]', True)
+    assert shown == "" and calls[0].name == "f"
+
+
+@pytest.mark.parametrize(
+    "extra, param, needle",
+    [
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+            "not declared",
+        ),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]},
+            "tools.0.parameters",
+            "not a valid JSON Schema",
+        ),
+        ({"tools": [WEATHER, WEATHER]}, "tools.1", "declared twice"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "bad name"}}]},
+            "tools.0.function.name",
+            "pattern",
+        ),
+        ({"messages": [{"role": "tool", "content": "18 C"}]}, "messages.0.tool_call_id", "required"),
+    ],
+)
+def test_bad_tools_are_400_naming_the_field(server: str, extra: dict, param: str, needle: str):
+    body = {"model": "char", "messages": ASK, **extra}
+    r = httpx.post(server + "/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["param"] == param, error

@@ -83,10 +83,25 @@ class TextPart(Body):
     text: StrictStr
 
 
+class FunctionCallIn(Body):
+    name: StrictStr
+    arguments: StrictStr = "{}"  # JSON text
+
+
+class ToolCallIn(Body):
+    """A call an earlier assistant turn made, sent back with the conversation."""
+
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns
+    tool_call_id: StrictStr | None = None  # tool turns: the call this is the result of
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -160,6 +175,35 @@ class ResponseFormat(Body):
         return OutputFormat(check_schema(self.json_schema.schema_, where), where)
 
 
+class FunctionSpec(Body):
+    name: Name
+    description: StrictStr = ""
+    parameters: dict[str, Any] | None = None  # a JSON Schema; checked by serve/tools.checked_tools
+    strict: StrictBool | None = None
+
+
+class ToolSpec(Body):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(Body):
+    name: StrictStr
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+def tool_choice_name(choice: ToolChoice | None) -> str | None:
+    """'none', 'auto', 'required', a function's name, or None when not given."""
+    return choice.function.name if isinstance(choice, NamedToolChoice) else choice
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -168,6 +212,9 @@ class ChatCompletionRequest(SamplingFields):
     conversation_id: StrictStr | None = None  # semilla: append this turn to a stored conversation
     rag: RagOptions | None = None  # semilla: answer from these passages; the response lists `sources`
     response_format: ResponseFormat | None = None
+    tools: Annotated[list[ToolSpec], Field(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
 
 class CompletionRequest(SamplingFields):

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from semilla.serve import retrieval
 from semilla.serve.errors import APIError
 from semilla.serve.hooks import CompletionRecord, Principal
-from semilla.serve.protocol import ChatCompletionRequest, CompletionRequest
+from semilla.serve.protocol import ChatCompletionRequest, CompletionRequest, tool_choice_name
 from semilla.serve.serving import (
     ChoiceDelta,
     Generation,
@@ -30,6 +30,16 @@ from semilla.serve.serving import (
     new_id,
     run_to_end,
     sampling_config,
+)
+from semilla.serve.tools import (
+    CallStream,
+    Tool,
+    ToolCall,
+    call_format,
+    checked_tools,
+    forced_tools,
+    parse_calls,
+    render_messages,
 )
 
 log = logging.getLogger(__name__)
@@ -226,9 +236,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             f"too many messages: {len(body.messages)} (at most {state.settings.max_messages})",
             param="messages",
         )
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
-    ]
+    offered, forced = chat_tools(body)
+    messages = render_messages(chat_turns(body), offered)
     for m in messages:
         hooks.screen_prompt(principal, m["content"])
     grounded = {}  # semilla's RAG: {"sources": [...]} in the response
@@ -241,6 +250,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     cfg = sampling_config(body, asked or state.settings.default_max_tokens, top)
     cfg = dataclasses.replace(cfg, stop=body.stop_list())
     output = body.response_format.output() if body.response_format else None
+    if forced:  # a call of these functions, whatever else was asked
+        output = call_format(forced, body.parallel_tool_calls)
     call = generation_call(
         request, principal, cfg, asked is not None, body.n, stream=body.stream, param=param,
         output=output, logit_bias=body.logit_bias,
@@ -251,16 +262,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     full, part = Envelope(cid, "chat.completion", gen), Envelope(cid, "chat.completion.chunk", gen)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+    def answer(c) -> tuple[dict, str | None]:
+        """The assistant message of a choice, and its finish_reason: a call when it parses as one."""
+        calls = parse_calls(c.text, offered) if offered else None
+        if calls:
+            return {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [t.openai() for t in calls],
+            }, "tool_calls"
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+
     def render(result: Result) -> dict:
         return full(
             [
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": message,
                     "logprobs": {"content": [t.openai() for t in c.tokens]} if body.logprobs else None,
-                    "finish_reason": c.finish_reason,
+                    "finish_reason": finish,
                 }
                 for c in result.choices
+                for message, finish in [answer(c)]
             ],
             usage=result.usage(),
             **grounded,
@@ -272,20 +295,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     def render_stream(source: Generation | Result) -> AsyncIterator[str]:
         is_job = isinstance(source, Generation)
         role_sent: set[int] = set()
+        held = {i: CallStream(offered, bool(forced)) for i in range(body.n)} if offered else None
 
         def make_chunk(d) -> dict | None:
             delta: dict[str, Any] = {}
+            text, calls, finish = d.text, None, d.finish_reason
+            if held is not None:  # an answer that may be a call is held back until it is known
+                text, calls = held[d.index].push(d.text, finish is not None)
             if d.index not in role_sent:
                 role_sent.add(d.index)
                 delta["role"] = "assistant"
-            if d.text or "role" in delta:
-                delta["content"] = d.text
-            if not delta and not d.finish_reason and d.token is None:
+            if calls:
+                delta["tool_calls"], finish = [t.openai(i) for i, t in enumerate(calls)], "tool_calls"
+            elif text or "role" in delta:
+                delta["content"] = text
+            if not delta and not finish and d.token is None:
                 return None
             logprobs = {"content": [d.token.openai()] if d.token else []} if body.logprobs else None
             first = len(role_sent) == 1 and "role" in delta  # the sources travel with the first chunk
             return chunk(
-                [{"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish_reason}],
+                [{"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
                 **(grounded if first else {}),
             )
 
@@ -304,6 +333,38 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         )
 
     return await complete(request, principal, gen, material, body.stream, render, render_stream, record)
+
+
+def chat_turns(body: ChatCompletionRequest) -> list[dict]:
+    """The messages as {"role", "content"} (+ "tool_calls" on assistant turns, + the function's
+    "name" on tool turns, found from the call it answers)."""
+    names: dict[str, str] = {}
+    turns = []
+    for i, m in enumerate(body.messages):
+        turn = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_calls:
+            turn["tool_calls"] = [ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls]
+            names |= {c.id: c.function.name for c in m.tool_calls}
+        if m.role == "tool":
+            if m.tool_call_id is None:
+                raise APIError(400, f"messages.{i}.tool_call_id is required on tool messages",
+                               param=f"messages.{i}.tool_call_id")  # fmt: skip
+            turn["name"] = names.get(m.tool_call_id) or m.name
+        turns.append(turn)
+    return turns
+
+
+def chat_tools(body: ChatCompletionRequest) -> tuple[list[Tool], list[Tool] | None]:
+    """The tools shown to the model (none for tool_choice 'none') and those it must call."""
+    declared = [
+        Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or []
+    ]
+    choice = tool_choice_name(body.tool_choice)
+    if choice is not None and choice != "none" and not declared:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    tools = checked_tools(declared)
+    forced = forced_tools(tools, choice)
+    return ([] if choice == "none" else tools), forced
 
 
 # --- completions -------------------------------------------------------------------------
