@@ -48,7 +48,9 @@ async def round_trip(engine: Engine, n: int, grammars: Grammars | None, grammar:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()

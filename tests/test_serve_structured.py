@@ -362,3 +362,45 @@ def test_bad_tools_are_400_naming_the_field(server: str, extra: dict, param: str
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert needle in error["message"] and error["param"] == param, error
+
+
+# --- the same through Ollama's, Anthropic's and the Responses API --------------------------
+
+
+def test_ollama_format_and_tools(server: str):
+    import ollama
+
+    client = ollama.Client(host=server)
+    r = client.chat(model="char", messages=ASK, format=PERSON, options={"seed": 1, "num_predict": 200})
+    jsonschema.validate(json.loads(r.message.content), PERSON)
+    r = client.generate(model="bpe", prompt="x", format="json", options={"seed": 2, "num_predict": 300})
+    json.loads(r.response)
+    streamed = "".join(
+        part.message.content
+        for part in client.chat(
+            model="char", messages=ASK, format=PERSON, stream=True, options={"seed": 1, "num_predict": 200}
+        )
+    )
+    jsonschema.validate(json.loads(streamed), PERSON)
+    r = client.chat(model="char", messages=ASK, tools=[WEATHER], options={"temperature": 0, "num_predict": 8})
+    assert r.message.content and not r.message.tool_calls  # "auto": a random model answers text
+    history = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Lima", "days": 2}}}],
+        },
+        {"role": "tool", "content": "18 C", "tool_name": "get_weather"},
+    ]
+    # raw JSON: the ollama client's Tool model drops schema keywords it does not know (minimum, ...)
+    body = {"model": "char", "messages": history, "tools": [WEATHER], "stream": False}
+    r = httpx.post(server + "/api/chat", json=body | {"options": {"temperature": 0, "num_predict": 4}}).json()
+    oa = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    same = oa.chat.completions.create(
+        model="char", max_tokens=4, temperature=0, tools=[WEATHER],
+        messages=[*ASK, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima", "days": 2}'}}]},
+                  {"role": "tool", "tool_call_id": "c", "content": "18 C"}],
+    )  # fmt: skip
+    assert r["prompt_eval_count"] == same.usage.prompt_tokens
+    assert r["message"]["content"] == same.choices[0].message.content
