@@ -76,15 +76,19 @@ def test_bad_requests_are_openai_400s(client: openai.OpenAI, server: str):
         client.responses.create(model="nope", input="Hola")
     for kw, naming in [
         ({"previous_response_id": "resp-1"}, "previous_response_id"),
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
-        ({"text": {"format": {"type": "json_object"}}}, "json_object"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {"type": 5}}]}, "tools.0.parameters"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "strin"}}}},
+            "text.format.schema",
+        ),
+        ({"tool_choice": "required"}, "tool_choice needs tools"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
             "input_image",
         ),
         (
-            {"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
-            "function_call_output",
+            {"input": [{"type": "function_call", "arguments": "{}"}]},
+            "function_call needs call_id and name",
         ),
         ({"max_output_tokens": 500}, "max_output_tokens"),
     ]:

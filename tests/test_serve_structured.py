@@ -404,3 +404,51 @@ def test_ollama_format_and_tools(server: str):
     )  # fmt: skip
     assert r["prompt_eval_count"] == same.usage.prompt_tokens
     assert r["message"]["content"] == same.choices[0].message.content
+
+
+def test_responses_text_format_and_function_calls(client: openai.OpenAI):
+    fmt = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
+    r = client.responses.create(
+        model="char", input="persona", text=fmt, max_output_tokens=200, extra_body={"seed": 4}
+    )
+    jsonschema.validate(json.loads(r.output_text), PERSON)
+    tool = {
+        "type": "function",
+        **WEATHER["function"],
+        "strict": True,
+    }
+    kw = dict(
+        model="char",
+        input=ASK,
+        tools=[tool],
+        tool_choice="required",
+        max_output_tokens=300,
+        extra_body={"seed": 4},
+    )
+    r = client.responses.create(**kw)
+    calls = [item for item in r.output if item.type == "function_call"]
+    assert calls and len(calls) == len(r.output)
+    for call in calls:
+        assert call.name == "get_weather" and call.call_id.startswith("call_")
+        jsonschema.validate(json.loads(call.arguments), SCHEMAS["get_weather"])
+    with client.responses.stream(**kw) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    done = [e.arguments for e in events if e.type == "response.function_call_arguments.done"]
+    assert done == [c.arguments for c in calls] == [c.arguments for c in final.output]
+    assert not any(e.type == "response.output_text.delta" for e in events)
+    # the call and its output go back as input items, rendered as the chat route renders them
+    back = [*ASK, {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Lima", "days": 2}'},
+            {"type": "function_call_output", "call_id": "c1", "output": "18 C"}]  # fmt: skip
+    again = client.responses.create(
+        model="char", input=back, tools=[tool], max_output_tokens=4, temperature=0
+    )
+    chat = client.chat.completions.create(
+        model="char", max_tokens=4, temperature=0, tools=[WEATHER],
+        messages=[*ASK, {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima", "days": 2}'}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "18 C"}],
+    )  # fmt: skip
+    assert (
+        again.usage.input_tokens == chat.usage.prompt_tokens
+        and again.output_text == chat.choices[0].message.content
+    )

@@ -4,8 +4,11 @@
 response.in_progress, response.output_item.added, response.content_part.added,
 response.output_text.delta..., response.output_text.done, response.content_part.done,
 response.output_item.done and response.completed (response.incomplete when the answer was
-cut by max_output_tokens). Responses are not stored: previous_response_id, tools and
-non-text formats are a 400.
+cut by max_output_tokens). `text.format` json_object and json_schema constrain the answer;
+function `tools` and `tool_choice` work as on /v1/chat/completions (serve/tools.py): calls come
+back as function_call items (streamed with response.function_call_arguments.* events), and
+function_call / function_call_output input items carry them back. Responses are not stored:
+previous_response_id is a 400.
 """
 
 from __future__ import annotations
@@ -13,17 +16,35 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import Field, StrictBool, StrictStr
 
 from semilla.serve.errors import APIError
+from semilla.serve.protocol import Name, Seed, Temperature, TopP
 from semilla.serve.protocol import Request as RequestBody
-from semilla.serve.protocol import Seed, Temperature, TopP
-from semilla.serve.routes.openai import JSON_BODY, complete, generation_call, material_for, replay
+from semilla.serve.routes.openai import (
+    JSON_BODY,
+    complete,
+    constraints,
+    generation_call,
+    material_for,
+    replay,
+)
 from semilla.serve.serving import Generation, Result, new_id, sampling_config
+from semilla.serve.structured import OutputFormat, check_schema
+from semilla.serve.tools import (
+    CallStream,
+    Tool,
+    ToolCall,
+    call_format,
+    checked_tools,
+    forced_tools,
+    parse_calls,
+    render_messages,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
@@ -35,13 +56,40 @@ class InputPart(RequestBody):
 
 
 class InputItem(RequestBody):
-    type: StrictStr = "message"
+    type: StrictStr = "message"  # or function_call, function_call_output
     role: Literal["system", "developer", "user", "assistant"] | None = None
     content: StrictStr | list[InputPart] = ""
+    call_id: StrictStr | None = None  # function_call and function_call_output
+    name: StrictStr | None = None  # function_call
+    arguments: StrictStr = "{}"  # function_call
+    output: StrictStr = ""  # function_call_output
 
 
 class TextFormat(RequestBody):
-    type: StrictStr = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: Name | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+    def output(self) -> OutputFormat | None:
+        if self.type == "json_object":
+            return OutputFormat({"type": "object"}, "text.format")
+        if self.type == "json_schema":
+            return OutputFormat(check_schema(self.schema_, "text.format.schema"), "text.format.schema")
+        return None
+
+
+class FunctionTool(RequestBody):
+    type: Literal["function"]
+    name: Name
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class NamedFunction(RequestBody):
+    type: Literal["function"]
+    name: StrictStr
 
 
 class TextOptions(RequestBody):
@@ -58,7 +106,9 @@ class ResponsesRequest(RequestBody):
     seed: Seed | None = None  # semilla: a reproducible sample
     stream: StrictBool = False
     previous_response_id: StrictStr | None = None
-    tools: list[dict] | None = None
+    tools: Annotated[list[FunctionTool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    parallel_tool_calls: StrictBool = True
     text: TextOptions | None = None
     user: StrictStr | None = None
 
@@ -78,25 +128,45 @@ def item_text(item: InputItem, index: int) -> str:
 
 
 def chat_messages(body: ResponsesRequest) -> list[dict]:
-    """`instructions` as the system message, then the input as [{"role", "content"}]."""
+    """`instructions` as the system message, then the input as turns (serve/tools.py's shape:
+    function_call items join an assistant turn's tool_calls, function_call_output items are
+    tool turns naming their function)."""
     messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
     if isinstance(body.input, str):
         return [*messages, {"role": "user", "content": body.input}]
+    names: dict[str, str] = {}
     for i, item in enumerate(body.input):
-        role = "system" if item.role == "developer" else item.role
-        messages.append({"role": role, "content": item_text(item, i)})
+        if item.type == "function_call":
+            if item.call_id is None or item.name is None:
+                raise APIError(400, f"input.{i}: a function_call needs call_id and name", param=f"input.{i}")
+            names[item.call_id] = item.name
+            call = ToolCall(item.call_id, item.name, item.arguments)
+            if messages and messages[-1]["role"] == "assistant" and "tool_calls" in messages[-1]:
+                messages[-1]["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif item.type == "function_call_output":
+            messages.append({"role": "tool", "content": item.output, "name": names.get(item.call_id or "")})
+        else:
+            role = "system" if item.role == "developer" else item.role
+            messages.append({"role": role, "content": item_text(item, i)})
     return messages
+
+
+def response_tools(body: ResponsesRequest) -> tuple[list[Tool], list[Tool] | None]:
+    """The tools shown to the model (none for tool_choice 'none') and those it must call."""
+    declared = [Tool(t.name, t.description or "", t.parameters) for t in body.tools or []]
+    choice = body.tool_choice.name if isinstance(body.tool_choice, NamedFunction) else body.tool_choice
+    if choice is not None and choice != "none" and not declared:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    tools = checked_tools(declared)
+    return ([] if choice == "none" else tools), forced_tools(tools, choice)
 
 
 def refuse_unsupported(body: ResponsesRequest) -> None:
     if body.previous_response_id:
         raise APIError(400, "previous_response_id is not supported: this server does not store responses",
                        param="previous_response_id")  # fmt: skip
-    if body.tools:
-        raise APIError(400, "tools are not supported on /v1/responses", param="tools")
-    if body.text is not None and body.text.format.type != "text":
-        raise APIError(400, f"text.format {body.text.format.type!r} is not supported (only 'text')",
-                       param="text.format")  # fmt: skip
 
 
 @router.post("/v1/responses", dependencies=JSON_BODY)
@@ -105,7 +175,8 @@ async def create_response(body: ResponsesRequest, request: Request):
     principal = await hooks.authorize(request, "models")
     backend = state.backend(body.model)
     refuse_unsupported(body)
-    messages = chat_messages(body)
+    offered, forced = response_tools(body)
+    messages = render_messages(chat_messages(body), offered)
     if len(messages) > state.settings.max_messages:
         raise APIError(400, f"too many messages: {len(messages)} (at most {state.settings.max_messages})",
                        param="input")  # fmt: skip
@@ -113,16 +184,36 @@ async def create_response(body: ResponsesRequest, request: Request):
         hooks.screen_prompt(principal, m["content"])
     asked = body.max_output_tokens
     cfg = sampling_config(body, asked or state.settings.default_max_tokens)
+    output = (
+        call_format(forced, body.parallel_tool_calls) if forced else body.text and body.text.format.output()
+    )
     call = generation_call(request, principal, cfg, asked is not None, 1, stream=body.stream,
-                           param="max_output_tokens", prompt_param="input")  # fmt: skip
+                           param="max_output_tokens", prompt_param="input", output=output)  # fmt: skip
     gen = backend.chat(messages, call)
-    material = material_for(gen, "chat", messages, 1)
+    material = material_for(gen, "chat", messages, 1, constraints(call))
     rid, item_id, created = new_id("resp"), new_id("msg"), int(time.time())
+    tools = [t.model_dump(by_alias=True) for t in body.tools or []]
+    tool_choice = (
+        body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedFunction) else body.tool_choice
+    )
+    text_format = (
+        body.text.format.model_dump(by_alias=True, exclude_none=True) if body.text else {"type": "text"}
+    )
 
     def message(text: str, status: str) -> dict:
         part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
         return {"type": "message", "id": item_id, "status": status, "role": "assistant",
                 "content": [part] if status == "completed" else []}  # fmt: skip
+
+    def function_call(call: ToolCall, status: str) -> dict:
+        return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
+                "name": call.name, "arguments": call.arguments if status == "completed" else "",
+                "status": status}  # fmt: skip
+
+    def outputs(result: Result) -> list[dict]:
+        text = result.choices[0].text
+        calls = parse_calls(text, offered) if offered else None
+        return [function_call(c, "completed") for c in calls] if calls else [message(text, "completed")]
 
     def response(result: Result | None) -> dict:
         cut = result is not None and result.choices[0].finish_reason == "length"
@@ -136,9 +227,9 @@ async def create_response(body: ResponsesRequest, request: Request):
             "id": rid, "object": "response", "created_at": created, "status": status, "model": gen.model,
             "error": None, "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-            "output": [message(result.choices[0].text, "completed")] if result else [],
-            "parallel_tool_calls": False, "temperature": body.temperature, "top_p": body.top_p,
-            "tool_choice": "none", "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled",
+            "output": outputs(result) if result else [],
+            "parallel_tool_calls": body.parallel_tool_calls, "temperature": body.temperature, "top_p": body.top_p,
+            "tool_choice": tool_choice, "tools": tools, "text": text_format, "truncation": "disabled",
             "usage": usage, "metadata": {}, "store": False,
         }  # fmt: skip
 
@@ -153,21 +244,44 @@ async def create_response(body: ResponsesRequest, request: Request):
             return f"event: {name}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        held = CallStream(offered, bool(forced)) if offered else None
+        opened = False  # the message item is announced with its first text: an answer may be calls
+
+        def open_message() -> Iterator[str]:
+            nonlocal opened
+            if not opened:
+                opened = True
+                yield event("response.output_item.added", output_index=0, item=message("", "in_progress"))
+                empty = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+                yield event("response.content_part.added", **where, part=empty)
+
         try:
             yield event("response.created", response=response(None))
             yield event("response.in_progress", response=response(None))
-            yield event("response.output_item.added", output_index=0, item=message("", "in_progress"))
-            empty = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            yield event("response.content_part.added", **where, part=empty)
             async for d in source.deltas() if is_job else replay(source):
-                if d.text:
-                    yield event("response.output_text.delta", **where, delta=d.text, logprobs=[])
+                text = held.push(d.text, d.finish_reason is not None)[0] if held else d.text
+                if text:
+                    for e in open_message():
+                        yield e
+                    yield event("response.output_text.delta", **where, delta=text, logprobs=[])
             result = source.finish() if is_job else source
             final = response(result)
-            item = final["output"][0]
-            yield event("response.output_text.done", **where, text=item["content"][0]["text"], logprobs=[])
-            yield event("response.content_part.done", **where, part=item["content"][0])
-            yield event("response.output_item.done", output_index=0, item=item)
+            for index, item in enumerate(final["output"]):
+                if item["type"] == "function_call":
+                    at = {"item_id": item["id"], "output_index": index}
+                    yield event("response.output_item.added", output_index=index, item={**item, "arguments": "",
+                                "status": "in_progress"})  # fmt: skip
+                    yield event("response.function_call_arguments.delta", **at, delta=item["arguments"])
+                    yield event("response.function_call_arguments.done", **at, arguments=item["arguments"])
+                    yield event("response.output_item.done", output_index=index, item=item)
+                    continue
+                for e in open_message():
+                    yield e
+                yield event(
+                    "response.output_text.done", **where, text=item["content"][0]["text"], logprobs=[]
+                )
+                yield event("response.content_part.done", **where, part=item["content"][0])
+                yield event("response.output_item.done", output_index=0, item=item)
             yield event(
                 f"response.{'completed' if final['status'] == 'completed' else 'incomplete'}", response=final
             )
