@@ -452,3 +452,58 @@ def test_responses_text_format_and_function_calls(client: openai.OpenAI):
         again.usage.input_tokens == chat.usage.prompt_tokens
         and again.output_text == chat.choices[0].message.content
     )
+
+
+def test_anthropic_tool_use_and_output_format(server: str, client: openai.OpenAI):
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=server, api_key="unused", max_retries=0)
+    tool = {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "input_schema": SCHEMAS["get_weather"],
+    }
+    kw = dict(model="char", messages=ASK, tools=[tool], tool_choice={"type": "any"}, max_tokens=300)
+    r = claude.messages.create(**kw)
+    assert r.stop_reason == "tool_use" and r.content
+    for block in r.content:
+        assert block.type == "tool_use" and block.name == "get_weather" and block.id.startswith("toolu_")
+        jsonschema.validate(block.input, SCHEMAS["get_weather"])
+    with claude.messages.stream(**kw) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use" and all(b.type == "tool_use" for b in final.content)
+    for block in final.content:
+        jsonschema.validate(block.input, SCHEMAS["get_weather"])
+    one = claude.messages.create(
+        **kw | {"tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}}
+    )
+    assert len(one.content) == 1
+    # a tool_use and its tool_result go back, rendered as the chat route renders them
+    back = [*ASK, {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Lima", "days": 2}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "18 C"}]}]  # fmt: skip
+    again = claude.messages.create(
+        model="char", messages=back, tools=[tool], max_tokens=4, extra_body={"temperature": 0}
+    )
+    chat = client.chat.completions.create(
+        model="char", max_tokens=4, temperature=0, tools=[WEATHER],
+        messages=[*ASK, {"role": "assistant", "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima", "days": 2}'}}]},
+                  {"role": "tool", "tool_call_id": "t1", "content": "18 C"}],
+    )  # fmt: skip
+    assert (
+        again.usage.input_tokens == chat.usage.prompt_tokens
+        and again.content[0].text == chat.choices[0].message.content
+    )
+    r = httpx.post(
+        server + "/v1/messages",
+        json={"model": "char", "messages": ASK, "max_tokens": 200, "output_config": {"format": {"type": "json_schema", "schema": PERSON}}},
+    )  # fmt: skip
+    jsonschema.validate(json.loads(r.json()["content"][0]["text"]), PERSON)
+    for body, needle in [
+        ({"tools": [tool], "tool_choice": {"type": "tool", "name": "nope"}}, "not declared"),
+        ({"output_format": {"type": "json_schema", "schema": {"type": "strin"}}}, "output_format.schema"),
+        ({"tools": [{**tool, "input_schema": {"type": 5}}]}, "tools.0.parameters"),
+    ]:
+        r = httpx.post(
+            server + "/v1/messages", json={"model": "char", "messages": ASK, "max_tokens": 10, **body}
+        )
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
