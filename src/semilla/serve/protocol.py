@@ -222,11 +222,12 @@ class CompletionRequest(SamplingFields):
         StrictStr
         | Annotated[list[StrictStr], Field(min_length=1, max_length=64)]
         | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1, max_length=64)]
     ) = ""
-    echo: StrictBool = False
+    echo: StrictBool = False  # with logprobs: the prompt's tokens scored too (the first one null)
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     suffix: StrictStr | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # OpenAI's default; 0: score the prompt only
 
 
 class GenerateRequest(Request):

@@ -46,10 +46,10 @@ def new_id(prefix: str) -> str:
 
 @dataclass
 class TokenInfo:
-    """One generated token as OpenAI's logprobs show it."""
+    """One token as OpenAI's logprobs show it (a prompt's first token has no logprob: None)."""
 
     text: str
-    logprob: float
+    logprob: float | None
     top: list[tuple[str, float]]
 
     def openai(self) -> dict[str, Any]:
@@ -88,6 +88,7 @@ class Result:
     prompt_tokens: int  # of all prompts together (once per prompt, as OpenAI counts)
     elapsed_s: float = 0.0
     complete: bool = True  # every choice ended normally (not failed, filtered or cut short)
+    prompt_logprobs: list[list[TokenInfo]] = field(default_factory=list)  # per prompt, when scored (echo)
 
     @property
     def completion_tokens(self) -> int:
@@ -117,7 +118,8 @@ class Result:
 
     def size(self) -> int:
         """Approximate bytes, for the response cache's budget."""
-        return 200 + sum(len(c.text.encode()) + 64 * len(c.tokens) for c in self.choices)
+        scored = sum(len(p) for p in self.prompt_logprobs)
+        return 200 + 64 * scored + sum(len(c.text.encode()) + 64 * len(c.tokens) for c in self.choices)
 
 
 def sampling_config(req: Any, max_new_tokens: int, logprobs: int | None = None) -> GenerateConfig:
@@ -158,6 +160,7 @@ class GenerationCall:
     prompt_param: str = "messages"
     screen: Callable[[str], bool] | None = None  # True: withhold the output (content filter)
     on_tokens: Callable[[int], None] | None = None  # told the tokens generated, however it ends
+    score_prompt: bool = False  # also the log-probability of each prompt token (completions' echo)
     output: OutputFormat | None = None  # the answer must be JSON of this schema (constrained decoding)
     logit_bias: dict[str, float] | None = None  # OpenAI's {"token id": bias}, checked by the schema
 
@@ -168,7 +171,7 @@ def fit_max_tokens(model: str, limit: int | None, prompt_len: int, call: Generat
     asked = call.cfg.max_new_tokens
     if limit is None:
         return asked
-    if prompt_len >= limit:
+    if prompt_len > limit or (prompt_len == limit and asked > 0):  # a whole context may be scored
         raise APIError(
             400,
             f"the prompt has {prompt_len} tokens; model {model!r} has a context of {limit} tokens",
@@ -201,6 +204,7 @@ class Generation(ABC):
         self.choices = [Choice(i) for i in range(n_choices)]
         self.headers: dict[str, str] = {}  # added to the HTTP response (which provider answered)
         self.texts: list = []  # the prompt as the request gave it: messages, or the prompt texts
+        self.prompt_logprobs: list[list[TokenInfo]] = []  # per prompt, when the call scores them
         self.prompt_tokens = 0
         self.failed = False
         self.started = time.perf_counter()
@@ -240,6 +244,7 @@ class Generation(ABC):
 
     def finish(self) -> Result:
         result = Result(self.choices, self.prompt_tokens, time.perf_counter() - self.started)
+        result.prompt_logprobs = self.prompt_logprobs
         result.complete = not self.failed and all(c.finish_reason in ("stop", "length") for c in self.choices)
         return result
 
@@ -273,7 +278,24 @@ class Job(Generation):
         self.queue: asyncio.Queue = asyncio.Queue()
 
     async def start(self) -> None:  # noqa: B027 (optional hook, a no-op by default)
-        self.submit()
+        if self.call.score_prompt:  # one forward pass per prompt, off the event loop
+            self.prompt_logprobs = await asyncio.to_thread(self.score_prompts)
+        if self.cfg.max_new_tokens > 0:
+            self.submit()
+
+    def score_prompts(self) -> list[list[TokenInfo]]:
+        """Each prompt's tokens with their log-probabilities (None for the first) and the
+        cfg.logprobs likeliest alternatives, as the generated tokens show them."""
+        top = self.cfg.logprobs or 0
+        out = []
+        for prompt in self.prompts:
+            pieces = StopStringFilter(self.tokenizer, [])
+            infos = []
+            for token, scored in zip(prompt, self.served.lm.prompt_logprobs(prompt, top), strict=True):
+                alts = [(self.tokenizer.decode([i]), lp) for i, lp in scored[1]] if scored else []
+                infos.append(TokenInfo(pieces.push(token), scored[0] if scored else None, alts))
+            out.append(infos)
+        return out
 
     def submit(self) -> None:
         """Queue every choice; all or nothing (503 with Retry-After when the line is full)."""
@@ -311,6 +333,11 @@ class Job(Generation):
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Text deltas of every choice as tokens arrive; each choice ends with a finish_reason."""
+        if not self.sequences:  # max_tokens 0: the prompts were only scored
+            for choice in self.choices:
+                choice.finish_reason = "length"
+                yield ChoiceDelta(choice.index, "", None, "length")
+            return
         remaining = len(self.choices)
         try:
             while remaining:

@@ -42,9 +42,12 @@ class LocalBackend(Backend):
             fit_max_tokens(self.id, self.context_length, len(p), call) for p in prompts
         )  # a prompt or asked max_tokens that cannot fit is a 400, checked before the settings
         cfg = call.cfg
-        cfg = settings_or_400(
-            dataclasses.replace(cfg, max_new_tokens=max_new, min_new_tokens=min(cfg.min_new_tokens, max_new))
+        cfg = settings_or_400(  # max_tokens 0 (score the prompt only): checked as 1, then 0
+            dataclasses.replace(
+                cfg, max_new_tokens=max(max_new, 1), min_new_tokens=min(cfg.min_new_tokens, max_new)
+            )
         )
+        cfg = dataclasses.replace(cfg, max_new_tokens=max_new)
         return Job(self.engine, self.served, prompts, cfg, call, self._rules(call))
 
     def _rules(self, call: GenerationCall):
@@ -62,13 +65,16 @@ class LocalBackend(Backend):
         job.texts = messages
         return job
 
-    def complete(self, prompt: list[str] | list[int], call: GenerationCall) -> Job:
+    def complete(self, prompt: list[str] | list[int] | list[list[int]], call: GenerationCall) -> Job:
         tokenizer = self.served.lm.tokenizer
-        if prompt and isinstance(prompt[0], int):
+        if prompt and not isinstance(prompt[0], str):
+            prompts = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]
             vocab = self.served.lm.model.config.vocab_size
-            if any(not 0 <= t < vocab for t in prompt):  # checked before decoding: any int reaches here
+            if any(
+                not 0 <= t < vocab for p in prompts for t in p
+            ):  # checked before decoding: any int reaches here
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", param=call.prompt_param)
-            texts, prompts = [tokenizer.decode(prompt)], [list(prompt)]
+            texts = [tokenizer.decode(p) for p in prompts]
         else:
             texts = list(prompt)
             prompts = [tokenizer.encode(t) or [tokenizer.bos_id] for t in texts]

@@ -316,7 +316,7 @@ class RemoteGeneration(Generation):
 
 def refuse_token_ids(model: str, prompt: list, call: GenerationCall) -> None:
     """Token ids are a local model's own: elsewhere they mean nothing."""
-    if prompt and isinstance(prompt[0], int):
+    if prompt and not isinstance(prompt[0], str):
         raise APIError(
             400, f"a prompt of token ids needs a local model, not {model!r}", param=call.prompt_param
         )

@@ -27,6 +27,7 @@ from semilla.serve.serving import (
     Generation,
     GenerationCall,
     Result,
+    TokenInfo,
     new_id,
     run_to_end,
     sampling_config,
@@ -378,12 +379,13 @@ async def completions(body: CompletionRequest, request: Request):
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by semilla models", param="suffix")
     raw = body.prompt
-    token_ids = isinstance(raw, list) and bool(raw) and isinstance(raw[0], int)
+    token_ids = isinstance(raw, list) and bool(raw) and not isinstance(raw[0], str)  # one list or several
     prompt = list(raw) if token_ids else [raw] if isinstance(raw, str) else list(raw)
     if not token_ids:
         for t in prompt:
             hooks.screen_prompt(principal, t)
-    cfg = sampling_config(body, body.max_tokens or state.settings.default_max_tokens, body.logprobs)
+    max_tokens = state.settings.default_max_tokens if body.max_tokens is None else body.max_tokens
+    cfg = sampling_config(body, max_tokens, body.logprobs)
     cfg = dataclasses.replace(cfg, stop=body.stop_list())
     call = generation_call(
         request,
@@ -394,6 +396,7 @@ async def completions(body: CompletionRequest, request: Request):
         stream=body.stream,
         prompt_param="prompt",
         logit_bias=body.logit_bias,
+        score_prompt=body.echo and body.logprobs is not None,
     )
     gen = backend.complete(prompt, call)
     texts = gen.texts
@@ -410,19 +413,25 @@ async def completions(body: CompletionRequest, request: Request):
     def echo_prefix(index: int) -> str:
         return texts[index // body.n] if body.echo else ""
 
-    def legacy_logprobs(c) -> dict | None:
-        if body.logprobs is None:
-            return None
-        offsets, pos = [], len(echo_prefix(c.index))
-        for t in c.tokens:
+    def legacy_logprobs(tokens: list[TokenInfo], start: int = 0) -> dict:
+        """OpenAI's legacy logprobs of these tokens, the first at `start` in the text."""
+        offsets, pos = [], start
+        for t in tokens:
             offsets.append(pos)
             pos += len(t.text)
         return {
-            "tokens": [t.text for t in c.tokens],
-            "token_logprobs": [t.logprob for t in c.tokens],
-            "top_logprobs": [dict(t.top) for t in c.tokens],
+            "tokens": [t.text for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [None if t.logprob is None else dict(t.top) for t in tokens],
             "text_offset": offsets,
         }
+
+    def choice_logprobs(c, source: Generation | Result) -> dict | None:
+        """The choice's tokens, after its prompt's when echoed and scored."""
+        if body.logprobs is None:
+            return None
+        prompt_tokens = source.prompt_logprobs[c.index // body.n] if source.prompt_logprobs else []
+        return legacy_logprobs(prompt_tokens + c.tokens)
 
     def render(result: Result) -> dict:
         return envelope(
@@ -430,7 +439,7 @@ async def completions(body: CompletionRequest, request: Request):
                 {
                     "index": c.index,
                     "text": echo_prefix(c.index) + c.text,
-                    "logprobs": legacy_logprobs(c),
+                    "logprobs": choice_logprobs(c, result),
                     "finish_reason": c.finish_reason,
                 }
                 for c in result.choices
@@ -443,19 +452,17 @@ async def completions(body: CompletionRequest, request: Request):
         echoed: set[int] = set()
 
         def make_chunk(d) -> dict | None:
-            text = d.text
+            text, scored = d.text, []
             if d.index not in echoed:
                 echoed.add(d.index)
                 text = echo_prefix(d.index) + text
+                scored = source.prompt_logprobs[d.index // body.n] if source.prompt_logprobs else []
             if not text and not d.finish_reason:
                 return None
             logprobs = None
-            if body.logprobs is not None and d.token is not None:
-                logprobs = {
-                    "tokens": [d.token.text],
-                    "token_logprobs": [d.token.logprob],
-                    "top_logprobs": [dict(d.token.top)],
-                }
+            if body.logprobs is not None and (d.token is not None or scored):
+                logprobs = legacy_logprobs(scored + ([d.token] if d.token else []))
+                del logprobs["text_offset"]
             out = envelope(
                 [{"index": d.index, "text": text, "logprobs": logprobs, "finish_reason": d.finish_reason}]
             )

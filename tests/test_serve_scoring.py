@@ -1,0 +1,112 @@
+"""Prompt scoring through /v1/completions as OpenAI's legacy API had it (echo + logprobs: one
+log-probability per prompt token, the first null; max_tokens 0; prompts as token-id lists), and
+lm-evaluation-harness's `local-completions` model scoring a multiple-choice task against it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from server_helpers import running_server
+
+from semilla.checkpoint import save_checkpoint
+from semilla.config import ModelConfig
+from semilla.models import build_model
+from semilla.serve.app import create_app
+from semilla.serve.registry import load_models
+from semilla.serve.settings import ServerSettings
+from semilla.tokenizer import Tokenizer
+
+BLOCK = 256
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, corpus_text: str) -> Path:
+    torch.manual_seed(0)
+    tok = Tokenizer.train_char([corpus_text])
+    model = build_model(
+        ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32)
+    )
+    return save_checkpoint(tmp_path_factory.mktemp("scoring") / "char", model, tok)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path, tmp_path_factory):
+    many = {"anonymous": 10**6, "user": 10**6, "admin": 10**6}
+    settings = ServerSettings(
+        data_dir=str(tmp_path_factory.mktemp("data")), rate_limit_rpm=many, rate_limit_tpm=many
+    )
+    with running_server(create_app(settings, load_models([("char", str(checkpoint))]))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def direct(checkpoint: Path):
+    """Log-probabilities by a plain forward pass of the checkpoint: the oracle."""
+    import semilla
+
+    lm = semilla.load(str(checkpoint))
+
+    def logprobs(ids: list[int]) -> list[float]:
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([ids[:-1]])).float()
+        return logits.log_softmax(-1)[0].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).tolist()
+
+    return lm.tokenizer, logprobs
+
+
+def test_echo_scores_every_prompt_token_the_first_null(server: str, direct):
+    tok, logprobs = direct
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    text = "En un lugar de la Mancha"
+    r = client.completions.create(model="char", prompt=text, echo=True, logprobs=2, max_tokens=0)
+    choice = r.choices[0]
+    assert choice.text == text and choice.finish_reason == "length" and r.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert lp.tokens == list(text) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(logprobs(tok.encode(text)), abs=1e-4)
+    assert lp.text_offset == list(range(len(text)))
+    assert all(
+        len(top) == 2 and max(top.values()) >= chosen
+        for top, chosen in zip(lp.top_logprobs[1:], lp.token_logprobs[1:], strict=True)
+    )
+    # echo with generated tokens: the prompt's scores, then the answer's
+    r = client.completions.create(
+        model="char", prompt=text, echo=True, logprobs=0, max_tokens=5, temperature=0
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(text) + r.usage.completion_tokens
+    assert "".join(lp.tokens) == r.choices[0].text
+
+
+def test_prompts_as_token_id_lists(server: str, direct):
+    tok, logprobs = direct
+    prompts = [tok.encode("Sancho"), tok.encode("Dulcinea del Toboso")]
+    body = {
+        "model": "char",
+        "prompt": prompts,
+        "echo": True,
+        "logprobs": 1,
+        "max_tokens": 1,
+        "temperature": 0,
+    }
+    r = httpx.post(server + "/v1/completions", json=body).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    for ids, choice in zip(prompts, r["choices"], strict=True):
+        assert choice["text"].startswith(tok.decode(ids))
+        scored = choice["logprobs"]["token_logprobs"]
+        assert scored[0] is None and scored[1 : len(ids)] == pytest.approx(logprobs(ids), abs=1e-4)
+        assert len(scored) == len(ids) + 1  # and the one generated token
+    plain = httpx.post(
+        server + "/v1/completions", json={"model": "char", "prompt": prompts, "max_tokens": 0}
+    ).json()
+    assert [c["text"] for c in plain["choices"]] == ["", ""]
+
+
+def test_token_ids_outside_the_vocabulary_are_400(server: str):
+    r = httpx.post(server + "/v1/completions", json={"model": "char", "prompt": [[1, 2], [10**9]]})
+    assert r.status_code == 400 and "token ids must be in" in r.json()["error"]["message"], r.text
