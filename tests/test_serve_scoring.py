@@ -4,7 +4,6 @@ lm-evaluation-harness's `local-completions` model scoring a multiple-choice task
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx
