@@ -4,6 +4,7 @@ lm-evaluation-harness's `local-completions` model scoring a multiple-choice task
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -109,3 +110,66 @@ def test_prompts_as_token_id_lists(server: str, direct):
 def test_token_ids_outside_the_vocabulary_are_400(server: str):
     r = httpx.post(server + "/v1/completions", json={"model": "char", "prompt": [[1, 2], [10**9]]})
     assert r.status_code == 400 and "token ids must be in" in r.json()["error"]["message"], r.text
+
+
+QUESTIONS = [
+    ("En un lugar de la", ["Mancha", "casa", "sierra"], 0),
+    ("Don Quijote y", ["Sancho", "Dulcinea", "el cura"], 0),
+    ("el ingenioso hidalgo", ["don Quijote", "Rocinante", "caballero"], 1),
+    ("de cuyo nombre no quiero", ["acordarme", "decirlo", "saber"], 0),
+    ("su rocín", ["flaco", "gordo", "blanco"], 2),
+    ("y galgo", ["corredor", "lento", "viejo"], 0),
+]
+
+
+@pytest.mark.slow  # about 40 s: lm-eval's imports and dataset loading
+def test_lm_eval_local_completions_equals_semillas_own_scoring(
+    server: str, checkpoint: Path, direct, tmp_path: Path
+):
+    """lm-evaluation-harness, model local-completions with its default tokenized requests, on a
+    multiple-choice task read from a local JSONL file: its loglikelihoods are a plain forward
+    pass's within 1e-4, and its accuracy the one computed from them."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tok, logprobs = direct
+    data = tmp_path / "mc.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"question": q, "choices": c, "answer": a}, ensure_ascii=False) + "\n"
+            for q, c, a in QUESTIONS
+        ),
+        encoding="utf-8",
+    )
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "quijote_mc.yaml").write_text(
+        "task: quijote_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n",
+        encoding="utf-8",
+    )
+    model_args = {
+        "base_url": server + "/v1/completions", "model": "char", "tokenizer": str(checkpoint),
+        "tokenizer_backend": "huggingface", "tokenized_requests": True, "max_length": BLOCK - 1, "num_concurrent": 1,
+    }  # fmt: skip
+    out = lm_eval.simple_evaluate(
+        model="local-completions", model_args=model_args, tasks=["quijote_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")), log_samples=True,
+    )  # fmt: skip
+    samples = sorted(out["samples"]["quijote_mc"], key=lambda s: s["doc_id"])
+    correct = 0
+    for sample, (question, choices, answer) in zip(samples, QUESTIONS, strict=True):
+        ours = []
+        for choice in choices:
+            context, whole = tok.encode(question), tok.encode(question + " " + choice)
+            ours.append(sum(logprobs(whole)[len(context) - 1 :]))  # the continuation's tokens
+        theirs = [resp[0][0] for resp in sample["resps"]]
+        assert theirs == pytest.approx(ours, abs=1e-4)
+        correct += max(range(len(ours)), key=ours.__getitem__) == answer
+    assert out["results"]["quijote_mc"]["acc,none"] == pytest.approx(correct / len(QUESTIONS))
