@@ -354,6 +354,15 @@ def test_auto_answers_are_calls_only_when_they_parse_as_calls():
             "pattern",
         ),
         ({"messages": [{"role": "tool", "content": "18 C"}]}, "messages.0.tool_call_id", "required"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}
+                ]
+            },
+            "messages.0.content.0.type",
+            "'image_url' are not supported",
+        ),
     ],
 )
 def test_bad_tools_are_400_naming_the_field(server: str, extra: dict, param: str, needle: str):

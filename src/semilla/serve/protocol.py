@@ -78,9 +78,11 @@ class Request(Body):
     model_config = ConfigDict(extra="ignore")  # merged with Body's: still strict
 
 
-class TextPart(Body):
-    type: Literal["text"]
-    text: StrictStr
+class ContentPart(Body):
+    """A part of a message's content: text reaches the model; images and audio are a 400 naming them."""
+
+    type: StrictStr
+    text: StrictStr | None = None
 
 
 class FunctionCallIn(Body):
@@ -98,15 +100,20 @@ class ToolCallIn(Body):
 
 class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
+    content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
     tool_calls: list[ToolCallIn] | None = None  # assistant turns
     tool_call_id: StrictStr | None = None  # tool turns: the call this is the result of
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+    def text(self, param: str = "content") -> str:
+        """The content's text; a 400 naming a part semilla cannot read (`param`: where it is)."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for j, part in enumerate(self.content):
+            if part.type != "text" or part.text is None:
+                raise APIError(400, f"{param}.{j}: content parts of type {part.type!r} are not supported "
+                               "(only text)", param=f"{param}.{j}.type")  # fmt: skip
+        return "".join(part.text or "" for part in self.content)
 
 
 class StreamOptions(Body):

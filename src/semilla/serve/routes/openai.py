@@ -342,7 +342,10 @@ def chat_turns(body: ChatCompletionRequest) -> list[dict]:
     names: dict[str, str] = {}
     turns = []
     for i, m in enumerate(body.messages):
-        turn = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        turn = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": m.text(f"messages.{i}.content"),
+        }
         if m.tool_calls:
             turn["tool_calls"] = [ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls]
             names |= {c.id: c.function.name for c in m.tool_calls}
