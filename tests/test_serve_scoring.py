@@ -173,3 +173,31 @@ def test_lm_eval_local_completions_equals_semillas_own_scoring(
         assert theirs == pytest.approx(ours, abs=1e-4)
         correct += max(range(len(ours)), key=ours.__getitem__) == answer
     assert out["results"]["quijote_mc"]["acc,none"] == pytest.approx(correct / len(QUESTIONS))
+
+
+def test_logprobs_never_spell_text_cut_by_a_stop_string(server: str):
+    """Whole, streamed and replayed from the cache: the tokens' texts are the content."""
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    kw = dict(
+        model="char",
+        messages=[{"role": "user", "content": "Hola"}],
+        max_tokens=60,
+        temperature=0,
+        logprobs=True,
+    )
+    free = client.chat.completions.create(**kw).choices[0].message.content
+    stop = free[len(free) // 2 : len(free) // 2 + 2]  # a stop string in the middle of the answer
+    kw["stop"] = [stop]
+    whole = client.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "stop" and whole.message.content == free[: free.index(stop)]
+    assert "".join(t.token for t in whole.logprobs.content) == whole.message.content
+    for _ in range(2):  # the second is a replay of the cached answer
+        chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+        streamed = [t.token for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+        assert "".join(streamed) == whole.message.content
+    legacy = client.completions.create(
+        model="char", prompt="Hola", max_tokens=60, temperature=0, logprobs=1, stop=[stop]
+    )
+    text = legacy.choices[0].text
+    assert "".join(legacy.choices[0].logprobs.tokens) == text and stop not in text

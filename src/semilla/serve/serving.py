@@ -67,7 +67,7 @@ class TokenInfo:
 class ChoiceDelta:
     index: int
     text: str
-    token: TokenInfo | None = None
+    tokens: list[TokenInfo] = field(default_factory=list)  # the tokens whose text `text` completes
     finish_reason: str | None = None
 
 
@@ -80,6 +80,7 @@ class Choice:
     finish_reason: str | None = None
     stop_sequence: str | None = None  # the stop string that ended it (finish_reason 'stop')
     held: str = ""  # text kept back until the content filter can judge a whole word
+    pending: list[TokenInfo] = field(default_factory=list)  # logprobs of tokens whose text is held back
 
 
 @dataclass
@@ -336,7 +337,7 @@ class Job(Generation):
         if not self.sequences:  # max_tokens 0: the prompts were only scored
             for choice in self.choices:
                 choice.finish_reason = "length"
-                yield ChoiceDelta(choice.index, "", None, "length")
+                yield ChoiceDelta(choice.index, "", [], "length")
             return
         remaining = len(self.choices)
         try:
@@ -363,6 +364,7 @@ class Job(Generation):
                     seq.cancel()
                 delta.finish_reason = choice.finish_reason
                 choice.text += delta.text
+                delta.tokens = self._release(choice)
                 if delta.finish_reason:
                     remaining -= 1
                 yield delta
@@ -381,13 +383,24 @@ class Job(Generation):
         choice = self.choices[index]
         choice.n_tokens += 1
         text = self.text_filters[index].push(token)
-        info = None
         if self.cfg.logprobs is not None:
             piece = self.piece_filters[index].push(token)
             alts = [(self.tokenizer.decode([i]), lp) for i, lp in top]
-            info = TokenInfo(piece, logprob, alts)
-            choice.tokens.append(info)
-        return ChoiceDelta(index, text, info)
+            choice.pending.append(TokenInfo(piece, logprob, alts))
+        return ChoiceDelta(index, text)
+
+    @staticmethod
+    def _release(choice: Choice) -> list[TokenInfo]:
+        """The held tokens whose text the choice now shows in full. Text cut by a stop string
+        (or withheld by the content filter) is never shown, so its tokens never appear: the
+        logprobs always spell a prefix of the content."""
+        shown = sum(len(t.text) for t in choice.tokens)
+        released = []
+        while choice.pending and shown + len(choice.pending[0].text) <= len(choice.text):
+            shown += len(choice.pending[0].text)
+            released.append(choice.pending.pop(0))
+        choice.tokens.extend(released)
+        return released
 
 
 class ClientGone(Exception):

@@ -295,14 +295,14 @@ class RemoteGeneration(Generation):
         choice = self.choices[index]
         if choice.finish_reason:
             return None
-        delta = ChoiceDelta(index, text, tokens[-1] if tokens else None)
+        delta = ChoiceDelta(index, text, list(tokens))
         choice.finish_reason = finish
         if self.screen is not None:
             self._screen(choice, delta)
         delta.finish_reason = choice.finish_reason
         choice.text += delta.text
         choice.tokens.extend(tokens)
-        if not delta.text and not delta.finish_reason and delta.token is None:
+        if not delta.text and not delta.finish_reason and not delta.tokens:
             return None
         return delta
 

@@ -166,14 +166,14 @@ async def complete(
 
 
 async def replay(result: Result) -> AsyncIterator[ChoiceDelta]:
-    """A cached result as deltas: one per stored token when logprobs were kept, else each
-    choice's whole text in one piece."""
+    """A cached result as deltas: one per stored token when logprobs were kept (then the text
+    they do not spell, if any, and the finish), else each choice's whole text in one piece."""
     for c in result.choices:
-        if c.tokens and "".join(t.text for t in c.tokens) == c.text:
-            for i, t in enumerate(c.tokens):
-                yield ChoiceDelta(c.index, t.text, t, c.finish_reason if i == len(c.tokens) - 1 else None)
-        else:
-            yield ChoiceDelta(c.index, c.text, None, c.finish_reason)
+        spelled = ""
+        for t in c.tokens:
+            spelled += t.text
+            yield ChoiceDelta(c.index, t.text, [t])
+        yield ChoiceDelta(c.index, c.text[len(spelled) :], [], c.finish_reason)
 
 
 async def stream_guard(
@@ -310,9 +310,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 delta["tool_calls"], finish = [t.openai(i) for i, t in enumerate(calls)], "tool_calls"
             elif text or "role" in delta:
                 delta["content"] = text
-            if not delta and not finish and d.token is None:
+            if not delta and not finish and not d.tokens:
                 return None
-            logprobs = {"content": [d.token.openai()] if d.token else []} if body.logprobs else None
+            logprobs = {"content": [t.openai() for t in d.tokens]} if body.logprobs else None
             first = len(role_sent) == 1 and "role" in delta  # the sources travel with the first chunk
             return chunk(
                 [{"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
@@ -463,8 +463,8 @@ async def completions(body: CompletionRequest, request: Request):
             if not text and not d.finish_reason:
                 return None
             logprobs = None
-            if body.logprobs is not None and (d.token is not None or scored):
-                logprobs = legacy_logprobs(scored + ([d.token] if d.token else []))
+            if body.logprobs is not None and (d.tokens or scored):
+                logprobs = legacy_logprobs(scored + d.tokens)
                 del logprobs["text_offset"]
             out = envelope(
                 [{"index": d.index, "text": text, "logprobs": logprobs, "finish_reason": d.finish_reason}]
