@@ -201,3 +201,15 @@ def test_logprobs_never_spell_text_cut_by_a_stop_string(server: str):
     )
     text = legacy.choices[0].text
     assert "".join(legacy.choices[0].logprobs.tokens) == text and stop not in text
+
+
+def test_a_scored_result_round_trips_through_the_shared_cache_codec():
+    """Replicas share cached answers through Redis as JSON: prompt scores survive the trip."""
+    from semilla.serve.accounts.shared import decode_result, encode_result
+    from semilla.serve.serving import Choice, Result, TokenInfo
+
+    first, second = TokenInfo("E", None, []), TokenInfo("n", -1.5, [("n", -1.5), ("a", -2.0)])
+    choice = Choice(0, "x", tokens=[TokenInfo("x", -0.5, [("x", -0.5)])], n_tokens=2, finish_reason="stop")
+    choice.pending = [TokenInfo("y", -3.0, [])]
+    result = Result([choice], prompt_tokens=2, prompt_logprobs=[[first, second]])
+    assert decode_result(encode_result(result)) == result
