@@ -38,8 +38,10 @@ class ToolCall:
     arguments: str  # JSON text, as OpenAI carries it
 
     @staticmethod
-    def new(name: str, arguments: dict) -> ToolCall:
-        return ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, json.dumps(arguments, ensure_ascii=False))
+    def new(name: str, arguments: dict, id: str | None = None) -> ToolCall:
+        return ToolCall(
+            id or f"call_{uuid.uuid4().hex[:24]}", name, json.dumps(arguments, ensure_ascii=False)
+        )
 
     def openai(self, index: int | None = None) -> dict:
         call = {
@@ -147,9 +149,10 @@ def arguments_json(arguments: str) -> object:
         return arguments
 
 
-def parse_calls(text: str, tools: list[Tool]) -> list[ToolCall] | None:
+def parse_calls(text: str, tools: list[Tool], id_prefix: str | None = None) -> list[ToolCall] | None:
     """The calls an answer makes, or None when it is text (not a JSON list or object of calls
-    of declared functions with object arguments)."""
+    of declared functions with object arguments). Their ids are `call_<id_prefix>_<i>` (the
+    same each time the answer is read), or random."""
     try:
         value = json.loads(text)
     except ValueError:
@@ -162,7 +165,8 @@ def parse_calls(text: str, tools: list[Tool]) -> list[ToolCall] | None:
             isinstance(item, dict) and item.get("name") in names and isinstance(item.get("arguments"), dict)
         ):
             return None
-        calls.append(ToolCall.new(item["name"], item["arguments"]))
+        call_id = f"call_{id_prefix}_{len(calls)}" if id_prefix else None
+        calls.append(ToolCall.new(item["name"], item["arguments"], call_id))
     return calls or None
 
 

@@ -7,15 +7,19 @@ response.output_item.done and response.completed (response.incomplete when the a
 cut by max_output_tokens). `text.format` json_object and json_schema constrain the answer;
 function `tools` and `tool_choice` work as on /v1/chat/completions (serve/tools.py): calls come
 back as function_call items (streamed with response.function_call_arguments.* events), and
-function_call / function_call_output input items carry them back. Responses are not stored:
-previous_response_id is a 400.
+function_call / function_call_output input items carry them back. Unless `store: false`, a
+response is kept (its conversation, without instructions, and its answer) so that a later
+request from the same caller may continue it with `previous_response_id`; another caller's id
+is a 404. They are kept in this process's memory, the newest MAX_STORED.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
@@ -23,6 +27,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field, StrictBool, StrictStr
 
 from semilla.serve.errors import APIError
+from semilla.serve.hooks import Principal
 from semilla.serve.protocol import Name, Seed, Temperature, TopP
 from semilla.serve.protocol import Request as RequestBody
 from semilla.serve.routes.openai import (
@@ -106,6 +111,7 @@ class ResponsesRequest(RequestBody):
     seed: Seed | None = None  # semilla: a reproducible sample
     stream: StrictBool = False
     previous_response_id: StrictStr | None = None
+    store: StrictBool = True
     tools: Annotated[list[FunctionTool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: StrictBool = True
@@ -127,14 +133,47 @@ def item_text(item: InputItem, index: int) -> str:
     return "".join(part.text for part in item.content)
 
 
-def chat_messages(body: ResponsesRequest) -> list[dict]:
-    """`instructions` as the system message, then the input as turns (serve/tools.py's shape:
-    function_call items join an assistant turn's tool_calls, function_call_output items are
-    tool turns naming their function)."""
-    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+MAX_STORED = 10_000
+
+
+class StoredResponses:
+    """Responses that previous_response_id may continue: each one's turns (serve/tools.py's
+    shape, without instructions) by id, with the caller that owns it; the newest MAX_STORED."""
+
+    def __init__(self, limit: int = MAX_STORED):
+        self.limit, self.items = limit, OrderedDict()
+        self.lock = threading.Lock()
+
+    def put(self, rid: str, owner: str, turns: list[dict]) -> None:
+        with self.lock:
+            self.items[rid] = (owner, turns)
+            while len(self.items) > self.limit:
+                self.items.popitem(last=False)
+
+    def turns(self, rid: str, owner: str) -> list[dict]:
+        """The stored turns; a 404 when there is no such response of this caller's."""
+        with self.lock:
+            found = self.items.get(rid)
+        if found is None or found[0] != owner:
+            raise APIError(
+                404, f"no response {rid!r} to continue", param="previous_response_id", code="not_found"
+            )
+        return list(found[1])
+
+
+def owner_of(principal: Principal) -> str:
+    """Whose a stored response is: the account (all its keys), else the key, else anonymous."""
+    return f"user:{principal.user_id}" if principal.user_id is not None else principal.scope
+
+
+def chat_messages(body: ResponsesRequest, history: list[dict]) -> list[dict]:
+    """The conversation as turns (serve/tools.py's shape): the earlier response's `history`,
+    then the input (function_call items join an assistant turn's tool_calls, function_call_output
+    items are tool turns naming their function). Without the instructions (see create_response)."""
+    messages = list(history)
     if isinstance(body.input, str):
         return [*messages, {"role": "user", "content": body.input}]
-    names: dict[str, str] = {}
+    names = {c.id: c.name for m in history for c in m.get("tool_calls", [])}
     for i, item in enumerate(body.input):
         if item.type == "function_call":
             if item.call_id is None or item.name is None:
@@ -163,20 +202,19 @@ def response_tools(body: ResponsesRequest) -> tuple[list[Tool], list[Tool] | Non
     return ([] if choice == "none" else tools), forced_tools(tools, choice)
 
 
-def refuse_unsupported(body: ResponsesRequest) -> None:
-    if body.previous_response_id:
-        raise APIError(400, "previous_response_id is not supported: this server does not store responses",
-                       param="previous_response_id")  # fmt: skip
-
-
 @router.post("/v1/responses", dependencies=JSON_BODY)
 async def create_response(body: ResponsesRequest, request: Request):
     state, hooks = request.app.state.semilla, request.app.state.hooks
     principal = await hooks.authorize(request, "models")
     backend = state.backend(body.model)
-    refuse_unsupported(body)
+    stored: StoredResponses = request.app.state.responses
+    history = (
+        stored.turns(body.previous_response_id, owner_of(principal)) if body.previous_response_id else []
+    )
+    turns = chat_messages(body, history)
     offered, forced = response_tools(body)
-    messages = render_messages(chat_messages(body), offered)
+    system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    messages = render_messages(system + turns, offered)
     if len(messages) > state.settings.max_messages:
         raise APIError(400, f"too many messages: {len(messages)} (at most {state.settings.max_messages})",
                        param="input")  # fmt: skip
@@ -192,6 +230,7 @@ async def create_response(body: ResponsesRequest, request: Request):
     gen = backend.chat(messages, call)
     material = material_for(gen, "chat", messages, 1, constraints(call))
     rid, item_id, created = new_id("resp"), new_id("msg"), int(time.time())
+    call_prefix = rid.removeprefix("resp-")  # a call's id is the same however often it is read
     tools = [t.model_dump(by_alias=True) for t in body.tools or []]
     tool_choice = (
         body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedFunction) else body.tool_choice
@@ -212,7 +251,7 @@ async def create_response(body: ResponsesRequest, request: Request):
 
     def outputs(result: Result) -> list[dict]:
         text = result.choices[0].text
-        calls = parse_calls(text, offered) if offered else None
+        calls = parse_calls(text, offered, call_prefix) if offered else None
         return [function_call(c, "completed") for c in calls] if calls else [message(text, "completed")]
 
     def response(result: Result | None) -> dict:
@@ -230,7 +269,7 @@ async def create_response(body: ResponsesRequest, request: Request):
             "output": outputs(result) if result else [],
             "parallel_tool_calls": body.parallel_tool_calls, "temperature": body.temperature, "top_p": body.top_p,
             "tool_choice": tool_choice, "tools": tools, "text": text_format, "truncation": "disabled",
-            "usage": usage, "metadata": {}, "store": False,
+            "usage": usage, "metadata": {}, "store": body.store,
         }  # fmt: skip
 
     async def render_stream(source: Generation | Result) -> AsyncIterator[str]:
@@ -292,6 +331,15 @@ async def create_response(body: ResponsesRequest, request: Request):
             yield event("error", code="server_error", message="generation failed", param=None)
 
     def record(result: Result):
+        if body.store:
+            text = result.choices[0].text
+            calls = parse_calls(text, offered, call_prefix) if offered else None
+            answer = {
+                "role": "assistant",
+                "content": "" if calls else text,
+                **({"tool_calls": calls} if calls else {}),
+            }
+            stored.put(rid, owner_of(principal), [*turns, answer])
         extra = {"api": "responses", **({"user": body.user} if body.user else {})}
         return result.record(rid, gen.model, "chat", messages, extra=extra)
 
