@@ -516,3 +516,13 @@ def test_anthropic_tool_use_and_output_format(server: str, client: openai.OpenAI
             server + "/v1/messages", json={"model": "char", "messages": ASK, "max_tokens": 10, **body}
         )
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_tool_choice_none_hides_the_tools(client: openai.OpenAI):
+    kw = dict(model="char", messages=ASK, max_tokens=6, temperature=0)
+    plain = client.chat.completions.create(**kw)
+    none = client.chat.completions.create(**kw, tools=[WEATHER], tool_choice="none")
+    offered = client.chat.completions.create(**kw, tools=[WEATHER])
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens < offered.usage.prompt_tokens
+    assert none.choices[0].message.content == plain.choices[0].message.content
+    assert none.choices[0].message.tool_calls is None
