@@ -96,8 +96,8 @@ def test_bad_requests_get_ollama_errors(client: ollama.Client, server: str):
         client.chat(model="nope", messages=SHORT, stream=False)
     assert e.value.status_code == 404 and "nope" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
-        client.chat(model="tiny", messages=SHORT, format="json", stream=False)
-    assert e.value.status_code == 400 and "format" in e.value.error
+        client.chat(model="tiny", messages=SHORT, format={"type": "strin"}, stream=False)
+    assert e.value.status_code == 400 and "format is not a valid JSON Schema" in e.value.error
     for path, body, status, naming in [
         ("/api/chat", {"messages": SHORT}, 400, "model"),
         ("/api/chat", {"model": "tiny", "messages": SHORT, "options": {"temperature": "hot"}}, 400, "temperature"),

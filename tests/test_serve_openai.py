@@ -125,8 +125,9 @@ def test_legacy_completions(client: openai.OpenAI):
     assert [c.index for c in r.choices] == [0, 1]
     assert r.choices[0].text.startswith("En un") and r.choices[1].text.startswith("Había")
     lp = r.choices[0].logprobs
-    assert "".join(lp.tokens) == r.choices[0].text[len("En un") :]
-    assert len(lp.top_logprobs[0]) == 2
+    assert "".join(lp.tokens) == r.choices[0].text  # echo: the prompt's tokens are scored too
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes the first
+    assert len(lp.top_logprobs[1]) == 2
     chunks = list(
         client.completions.create(model="long", prompt="En un", max_tokens=8, temperature=0, stream=True)
     )

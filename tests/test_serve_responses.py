@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from accounts_helpers import build_app, make_settings
+from accounts_helpers import build_app, login, make_settings, register
 from server_helpers import running_server
 
 SHORT = [{"role": "user", "content": "Hola"}]  # the tiny model's context is 32 tokens
@@ -75,16 +75,19 @@ def test_bad_requests_are_openai_400s(client: openai.OpenAI, server: str):
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="nope", input="Hola")
     for kw, naming in [
-        ({"previous_response_id": "resp-1"}, "previous_response_id"),
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
-        ({"text": {"format": {"type": "json_object"}}}, "json_object"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {"type": 5}}]}, "tools.0.parameters"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "strin"}}}},
+            "text.format.schema",
+        ),
+        ({"tool_choice": "required"}, "tool_choice needs tools"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
             "input_image",
         ),
         (
-            {"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
-            "function_call_output",
+            {"input": [{"type": "function_call", "arguments": "{}"}]},
+            "function_call needs call_id and name",
         ),
         ({"max_output_tokens": 500}, "max_output_tokens"),
     ]:
@@ -93,3 +96,49 @@ def test_bad_requests_are_openai_400s(client: openai.OpenAI, server: str):
         assert naming in e.value.message, e.value.message
     r = httpx.post(server + "/v1/responses", content=b"hola", headers={"content-type": "text/plain"})
     assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_previous_response_id_continues_a_callers_own_response(tiny_run: Path, tmp_path: Path):
+    with running_server(build_app(make_settings(tmp_path), tiny_run)) as url:
+        with httpx.Client(base_url=url) as http:
+            register(http, "ana")
+            register(http, "bea")
+            ana_key = http.post("/v1/keys", headers=login(http, "ana"), json={"name": "agent"}).json()["key"]
+            bea = login(http, "bea")
+        ana = openai.OpenAI(base_url=url + "/v1", api_key=ana_key, max_retries=0)
+        first = ana.responses.create(model="tiny", input="Hola", max_output_tokens=4, temperature=0)
+        second = ana.responses.create(
+            model="tiny", previous_response_id=first.id, input="Y", max_output_tokens=2, temperature=0
+        )
+        conversation = [
+            *SHORT,
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "Y"},
+        ]
+        chat = ana.chat.completions.create(model="tiny", messages=conversation, max_tokens=2, temperature=0)
+        assert second.usage.input_tokens == chat.usage.prompt_tokens
+        assert second.output_text == chat.choices[0].message.content
+        # ana's account with a login token owns it too; bea does not see it, and nobody an unknown id
+        ana_login = openai.OpenAI(
+            base_url=url + "/v1",
+            api_key="x",
+            max_retries=0,
+            default_headers=login(httpx.Client(base_url=url), "ana"),
+        )
+        ana_login.responses.create(
+            model="tiny", previous_response_id=second.id, input="Y", max_output_tokens=1
+        )
+        bea_client = openai.OpenAI(
+            base_url=url + "/v1", api_key=bea["Authorization"].split()[1], max_retries=0
+        )
+        for client, rid in [(bea_client, first.id), (ana, "resp-unknown")]:
+            with pytest.raises(openai.NotFoundError) as e:
+                client.responses.create(
+                    model="tiny", previous_response_id=rid, input="Y", max_output_tokens=1
+                )
+            assert e.value.body["param"] == "previous_response_id"
+        unstored = ana.responses.create(model="tiny", input="Hola", max_output_tokens=1, store=False)
+        with pytest.raises(openai.NotFoundError):
+            ana.responses.create(
+                model="tiny", previous_response_id=unstored.id, input="Y", max_output_tokens=1
+            )

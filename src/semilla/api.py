@@ -203,6 +203,27 @@ class LanguageModel:
         return self.complete([self.chat_ids(messages)], cfg)[0].text
 
     @torch.no_grad()
+    def prompt_logprobs(
+        self, ids: list[int], top: int = 0
+    ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        """Each token's log-probability given the tokens before it, with the `top` likeliest
+        tokens at that place as (id, logprob); None for the first token, which nothing precedes.
+        One forward pass: `ids` must fit the context."""
+        if len(ids) > self.context_length and self.model.config.arch != "lstm":
+            raise SemillaError(f"{len(ids)} tokens do not fit the context of {self.context_length}")
+        if len(ids) < 2:
+            return [None] * len(ids)
+        tokens = torch.tensor([ids], device=self.device)
+        logprobs = self.model(tokens[:, :-1]).float().log_softmax(-1)[0]  # (T-1, V)
+        chosen = logprobs.gather(-1, tokens[0, 1:, None]).squeeze(-1).tolist()
+        alts = logprobs.topk(top, dim=-1) if top else None
+        out: list = [None]
+        for t, lp in enumerate(chosen):
+            best = list(zip(alts.indices[t].tolist(), alts.values[t].tolist(), strict=True)) if alts else []
+            out.append((lp, best))
+        return out
+
+    @torch.no_grad()
     def score(self, text: str) -> dict[str, float]:
         """Log-likelihood and perplexity of `text` under the model (windows of the context)."""
         ids = [self.tokenizer.bos_id] + self.tokenizer.encode(text)

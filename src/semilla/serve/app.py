@@ -145,6 +145,7 @@ def create_app(
     app.state.semilla = state
     app.state.settings = settings
     app.state.hooks = ServerHooks()
+    app.state.responses = responses.StoredResponses()  # what previous_response_id continues
     install_error_handlers(app)
 
     @app.exception_handler(ClientGone)

@@ -14,7 +14,9 @@ when one finishes, the last row moves into its place, so a decode step is one co
 batch. Sequences join and leave between steps.
 
 A sequence may name one of its model's LoRA adapters (`add_adapter`): rows with different
-adapters and rows with none share every forward (models/adapter_bank.py).
+adapters and rows with none share every forward (models/adapter_bank.py). It may also carry
+`LogitsRule`s (a grammar's token mask, a logit bias: serve/structured.py) that change its own
+row of the logits before sampling; the other rows never see them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -62,6 +65,17 @@ class QueueTimeoutError(Exception):
     """A request waited for a free slot longer than its timeout."""
 
 
+class LogitsRule(Protocol):
+    """A per-sequence change to its row of the logits (a grammar's mask, a logit bias)."""
+
+    def apply(self, logits: torch.Tensor, stop_ids: frozenset[int]) -> None:
+        """Change this row's (V,) logits in place, after the engine's own holds (min_tokens);
+        a rule that leaves no token possible must leave the stop tokens possible."""
+
+    def accept(self, token: int) -> None:
+        """The row sampled `token` (never one of its stop tokens)."""
+
+
 @dataclass(eq=False)
 class Sequence:
     """One generation request as the engine sees it."""
@@ -74,6 +88,7 @@ class Sequence:
     queue: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
     adapter: str | None = None  # a LoRA adapter of the model, by name; None: the base model
+    rules: tuple[LogitsRule, ...] = ()  # applied to this sequence's row only, in order
     # engine-side state
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     produced: int = 0
@@ -308,6 +323,9 @@ class ModelWorker:
         hold_stop_tokens(
             logits, ((row, s.stop_ids) for row, s in enumerate(active) if s.produced < s.cfg.min_new_tokens)
         )
+        for row, seq in enumerate(active):  # logprobs stay the model's own: taken before the rules
+            for rule in seq.rules:
+                rule.apply(logits[row], seq.stop_ids)
         if self.params is None:
             self.params = SamplingParams.from_configs([s.cfg for s in active], self.device)
         filtered = process_logits(logits, self.params, self.seen[:n], self.counts[:n])
@@ -325,6 +343,8 @@ class ModelWorker:
             seq.produced += 1
             seq.tokens.append(tok)
             emitted.append((row, tok))
+            for rule in seq.rules:
+                rule.accept(tok)
             k = seq.cfg.logprobs or 0
             alts = top_alternatives(top, row, k) if k else []
             full = self.limit is not None and len(seq.tokens) >= self.limit
@@ -444,12 +464,15 @@ class Engine:
         loop: asyncio.AbstractEventLoop,
         queue: asyncio.Queue,
         adapter: str | None = None,
+        rules: tuple[LogitsRule, ...] = (),
     ) -> Sequence:
         """Queue a generation whose (sequence, event) pairs go to `queue`; raises QueueFullError
         when the waiting line is full, ModelUnloadedError when the model is gone,
         UnknownAdapterError for an adapter not registered. Several sequences may share one queue
-        (n > 1)."""
-        seq = Sequence(prompt, cfg, stop_ids, self.request_timeout_s, loop, queue, adapter=adapter)
+        (n > 1). `rules` change this sequence's logits only (see LogitsRule)."""
+        seq = Sequence(
+            prompt, cfg, stop_ids, self.request_timeout_s, loop, queue, adapter=adapter, rules=rules
+        )
         worker = self.workers.get(model)
         if worker is None:
             raise ModelUnloadedError(f"model {model!r} was unloaded")

@@ -88,7 +88,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
     """Pydantic's list of problems as one 400 naming the first offending parameter."""
     errors = exc.errors()
     # a value no member of a union accepts gives one error per member: the deepest one says most
-    # (messages.0.content.list[TextPart].0.text: a lone surrogate, rather than "not a string")
+    # (messages.0.content.list[ContentPart].0.text: a lone surrogate, rather than "not a string")
     first = max(errors, key=lambda e: len(e.get("loc", ())), default={"loc": (), "msg": "invalid request"})
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not is_union_member(p)]
     param = ".".join(loc) or None
@@ -103,7 +103,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
 
 
 def is_union_member(part) -> bool:
-    """Pydantic names the member of a union it tried in the location ('str', 'list[TextPart]')."""
+    """Pydantic names the member of a union it tried in the location ('str', 'list[ContentPart]')."""
     return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict") or "[" in part)
 
 

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 from semilla.retrieval.fusion import FUSIONS
+from semilla.serve.errors import APIError
+from semilla.serve.structured import OutputFormat, check_schema
 
 MAX_N = 8
 MAX_STOP = 4
@@ -37,6 +39,9 @@ TopP = Annotated[float, Field(ge=SMALLEST, le=1.0)]
 TopK = Annotated[int, Field(ge=0, le=2**31 - 1)]  # >= the vocabulary: keep every token
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+# OpenAI's logit_bias: {"token id": bias}, at most 300 entries, each within [-100, 100]
+LogitBias = Annotated[dict[StrictStr, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=300)]
+Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # a schema's or function's name
 
 
 def refuse_lone_surrogates(value: Any) -> Any:
@@ -73,20 +78,42 @@ class Request(Body):
     model_config = ConfigDict(extra="ignore")  # merged with Body's: still strict
 
 
-class TextPart(Body):
-    type: Literal["text"]
-    text: StrictStr
+class ContentPart(Body):
+    """A part of a message's content: text reaches the model; images and audio are a 400 naming them."""
+
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class FunctionCallIn(Body):
+    name: StrictStr
+    arguments: StrictStr = "{}"  # JSON text
+
+
+class ToolCallIn(Body):
+    """A call an earlier assistant turn made, sent back with the conversation."""
+
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
 
 
 class ChatMessage(Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns
+    tool_call_id: StrictStr | None = None  # tool turns: the call this is the result of
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+    def text(self, param: str = "content") -> str:
+        """The content's text; a 400 naming a part semilla cannot read (`param`: where it is)."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for j, part in enumerate(self.content):
+            if part.type != "text" or part.text is None:
+                raise APIError(400, f"{param}.{j}: content parts of type {part.type!r} are not supported "
+                               "(only text)", param=f"{param}.{j}.type")  # fmt: skip
+        return "".join(part.text or "" for part in self.content)
 
 
 class StreamOptions(Body):
@@ -113,6 +140,7 @@ class SamplingFields(Request):
     min_p: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     repetition_penalty: Annotated[float, Field(ge=SMALLEST, le=10.0)] = 1.0
     min_tokens: Annotated[int, Field(ge=0)] = 0
+    logit_bias: LogitBias | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -129,6 +157,60 @@ class RagOptions(Request):
     fusion: Literal["relative_score", "rrf"] = FUSIONS[0]  # how hybrid fuses BM25 and dense
 
 
+class JsonSchemaSpec(Body):
+    name: Name
+    description: StrictStr | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(Body):
+    """OpenAI's response_format: free text, any JSON object, or JSON of a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    def output(self, param: str = "response_format") -> OutputFormat | None:
+        """What the answer must be; a 400 naming the field for a schema that is not one."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return OutputFormat({"type": "object"}, param)
+        if self.json_schema is None:
+            raise APIError(400, f"{param}.json_schema is required when type is 'json_schema'", param=param)
+        where = f"{param}.json_schema.schema"
+        return OutputFormat(check_schema(self.json_schema.schema_, where), where)
+
+
+class FunctionSpec(Body):
+    name: Name
+    description: StrictStr = ""
+    parameters: dict[str, Any] | None = None  # a JSON Schema; checked by serve/tools.checked_tools
+    strict: StrictBool | None = None
+
+
+class ToolSpec(Body):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(Body):
+    name: StrictStr
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+def tool_choice_name(choice: ToolChoice | None) -> str | None:
+    """'none', 'auto', 'required', a function's name, or None when not given."""
+    return choice.function.name if isinstance(choice, NamedToolChoice) else choice
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -136,6 +218,10 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     conversation_id: StrictStr | None = None  # semilla: append this turn to a stored conversation
     rag: RagOptions | None = None  # semilla: answer from these passages; the response lists `sources`
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[ToolSpec], Field(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
 
 class CompletionRequest(SamplingFields):
@@ -143,11 +229,12 @@ class CompletionRequest(SamplingFields):
         StrictStr
         | Annotated[list[StrictStr], Field(min_length=1, max_length=64)]
         | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1, max_length=64)]
     ) = ""
-    echo: StrictBool = False
+    echo: StrictBool = False  # with logprobs: the prompt's tokens scored too (the first one null)
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     suffix: StrictStr | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # OpenAI's default; 0: score the prompt only
 
 
 class GenerateRequest(Request):

@@ -25,10 +25,18 @@ from semilla.config import GenerateConfig
 from semilla.errors import SemillaError
 from semilla.models.adapter_bank import AdaptersBusyError, UnknownAdapterError
 from semilla.serve import metrics
-from semilla.serve.engine import Engine, ModelUnloadedError, QueueFullError, QueueTimeoutError, Sequence
+from semilla.serve.engine import (
+    Engine,
+    LogitsRule,
+    ModelUnloadedError,
+    QueueFullError,
+    QueueTimeoutError,
+    Sequence,
+)
 from semilla.serve.errors import APIError
 from semilla.serve.hooks import CompletionRecord
 from semilla.serve.registry import ServedModel
+from semilla.serve.structured import OutputFormat
 
 FINGERPRINT = f"semilla-{__version__}"
 
@@ -39,10 +47,10 @@ def new_id(prefix: str) -> str:
 
 @dataclass
 class TokenInfo:
-    """One generated token as OpenAI's logprobs show it."""
+    """One token as OpenAI's logprobs show it (a prompt's first token has no logprob: None)."""
 
     text: str
-    logprob: float
+    logprob: float | None
     top: list[tuple[str, float]]
 
     def openai(self) -> dict[str, Any]:
@@ -60,7 +68,7 @@ class TokenInfo:
 class ChoiceDelta:
     index: int
     text: str
-    token: TokenInfo | None = None
+    tokens: list[TokenInfo] = field(default_factory=list)  # the tokens whose text `text` completes
     finish_reason: str | None = None
 
 
@@ -73,6 +81,7 @@ class Choice:
     finish_reason: str | None = None
     stop_sequence: str | None = None  # the stop string that ended it (finish_reason 'stop')
     held: str = ""  # text kept back until the content filter can judge a whole word
+    pending: list[TokenInfo] = field(default_factory=list)  # logprobs of tokens whose text is held back
 
 
 @dataclass
@@ -81,6 +90,7 @@ class Result:
     prompt_tokens: int  # of all prompts together (once per prompt, as OpenAI counts)
     elapsed_s: float = 0.0
     complete: bool = True  # every choice ended normally (not failed, filtered or cut short)
+    prompt_logprobs: list[list[TokenInfo]] = field(default_factory=list)  # per prompt, when scored (echo)
 
     @property
     def completion_tokens(self) -> int:
@@ -110,7 +120,8 @@ class Result:
 
     def size(self) -> int:
         """Approximate bytes, for the response cache's budget."""
-        return 200 + sum(len(c.text.encode()) + 64 * len(c.tokens) for c in self.choices)
+        scored = sum(len(p) for p in self.prompt_logprobs)
+        return 200 + 64 * scored + sum(len(c.text.encode()) + 64 * len(c.tokens) for c in self.choices)
 
 
 def sampling_config(req: Any, max_new_tokens: int, logprobs: int | None = None) -> GenerateConfig:
@@ -152,6 +163,9 @@ class GenerationCall:
     screen: Callable[[str], bool] | None = None  # True: withhold the output (content filter)
     on_tokens: Callable[[int], None] | None = None  # told the tokens generated, however it ends
     user_key: str = ""  # who asks (the request's user, else its account, key or address): A/B stickiness
+    score_prompt: bool = False  # also the log-probability of each prompt token (completions' echo)
+    output: OutputFormat | None = None  # the answer must be JSON of this schema (constrained decoding)
+    logit_bias: dict[str, float] | None = None  # OpenAI's {"token id": bias}, checked by the schema
 
 
 def fit_max_tokens(model: str, limit: int | None, prompt_len: int, call: GenerationCall) -> int:
@@ -160,7 +174,7 @@ def fit_max_tokens(model: str, limit: int | None, prompt_len: int, call: Generat
     asked = call.cfg.max_new_tokens
     if limit is None:
         return asked
-    if prompt_len >= limit:
+    if prompt_len > limit or (prompt_len == limit and asked > 0):  # a whole context may be scored
         raise APIError(
             400,
             f"the prompt has {prompt_len} tokens; model {model!r} has a context of {limit} tokens",
@@ -194,6 +208,7 @@ class Generation(ABC):
         self.choices = [Choice(i) for i in range(n_choices)]
         self.headers: dict[str, str] = {}  # added to the HTTP response (which provider answered)
         self.texts: list = []  # the prompt as the request gave it: messages, or the prompt texts
+        self.prompt_logprobs: list[list[TokenInfo]] = []  # per prompt, when the call scores them
         self.prompt_tokens = 0
         self.failed = False
         self.started = time.perf_counter()
@@ -233,6 +248,7 @@ class Generation(ABC):
 
     def finish(self) -> Result:
         result = Result(self.choices, self.prompt_tokens, time.perf_counter() - self.started)
+        result.prompt_logprobs = self.prompt_logprobs
         result.complete = not self.failed and all(c.finish_reason in ("stop", "length") for c in self.choices)
         return result
 
@@ -250,13 +266,15 @@ class Job(Generation):
         cfg: GenerateConfig,
         call: GenerationCall,
         adapter: str | None = None,
+        rules: Callable[[], tuple[LogitsRule, ...]] = tuple,
     ):
         """`cfg`: the call's settings fitted to the model (max_new_tokens, stop strings);
-        `adapter`: a LoRA adapter of the model, which then answers under the adapter's name."""
+        `adapter`: a LoRA adapter of the model, which then answers under the adapter's name;
+        `rules()`: each sequence's own logits rules (a grammar's parser state, a bias)."""
         super().__init__(adapter or served.id, len(prompts) * call.n, call)
         self.engine, self.served, self.cfg, self.n = engine, served, cfg, call.n
         self.adapter = adapter
-        self.prompts = prompts
+        self.prompts, self.rules = prompts, rules
         self.prompt_tokens = sum(len(p) for p in prompts)
         tok = served.lm.tokenizer
         self.tokenizer = tok
@@ -267,7 +285,24 @@ class Job(Generation):
         self.queue: asyncio.Queue = asyncio.Queue()
 
     async def start(self) -> None:  # noqa: B027 (optional hook, a no-op by default)
-        self.submit()
+        if self.call.score_prompt:  # one forward pass per prompt, off the event loop
+            self.prompt_logprobs = await asyncio.to_thread(self.score_prompts)
+        if self.cfg.max_new_tokens > 0:
+            self.submit()
+
+    def score_prompts(self) -> list[list[TokenInfo]]:
+        """Each prompt's tokens with their log-probabilities (None for the first) and the
+        cfg.logprobs likeliest alternatives, as the generated tokens show them."""
+        top = self.cfg.logprobs or 0
+        out = []
+        for prompt in self.prompts:
+            pieces = StopStringFilter(self.tokenizer, [])
+            infos = []
+            for token, scored in zip(prompt, self.served.lm.prompt_logprobs(prompt, top), strict=True):
+                alts = [(self.tokenizer.decode([i]), lp) for i, lp in scored[1]] if scored else []
+                infos.append(TokenInfo(pieces.push(token), scored[0] if scored else None, alts))
+            out.append(infos)
+        return out
 
     def submit(self) -> None:
         """Queue every choice; all or nothing (503 with Retry-After when the line is full)."""
@@ -286,7 +321,14 @@ class Job(Generation):
                     seed = None if self.cfg.seed is None else self.cfg.seed + j
                     cfg = dataclasses.replace(self.cfg, seed=seed)
                     seq = self.engine.submit(
-                        self.served.id, prompt, cfg, self.stop_ids, loop, self.queue, adapter=self.adapter
+                        self.served.id,
+                        prompt,
+                        cfg,
+                        self.stop_ids,
+                        loop,
+                        self.queue,
+                        adapter=self.adapter,
+                        rules=self.rules(),
                     )
                     self.sequences[seq] = p_index * self.n + j
         except QueueFullError as e:
@@ -308,6 +350,11 @@ class Job(Generation):
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """Text deltas of every choice as tokens arrive; each choice ends with a finish_reason."""
+        if not self.sequences:  # max_tokens 0: the prompts were only scored
+            for choice in self.choices:
+                choice.finish_reason = "length"
+                yield ChoiceDelta(choice.index, "", [], "length")
+            return
         remaining = len(self.choices)
         try:
             while remaining:
@@ -333,6 +380,7 @@ class Job(Generation):
                     seq.cancel()
                 delta.finish_reason = choice.finish_reason
                 choice.text += delta.text
+                delta.tokens = self._release(choice)
                 if delta.finish_reason:
                     remaining -= 1
                 yield delta
@@ -351,13 +399,24 @@ class Job(Generation):
         choice = self.choices[index]
         choice.n_tokens += 1
         text = self.text_filters[index].push(token)
-        info = None
         if self.cfg.logprobs is not None:
             piece = self.piece_filters[index].push(token)
             alts = [(self.tokenizer.decode([i]), lp) for i, lp in top]
-            info = TokenInfo(piece, logprob, alts)
-            choice.tokens.append(info)
-        return ChoiceDelta(index, text, info)
+            choice.pending.append(TokenInfo(piece, logprob, alts))
+        return ChoiceDelta(index, text)
+
+    @staticmethod
+    def _release(choice: Choice) -> list[TokenInfo]:
+        """The held tokens whose text the choice now shows in full. Text cut by a stop string
+        (or withheld by the content filter) is never shown, so its tokens never appear: the
+        logprobs always spell a prefix of the content."""
+        shown = sum(len(t.text) for t in choice.tokens)
+        released = []
+        while choice.pending and shown + len(choice.pending[0].text) <= len(choice.text):
+            shown += len(choice.pending[0].text)
+            released.append(choice.pending.pop(0))
+        choice.tokens.extend(released)
+        return released
 
 
 class ClientGone(Exception):

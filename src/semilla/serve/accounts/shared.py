@@ -193,11 +193,13 @@ def encode_result(result: Any) -> bytes:
 def decode_result(raw: bytes) -> Any:
     from semilla.serve.serving import Choice, Result, TokenInfo
 
+    def tokens(items: list[dict]) -> list[TokenInfo]:
+        return [TokenInfo(**{**t, "top": [tuple(p) for p in t["top"]]}) for t in items]
+
     data = json.loads(raw)
     choices = [
-        Choice(
-            **{**c, "tokens": [TokenInfo(**{**t, "top": [tuple(p) for p in t["top"]]}) for t in c["tokens"]]}
-        )
+        Choice(**{**c, "tokens": tokens(c["tokens"]), "pending": tokens(c.get("pending", []))})
         for c in data.pop("choices")
     ]
+    data["prompt_logprobs"] = [tokens(p) for p in data.get("prompt_logprobs", [])]
     return Result(choices=choices, **data)

@@ -185,7 +185,7 @@ class FallbackGeneration(Generation):
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         if self._result is not None:  # answered whole (not streaming): its choices in one piece
             for c in self._result.choices:
-                yield ChoiceDelta(c.index, c.text, None, c.finish_reason)
+                yield ChoiceDelta(c.index, c.text, [], c.finish_reason)
             return
         assert self._rest is not None, "start() first"
         try:
@@ -240,4 +240,4 @@ class TemplateGeneration(Generation):
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         for choice in self.choices:
             choice.text, choice.finish_reason = self.answer, "stop"
-            yield ChoiceDelta(choice.index, self.answer, None, "stop")
+            yield ChoiceDelta(choice.index, self.answer, [], "stop")

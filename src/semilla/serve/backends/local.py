@@ -10,6 +10,7 @@ from semilla.serve.engine import Engine
 from semilla.serve.errors import APIError
 from semilla.serve.registry import ServedModel
 from semilla.serve.serving import GenerationCall, Job, fit_max_tokens, settings_or_400
+from semilla.serve.structured import Grammars, TokenBias, token_bias
 
 
 class LocalBackend(Backend):
@@ -24,6 +25,7 @@ class LocalBackend(Backend):
         self.created = served.created
         self._embedder = None
         self._embedder_lock = threading.Lock()
+        self.grammars = Grammars(served.lm.tokenizer)
 
     def card(self, admin: bool = False) -> dict:
         return self.served.card(admin)
@@ -43,10 +45,23 @@ class LocalBackend(Backend):
             fit_max_tokens(self.id, self.context_length, len(p), call) for p in prompts
         )  # a prompt or asked max_tokens that cannot fit is a 400, checked before the settings
         cfg = call.cfg
-        cfg = settings_or_400(
-            dataclasses.replace(cfg, max_new_tokens=max_new, min_new_tokens=min(cfg.min_new_tokens, max_new))
+        cfg = settings_or_400(  # max_tokens 0 (score the prompt only): checked as 1, then 0
+            dataclasses.replace(
+                cfg, max_new_tokens=max(max_new, 1), min_new_tokens=min(cfg.min_new_tokens, max_new)
+            )
         )
-        return Job(self.engine, self.served, prompts, cfg, call, self.adapter)
+        cfg = dataclasses.replace(cfg, max_new_tokens=max_new)
+        return Job(self.engine, self.served, prompts, cfg, call, self.adapter, self._rules(call))
+
+    def _rules(self, call: GenerationCall):
+        """A maker of each sequence's logits rules: the output grammar (compiled once, checked
+        now: a 400 for what cannot be enforced), then the logit bias."""
+        bias = token_bias(call.logit_bias, self.served.lm.model.config.vocab_size)
+        shared = (TokenBias(bias),) if bias else ()
+        if call.output is None:
+            return lambda: shared
+        grammar = self.grammars.compile(call.output)
+        return lambda: (self.grammars.rule(grammar), *shared)
 
     def chat(self, messages: list[dict], call: GenerationCall) -> Job:
         job = self._job([self.served.lm.tokenizer.apply_chat_template(messages)], call)
@@ -60,13 +75,16 @@ class LocalBackend(Backend):
         )
         return job
 
-    def complete(self, prompt: list[str] | list[int], call: GenerationCall) -> Job:
+    def complete(self, prompt: list[str] | list[int] | list[list[int]], call: GenerationCall) -> Job:
         tokenizer = self.served.lm.tokenizer
-        if prompt and isinstance(prompt[0], int):
+        if prompt and not isinstance(prompt[0], str):
+            prompts = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]
             vocab = self.served.lm.model.config.vocab_size
-            if any(not 0 <= t < vocab for t in prompt):  # checked before decoding: any int reaches here
+            if any(
+                not 0 <= t < vocab for p in prompts for t in p
+            ):  # checked before decoding: any int reaches here
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", param=call.prompt_param)
-            texts, prompts = [tokenizer.decode(prompt)], [list(prompt)]
+            texts = [tokenizer.decode(p) for p in prompts]
         else:
             texts = list(prompt)
             prompts = [tokenizer.encode(t) or [tokenizer.bos_id] for t in texts]

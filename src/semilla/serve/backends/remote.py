@@ -295,14 +295,14 @@ class RemoteGeneration(Generation):
         choice = self.choices[index]
         if choice.finish_reason:
             return None
-        delta = ChoiceDelta(index, text, tokens[-1] if tokens else None)
+        delta = ChoiceDelta(index, text, list(tokens))
         choice.finish_reason = finish
         if self.screen is not None:
             self._screen(choice, delta)
         delta.finish_reason = choice.finish_reason
         choice.text += delta.text
         choice.tokens.extend(tokens)
-        if not delta.text and not delta.finish_reason and delta.token is None:
+        if not delta.text and not delta.finish_reason and not delta.tokens:
             return None
         return delta
 
@@ -316,7 +316,7 @@ class RemoteGeneration(Generation):
 
 def refuse_token_ids(model: str, prompt: list, call: GenerationCall) -> None:
     """Token ids are a local model's own: elsewhere they mean nothing."""
-    if prompt and isinstance(prompt[0], int):
+    if prompt and not isinstance(prompt[0], str):
         raise APIError(
             400, f"a prompt of token ids needs a local model, not {model!r}", param=call.prompt_param
         )
@@ -334,6 +334,12 @@ class RemoteBackend(Backend):
         self, n_choices: int, call: GenerationCall, path: str, body: dict, texts
     ) -> RemoteGeneration:
         settings_or_400(call.cfg)
+        for param, asked in (
+            (call.output and call.output.param, call.output),
+            ("logit_bias", call.logit_bias),
+        ):
+            if asked:  # token masks and biases need the model's own tokens
+                raise APIError(400, f"{param} needs a local model, not {self.id!r}", param=param)
         return RemoteGeneration(self, n_choices, call, path, body, texts)
 
     @abstractmethod

@@ -3,7 +3,8 @@
 /api/version, over the same backends, hooks and embedders as the OpenAI routes.
 
 Sampling settings come in `options` (temperature, top_p, top_k, seed, num_predict, stop,
-repeat_penalty, min_p...); what semilla lacks (`format`, `tools`, `images`) is a 400.
+repeat_penalty, min_p...); `format` ("json" or a JSON Schema) constrains the answer, `tools` are
+offered as on /v1/chat/completions with tool_choice "auto"; `images` are a 400.
 Errors have Ollama's shape, {"error": "..."} (serve/errors.py decides it by path).
 """
 
@@ -22,11 +23,20 @@ from pydantic import Field, StrictBool, StrictStr
 from semilla import __version__
 from semilla.serve.errors import APIError
 from semilla.serve.hooks import Principal
-from semilla.serve.protocol import MAX_STOP, SMALLEST, Seed, Temperature, TopK, TopP
+from semilla.serve.protocol import MAX_STOP, SMALLEST, Seed, Temperature, ToolSpec, TopK, TopP
 from semilla.serve.protocol import Request as RequestBody
 from semilla.serve.routes import embeddings
-from semilla.serve.routes.openai import JSON_BODY, complete, generation_call, material_for, replay
+from semilla.serve.routes.openai import (
+    JSON_BODY,
+    complete,
+    constraints,
+    generation_call,
+    material_for,
+    replay,
+)
 from semilla.serve.serving import Generation, Result, new_id, sampling_config
+from semilla.serve.structured import OutputFormat, check_schema
+from semilla.serve.tools import CallStream, Tool, ToolCall, checked_tools, parse_calls, render_messages
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["ollama"])
@@ -51,29 +61,44 @@ class Options(RequestBody):
 class Unsupported(RequestBody):
     """Fields a text model cannot honour: refused rather than silently ignored."""
 
-    format: Any = None
-    tools: list | None = None
     images: list | None = None
 
     def refuse(self, param: str = "") -> None:
-        for name in ("format", "tools", "images"):
-            if getattr(self, name):
-                raise APIError(400, f"{param}{name} is not supported by semilla models", param=param + name)
+        if self.images:
+            raise APIError(400, f"{param}images are not supported by semilla models", param=param + "images")
+
+
+class FunctionCall(RequestBody):
+    name: StrictStr
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolCallIn(RequestBody):
+    function: FunctionCall
 
 
 class Message(Unsupported):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: StrictStr = ""
+    tool_calls: list[ToolCallIn] | None = None
+    tool_name: StrictStr | None = None  # tool turns: the function whose result this is
 
 
 class Generating(Unsupported):
     model: StrictStr
     stream: StrictBool = True
     options: Options = Field(default_factory=Options)
+    format: Literal["", "json"] | dict[str, Any] = ""  # "json", or a JSON Schema
+
+    def output(self) -> OutputFormat | None:
+        if self.format == "json":
+            return OutputFormat({}, "format")  # any JSON value
+        return OutputFormat(check_schema(self.format, "format"), "format") if self.format else None
 
 
 class ChatRequest(Generating):
     messages: list[Message] = Field(default_factory=list)
+    tools: Annotated[list[ToolSpec], Field(max_length=128)] | None = None
 
 
 class GenerateRequest(Generating):
@@ -101,10 +126,17 @@ def ns(seconds: float) -> int:
 
 
 async def generate_ndjson(
-    request: Request, principal: Principal, body: Generating, messages: list[dict] | None, prompt: str, render
+    request: Request,
+    principal: Principal,
+    body: Generating,
+    messages: list[dict] | None,
+    prompt: str,
+    render,
+    tools: list[Tool] | None = None,
 ):
     """Run the chat (`messages`) or raw completion (`prompt`) and answer as Ollama does: one
-    JSON object, or NDJSON lines ending with a `done: true` line of counts."""
+    JSON object, or NDJSON lines ending with a `done: true` line of counts. `render(text,
+    calls)` is the answer's own part; an answer that parses as calls of `tools` is calls."""
     state, hooks = request.app.state.semilla, request.app.state.hooks
     backend = state.backend(body.model)
     for text in [m["content"] for m in messages] if messages is not None else [prompt]:
@@ -114,12 +146,13 @@ async def generate_ndjson(
     cfg = sampling_config(opts, opts.num_predict if asked else state.settings.default_max_tokens)
     cfg = dataclasses.replace(cfg, stop=list(opts.stop), repetition_penalty=opts.repeat_penalty)
     call = generation_call(request, principal, cfg, asked, 1, stream=body.stream, param="options.num_predict",
-                           prompt_param="messages" if messages is not None else "prompt")  # fmt: skip
+                           prompt_param="messages" if messages is not None else "prompt",
+                           output=body.output())  # fmt: skip
     if messages is not None:
         gen, route, source = backend.chat(messages, call), "chat", messages
     else:
         gen, route, source = backend.complete([prompt], call), "completions", [prompt]
-    material = material_for(gen, route, source, 1)
+    material = material_for(gen, route, source, 1, constraints(call))
     rid = new_id("ollama")
 
     def final(result: Result) -> dict:
@@ -132,17 +165,29 @@ async def generate_ndjson(
         }  # fmt: skip
 
     def whole(result: Result) -> dict:
-        return {"model": gen.model, "created_at": now(), **render(result.choices[0].text), **final(result)}
+        text = result.choices[0].text
+        calls = parse_calls(text, tools) if tools else None
+        return {
+            "model": gen.model,
+            "created_at": now(),
+            **render("" if calls else text, calls),
+            **final(result),
+        }
 
     async def render_stream(source: Generation | Result) -> AsyncIterator[str]:
         is_job = isinstance(source, Generation)
+        held = CallStream(tools, forced=False) if tools else None
         try:
             async for d in source.deltas() if is_job else replay(source):
-                if d.text:
-                    line = {"model": gen.model, "created_at": now(), **render(d.text), "done": False}
+                text, calls = held.push(d.text, d.finish_reason is not None) if held else (d.text, None)
+                if text or calls:
+                    line = {"model": gen.model, "created_at": now(), **render(text, calls), "done": False}
                     yield json.dumps(line, ensure_ascii=False) + "\n"
             result = source.finish() if is_job else source
-            yield json.dumps({"model": gen.model, "created_at": now(), **render(""), **final(result)}) + "\n"
+            yield (
+                json.dumps({"model": gen.model, "created_at": now(), **render("", None), **final(result)})
+                + "\n"
+            )
         except APIError as e:
             yield json.dumps(e.body("ollama")) + "\n"
         except Exception:  # the stream has started: report, never a broken socket
@@ -164,17 +209,26 @@ async def chat(body: ChatRequest, request: Request):
     body.refuse()
     if not body.messages:
         raise APIError(400, "messages must not be empty", param="messages")
+    turns = []
     for i, m in enumerate(body.messages):
         m.refuse(f"messages.{i}.")
-    messages = [{"role": m.role, "content": m.content} for m in body.messages]
-    return await generate_ndjson(
-        request,
-        principal,
-        body,
-        messages,
-        "",
-        lambda text: {"message": {"role": "assistant", "content": text}},
+        turn = {"role": m.role, "content": m.content, "name": m.tool_name}
+        if m.tool_calls:
+            turn["tool_calls"] = [ToolCall.new(c.function.name, c.function.arguments) for c in m.tool_calls]
+        turns.append(turn)
+    tools = checked_tools(
+        [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or []]
     )
+
+    def message(text: str, calls: list[ToolCall] | None) -> dict:
+        out = {"role": "assistant", "content": text}
+        if calls:  # Ollama's calls carry their arguments as an object
+            out["tool_calls"] = [
+                {"function": {"name": c.name, "arguments": json.loads(c.arguments)}} for c in calls
+            ]
+        return {"message": out}
+
+    return await generate_ndjson(request, principal, body, render_messages(turns, tools), "", message, tools)
 
 
 @router.post("/api/generate", dependencies=JSON_BODY)
@@ -194,7 +248,7 @@ async def generate(body: GenerateRequest, request: Request):
         system = [{"role": "system", "content": body.system}] if body.system else []
         messages = [*system, {"role": "user", "content": body.prompt}]
     return await generate_ndjson(
-        request, principal, body, messages, body.prompt, lambda text: {"response": text}
+        request, principal, body, messages, body.prompt, lambda text, calls: {"response": text}
     )
 
 
@@ -235,7 +289,7 @@ async def show(body: ModelName, request: Request) -> dict:
     if backend.context_length is not None:
         info[f"{family}.context_length"] = backend.context_length
     return {"details": card["details"], "model_info": info, "modified_at": card["modified_at"],
-            "capabilities": ["completion"]}  # fmt: skip
+            "capabilities": ["completion", "tools"]}  # fmt: skip
 
 
 @router.post("/api/embed", dependencies=JSON_BODY)

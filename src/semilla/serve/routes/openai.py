@@ -21,15 +21,26 @@ from starlette.concurrency import run_in_threadpool
 from semilla.serve import retrieval
 from semilla.serve.errors import APIError
 from semilla.serve.hooks import CompletionRecord, Principal
-from semilla.serve.protocol import ChatCompletionRequest, CompletionRequest
+from semilla.serve.protocol import ChatCompletionRequest, CompletionRequest, tool_choice_name
 from semilla.serve.serving import (
     ChoiceDelta,
     Generation,
     GenerationCall,
     Result,
+    TokenInfo,
     new_id,
     run_to_end,
     sampling_config,
+)
+from semilla.serve.tools import (
+    CallStream,
+    Tool,
+    ToolCall,
+    call_format,
+    checked_tools,
+    forced_tools,
+    parse_calls,
+    render_messages,
 )
 
 log = logging.getLogger(__name__)
@@ -157,14 +168,14 @@ async def complete(
 
 
 async def replay(result: Result) -> AsyncIterator[ChoiceDelta]:
-    """A cached result as deltas: one per stored token when logprobs were kept, else each
-    choice's whole text in one piece."""
+    """A cached result as deltas: one per stored token when logprobs were kept (then the text
+    they do not spell, if any, and the finish), else each choice's whole text in one piece."""
     for c in result.choices:
-        if c.tokens and "".join(t.text for t in c.tokens) == c.text:
-            for i, t in enumerate(c.tokens):
-                yield ChoiceDelta(c.index, t.text, t, c.finish_reason if i == len(c.tokens) - 1 else None)
-        else:
-            yield ChoiceDelta(c.index, c.text, None, c.finish_reason)
+        spelled = ""
+        for t in c.tokens:
+            spelled += t.text
+            yield ChoiceDelta(c.index, t.text, [t])
+        yield ChoiceDelta(c.index, c.text[len(spelled) :], [], c.finish_reason)
 
 
 async def stream_guard(
@@ -216,6 +227,11 @@ def user_key(request: Request, principal: Principal, user: str | None) -> str:
     return f"address:{request.client.host if request.client else ''}"
 
 
+def constraints(call: GenerationCall) -> dict:
+    """What else shapes a deterministic answer beyond its settings (part of its cache key)."""
+    return {"output": call.output and call.output.schema, "logit_bias": call.logit_bias}
+
+
 def material_for(gen: Generation, route: str, prompt: Any, n: int, extra: dict | None = None) -> dict | None:
     """What a deterministic answer is cached under; None when it must not be cached."""
     if not (gen.cacheable and is_deterministic(gen.cfg)):
@@ -237,9 +253,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             f"too many messages: {len(body.messages)} (at most {state.settings.max_messages})",
             param="messages",
         )
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
-    ]
+    offered, forced = chat_tools(body)
+    messages = render_messages(chat_turns(body), offered)
     for m in messages:
         hooks.screen_prompt(principal, m["content"])
     grounded = {}  # semilla's RAG: {"sources": [...]} in the response
@@ -251,25 +266,41 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     top = (body.top_logprobs or 0) if body.logprobs else None
     cfg = sampling_config(body, asked or state.settings.default_max_tokens, top)
     cfg = dataclasses.replace(cfg, stop=body.stop_list())
+    output = body.response_format.output() if body.response_format else None
+    if forced:  # a call of these functions, whatever else was asked
+        output = call_format(forced, body.parallel_tool_calls)
     call = generation_call(
-        request, principal, cfg, asked is not None, body.n, body.user, stream=body.stream, param=param
-    )
+        request, principal, cfg, asked is not None, body.n, body.user, stream=body.stream, param=param,
+        output=output, logit_bias=body.logit_bias,
+    )  # fmt: skip
     gen = backend.chat(messages, call)
-    material = material_for(gen, "chat", messages, body.n)
+    material = material_for(gen, "chat", messages, body.n, constraints(call))
     cid = new_id("chatcmpl")
     full, part = Envelope(cid, "chat.completion", gen), Envelope(cid, "chat.completion.chunk", gen)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def answer(c) -> tuple[dict, str | None]:
+        """The assistant message of a choice, and its finish_reason: a call when it parses as one."""
+        calls = parse_calls(c.text, offered) if offered else None
+        if calls:
+            return {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [t.openai() for t in calls],
+            }, "tool_calls"
+        return {"role": "assistant", "content": c.text}, c.finish_reason
 
     def render(result: Result) -> dict:
         return full(
             [
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": message,
                     "logprobs": {"content": [t.openai() for t in c.tokens]} if body.logprobs else None,
-                    "finish_reason": c.finish_reason,
+                    "finish_reason": finish,
                 }
                 for c in result.choices
+                for message, finish in [answer(c)]
             ],
             usage=result.usage(),
             **grounded,
@@ -281,20 +312,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     def render_stream(source: Generation | Result) -> AsyncIterator[str]:
         is_job = isinstance(source, Generation)
         role_sent: set[int] = set()
+        held = {i: CallStream(offered, bool(forced)) for i in range(body.n)} if offered else None
 
         def make_chunk(d) -> dict | None:
             delta: dict[str, Any] = {}
+            text, calls, finish = d.text, None, d.finish_reason
+            if held is not None:  # an answer that may be a call is held back until it is known
+                text, calls = held[d.index].push(d.text, finish is not None)
             if d.index not in role_sent:
                 role_sent.add(d.index)
                 delta["role"] = "assistant"
-            if d.text or "role" in delta:
-                delta["content"] = d.text
-            if not delta and not d.finish_reason and d.token is None:
+            if calls:
+                delta["tool_calls"], finish = [t.openai(i) for i, t in enumerate(calls)], "tool_calls"
+            elif text or "role" in delta:
+                delta["content"] = text
+            if not delta and not finish and not d.tokens:
                 return None
-            logprobs = {"content": [d.token.openai()] if d.token else []} if body.logprobs else None
+            logprobs = {"content": [t.openai() for t in d.tokens]} if body.logprobs else None
             first = len(role_sent) == 1 and "role" in delta  # the sources travel with the first chunk
             return chunk(
-                [{"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish_reason}],
+                [{"index": d.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
                 **(grounded if first else {}),
             )
 
@@ -315,6 +352,41 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await complete(request, principal, gen, material, body.stream, render, render_stream, record)
 
 
+def chat_turns(body: ChatCompletionRequest) -> list[dict]:
+    """The messages as {"role", "content"} (+ "tool_calls" on assistant turns, + the function's
+    "name" on tool turns, found from the call it answers)."""
+    names: dict[str, str] = {}
+    turns = []
+    for i, m in enumerate(body.messages):
+        turn = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": m.text(f"messages.{i}.content"),
+        }
+        if m.tool_calls:
+            turn["tool_calls"] = [ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls]
+            names |= {c.id: c.function.name for c in m.tool_calls}
+        if m.role == "tool":
+            if m.tool_call_id is None:
+                raise APIError(400, f"messages.{i}.tool_call_id is required on tool messages",
+                               param=f"messages.{i}.tool_call_id")  # fmt: skip
+            turn["name"] = names.get(m.tool_call_id) or m.name
+        turns.append(turn)
+    return turns
+
+
+def chat_tools(body: ChatCompletionRequest) -> tuple[list[Tool], list[Tool] | None]:
+    """The tools shown to the model (none for tool_choice 'none') and those it must call."""
+    declared = [
+        Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or []
+    ]
+    choice = tool_choice_name(body.tool_choice)
+    if choice is not None and choice != "none" and not declared:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    tools = checked_tools(declared)
+    forced = forced_tools(tools, choice)
+    return ([] if choice == "none" else tools), forced
+
+
 # --- completions -------------------------------------------------------------------------
 
 
@@ -326,12 +398,13 @@ async def completions(body: CompletionRequest, request: Request):
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by semilla models", param="suffix")
     raw = body.prompt
-    token_ids = isinstance(raw, list) and bool(raw) and isinstance(raw[0], int)
+    token_ids = isinstance(raw, list) and bool(raw) and not isinstance(raw[0], str)  # one list or several
     prompt = list(raw) if token_ids else [raw] if isinstance(raw, str) else list(raw)
     if not token_ids:
         for t in prompt:
             hooks.screen_prompt(principal, t)
-    cfg = sampling_config(body, body.max_tokens or state.settings.default_max_tokens, body.logprobs)
+    max_tokens = state.settings.default_max_tokens if body.max_tokens is None else body.max_tokens
+    cfg = sampling_config(body, max_tokens, body.logprobs)
     cfg = dataclasses.replace(cfg, stop=body.stop_list())
     call = generation_call(
         request,
@@ -342,13 +415,17 @@ async def completions(body: CompletionRequest, request: Request):
         body.user,
         stream=body.stream,
         prompt_param="prompt",
+        logit_bias=body.logit_bias,
+        score_prompt=body.echo and body.logprobs is not None,
     )
     gen = backend.complete(prompt, call)
     texts = gen.texts
     if token_ids:
         for t in texts:
             hooks.screen_prompt(principal, t)
-    material = material_for(gen, "completions", prompt, body.n, {"echo": body.echo, "texts": texts})
+    material = material_for(
+        gen, "completions", prompt, body.n, {"echo": body.echo, "texts": texts, **constraints(call)}
+    )
     envelope = Envelope(new_id("cmpl"), "text_completion", gen)
     cid = envelope.cid
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -356,19 +433,25 @@ async def completions(body: CompletionRequest, request: Request):
     def echo_prefix(index: int) -> str:
         return texts[index // body.n] if body.echo else ""
 
-    def legacy_logprobs(c) -> dict | None:
-        if body.logprobs is None:
-            return None
-        offsets, pos = [], len(echo_prefix(c.index))
-        for t in c.tokens:
+    def legacy_logprobs(tokens: list[TokenInfo], start: int = 0) -> dict:
+        """OpenAI's legacy logprobs of these tokens, the first at `start` in the text."""
+        offsets, pos = [], start
+        for t in tokens:
             offsets.append(pos)
             pos += len(t.text)
         return {
-            "tokens": [t.text for t in c.tokens],
-            "token_logprobs": [t.logprob for t in c.tokens],
-            "top_logprobs": [dict(t.top) for t in c.tokens],
+            "tokens": [t.text for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [None if t.logprob is None else dict(t.top) for t in tokens],
             "text_offset": offsets,
         }
+
+    def choice_logprobs(c, source: Generation | Result) -> dict | None:
+        """The choice's tokens, after its prompt's when echoed and scored."""
+        if body.logprobs is None:
+            return None
+        prompt_tokens = source.prompt_logprobs[c.index // body.n] if source.prompt_logprobs else []
+        return legacy_logprobs(prompt_tokens + c.tokens)
 
     def render(result: Result) -> dict:
         return envelope(
@@ -376,7 +459,7 @@ async def completions(body: CompletionRequest, request: Request):
                 {
                     "index": c.index,
                     "text": echo_prefix(c.index) + c.text,
-                    "logprobs": legacy_logprobs(c),
+                    "logprobs": choice_logprobs(c, result),
                     "finish_reason": c.finish_reason,
                 }
                 for c in result.choices
@@ -389,19 +472,17 @@ async def completions(body: CompletionRequest, request: Request):
         echoed: set[int] = set()
 
         def make_chunk(d) -> dict | None:
-            text = d.text
+            text, scored = d.text, []
             if d.index not in echoed:
                 echoed.add(d.index)
                 text = echo_prefix(d.index) + text
+                scored = source.prompt_logprobs[d.index // body.n] if source.prompt_logprobs else []
             if not text and not d.finish_reason:
                 return None
             logprobs = None
-            if body.logprobs is not None and d.token is not None:
-                logprobs = {
-                    "tokens": [d.token.text],
-                    "token_logprobs": [d.token.logprob],
-                    "top_logprobs": [dict(d.token.top)],
-                }
+            if body.logprobs is not None and (d.tokens or scored):
+                logprobs = legacy_logprobs(scored + d.tokens)
+                del logprobs["text_offset"]
             out = envelope(
                 [{"index": d.index, "text": text, "logprobs": logprobs, "finish_reason": d.finish_reason}]
             )
