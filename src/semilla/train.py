@@ -22,6 +22,7 @@ from torch import nn
 from semilla.ages import stage_end
 from semilla.atomic import atomic_directory, atomic_write_text
 from semilla.batches import IGNORE_INDEX, MixtureDataset, TokenDataset
+from semilla.board import Board
 from semilla.checkpoint import (
     OptimizerState,
     optimizer_state_by_name,
@@ -215,13 +216,12 @@ def keep_metrics_until(path: Path, step: int) -> None:
 def fit(t: Trainer) -> dict[str, Any]:
     """Train until max_iters, early stopping or Ctrl-C; returns the final metrics. In a
     distributed run every rank steps together and rank 0 alone writes and reports."""
-    from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
     cfg, st, main = t.config, t.state, t.world.main
     if main:
         # a resume drops the events a killed run logged past its checkpoint (those at its step stay)
-        writer = SummaryWriter(str(t.run_dir / "tb"), purge_step=st.step + 1 if st.step else None)
+        writer = Board(t.run_dir / "tb", purge_step=st.step + 1 if st.step else None)
         keep_metrics_until(t.run_dir / "metrics.jsonl", st.step)
         metrics_log = open(t.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
     # histograms, projector, gradient-norm spikes (train_insight.py); none in a sharded run

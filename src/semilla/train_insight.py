@@ -91,8 +91,7 @@ class TrainingInsight:
         table = model.get_submodule(embedding_path(model)).weight
         n = min(PROJECTOR_TOKENS, table.size(0), tokenizer.vocab_size)
         labels = [token_label(tokenizer.decode([i])) for i in range(n)]
-        self.writer.add_embedding(table[:n].detach().float().cpu(), metadata=labels, global_step=step,
-                                  tag="token_embeddings")  # fmt: skip
+        self.writer.add_embedding(table[:n].detach().float().cpu(), labels, step, tag="token_embeddings")
 
 
 def embedding_path(model: torch.nn.Module) -> str:
