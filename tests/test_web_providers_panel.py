@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from accounts_helpers import build_app, login, make_settings, register, serve
+from prometheus_client import REGISTRY
 from provider_helpers import write_providers
 from server_helpers import free_port
 from web_helpers import CHROMIUM_ARGS, DESKTOP, PASSWORD, chromium_path
@@ -21,6 +22,16 @@ sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
 
+def counts(provider: str) -> list[int]:
+    """This process's calls, successes, failures, fallbacks and skips of `provider` so far."""
+    names = ("calls", "successes", "failures", "fallbacks", "skips")
+    return [
+        int(sum(s.value for m in REGISTRY.collect() if m.name == f"semilla_provider_{name}"
+                for s in m.samples if s.name.endswith("_total") and s.labels.get("provider") == provider))
+        for name in names
+    ]  # fmt: skip
+
+
 def test_the_providers_panel_shows_counters_and_cooldowns(tmp_path: Path, tiny_run: Path):
     providers = write_providers(
         tmp_path / "providers.yaml",
@@ -30,6 +41,8 @@ def test_the_providers_panel_shows_counters_and_cooldowns(tmp_path: Path, tiny_r
     )
     app = build_app(make_settings(tmp_path, providers=str(providers)), tiny_run)
     app.state.web_stats.interval_s = 0.5
+    # the counters are the process's (Prometheus): other tests' servers may have used these names
+    before = {name: counts(name) for name in ("dead", "tiny")}
     with serve(app) as url, sync_api.sync_playwright() as p:
         client = httpx.Client(base_url=url, timeout=60)
         register(client, "root", PASSWORD)
@@ -49,9 +62,11 @@ def test_the_providers_panel_shows_counters_and_cooldowns(tmp_path: Path, tiny_r
         dead = page.locator('#providers tr[data-provider="dead"] td')
         # provider, calls, answered, failed, fell back, skipped, mean latency, state
         cooling = re.compile(r"cooling down \d+ s")
-        expect(dead).to_have_text(["dead", "1", "0", "1", "1", "1", "–", cooling], timeout=20_000)
+        calls, successes, failures, fallbacks, skips = before["dead"]
+        expected = [calls + 1, successes, failures + 1, fallbacks + 1, skips + 1]
+        expect(dead).to_have_text(["dead", *map(str, expected), "–", cooling], timeout=20_000)
         tiny = page.locator('#providers tr[data-provider="tiny"] td')
-        expect(tiny.nth(1)).to_have_text("2")
-        expect(tiny.nth(2)).to_have_text("2")
+        expect(tiny.nth(1)).to_have_text(str(before["tiny"][0] + 2))
+        expect(tiny.nth(2)).to_have_text(str(before["tiny"][1] + 2))
         expect(tiny.last).to_have_text("local model")
         browser.close()
