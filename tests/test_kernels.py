@@ -119,22 +119,24 @@ def test_decode_attention_refuses_what_it_cannot_do(compiled) -> None:
 def test_linear_rows_matches_f_linear_side_by_side(compiled, two_threads, dtype, rows) -> None:
     torch.manual_seed(2)
     x = torch.randn(rows, 1, 1024, dtype=dtype)  # K = 1024: tasks of 64 rows, split over both threads
-    weights = [torch.randn(n, 1024, dtype=dtype) for n in (37, 164, 3)]  # row counts not multiples of 4
-    biases = [torch.randn(37, dtype=dtype), None, torch.randn(3, dtype=dtype)]
-    expected = torch.cat([F.linear(x.float(), w.float(), None if b is None else b.float()) for w, b in zip(weights, biases, strict=True)], -1)  # fmt: skip
-    got = compiled.linear_rows(x, weights, biases)
-    assert got.shape == (rows, 1, 204) and got.dtype == dtype
+    weight = torch.randn(203, 1024, dtype=dtype)  # not a multiple of 4 rows: 3 left unpacked
+    bias = torch.randn(203, dtype=dtype)
+    expected = F.linear(x.float(), weight.float(), bias.float())
+    got = compiled.linear_rows(x, kernels.pack_rows(weight), bias)
+    assert got.shape == (rows, 1, 203) and got.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.5)
     torch.testing.assert_close(got.float(), expected, **tol)
 
 
 def test_linear_rows_refuses_what_it_cannot_do(compiled) -> None:
     with pytest.raises(RuntimeError, match="1 to 4 rows"):
-        compiled.linear_rows(torch.randn(5, 16), [torch.randn(4, 16)], [None])
+        compiled.linear_rows(torch.randn(5, 16), torch.randn(4, 16), None)
     with pytest.raises(RuntimeError, match="multiple of 16"):
-        compiled.linear_rows(torch.randn(1, 12), [torch.randn(4, 12)], [None])
+        compiled.linear_rows(torch.randn(1, 12), torch.randn(4, 12), None)
     with pytest.raises(RuntimeError, match=r"\(N, K\)"):
-        compiled.linear_rows(torch.randn(1, 16), [torch.randn(16, 4).t()], [None])
+        compiled.linear_rows(torch.randn(1, 16), torch.randn(16, 4).t(), None)
+    with pytest.raises(RuntimeError, match=r"\(N,\)"):
+        compiled.linear_rows(torch.randn(1, 16), torch.randn(4, 16), torch.randn(5))
     assert kernels.linear_rows(torch.randn(5, 16), [torch.randn(4, 16)]) is None  # the model's guard
     assert kernels.linear_rows(torch.randn(1, 16, requires_grad=True), [torch.randn(4, 16)]) is None
 
@@ -145,7 +147,7 @@ def test_bfloat16_outputs_are_rounded_to_nearest(compiled) -> None:
     x = torch.randn(1, 512).bfloat16()
     w = torch.randn(300, 512).bfloat16()
     expected = (x.double() @ w.double().t()).to(torch.bfloat16)
-    got = compiled.linear_rows(x, [w], [None])
+    got = compiled.linear_rows(x, kernels.pack_rows(w), None)
     assert (got == expected).float().mean() > 0.97  # the rest: float32 sums a hair off a tie
 
 

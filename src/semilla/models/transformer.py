@@ -216,11 +216,10 @@ class FusedLinear:
 
     The layers keep their own parameters (and so Hugging Face's names); they are looked up by
     name on every call, so layers swapped for int8 ones (models/int8.py), or with hooks, are
-    simply called one by one. At inference on a CPU, 1 to 4 rows (a single stream's decode
-    step) go through semilla's few-rows kernel, which reads the layers' own weights (see
-    models/kernels.py). Otherwise, in eval mode with no gradient recorded (generation,
-    evaluation) the stacked weight is cached, prepacked for oneDNN on a CPU (see prepacks).
-    It is rebuilt when a weight is replaced or changed in place by a versioned op (a load, a
+    simply called one by one. In eval mode with no gradient recorded (generation, evaluation)
+    the stacked weight is cached: for 1 to 4 rows on a CPU (a single stream's decode step)
+    packed for semilla's few-rows kernel (models/kernels.py), for more rows prepacked for
+    oneDNN on a CPU (see prepacks); each is built when first needed. It is rebuilt when a weight is replaced or changed in place by a versioned op (a load, a
     plain optimizer, a dtype change), and forgotten when the model switches between train()
     and eval(): PyTorch's fused AdamW updates weights without bumping their version counters,
     and a training loop always switches to eval() before it evaluates.
@@ -230,12 +229,13 @@ class FusedLinear:
         self.owner, self.names, self.activation = owner, names, activation
         self.key: list | None = None
         self.prepared: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None
+        self.rows: tuple[torch.Tensor, torch.Tensor | None] | None = None  # for the few-rows kernel
 
     def forget(self) -> None:
-        self.key = self.prepared = None
+        self.key = self.prepared = self.rows = None
 
     def __getstate__(self) -> dict:  # copy.deepcopy, pickle: packed oneDNN tensors have no storage
-        return {**vars(self), "key": None, "prepared": None}
+        return {**vars(self), "key": None, "prepared": None, "rows": None}
 
     def _stack(self, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if len(linears) == 1:
@@ -265,10 +265,6 @@ class FusedLinear:
             if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
                 outputs = [act(lin(x)) for lin in linears]  # int8 layers, hooks: one call each
                 return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-        weights = [lin._parameters["weight"] for lin in linears]
-        kernel = kernels.linear_rows(x, weights)
-        if kernel is not None:  # a single stream: weights read at the memory's speed, as they are
-            return act(kernel(x, weights, [lin._parameters["bias"] for lin in linears]))
         if (
             torch.is_grad_enabled()
             or self.owner.training  # weights change under fused optimizers without a version bump
@@ -283,7 +279,15 @@ class FusedLinear:
             if p is not None
         ]
         if key != self.key:
-            self.prepared, self.key = self._prepare(linears), key
+            self.key, self.prepared, self.rows = key, None, None
+        kernel = kernels.linear_rows(x, [lin._parameters["weight"] for lin in linears])
+        if kernel is not None:  # a single stream: weights read at the memory's speed
+            if self.rows is None:
+                weight, bias = self._stack(linears)
+                self.rows = kernels.pack_rows(weight), bias
+            return act(kernel(x, *self.rows))
+        if self.prepared is None:
+            self.prepared = self._prepare(linears)
         weight, bias, packed = self.prepared
         if packed and activate and self.activation in FUSED_ACTIVATIONS:  # activation inside the kernel
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *FUSED_ACTIVATIONS[self.activation])
