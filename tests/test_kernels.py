@@ -212,7 +212,7 @@ def test_model_forward_uses_the_kernels_only_for_inference(compiled, monkeypatch
     assert calls == []
     with torch.no_grad():
         model(idx, torch.tensor([[0]]), cache)
-    assert set(calls) == {"decode_attention", "linear_rows", "rms_norm"}
+    assert set(calls) == {"decode_layer", "linear_rows", "rms_norm"}  # the layer's, the head's
 
 
 def test_a_broken_build_falls_back_with_one_warning(tmp_path, monkeypatch, caplog) -> None:
@@ -367,3 +367,38 @@ def test_loading_a_model_builds_the_kernels_so_generation_timings_exclude_the_bu
         assert kernels.compiled.cache_info().currsize == 1  # built (or found built) while loading
     finally:
         kernels.compiled.cache_clear()
+
+
+@pytest.mark.parametrize("extra", [{}, dict(n_kv_head=2, bias=True)])
+def test_the_whole_layer_kernel_gives_the_layers_own_results(compiled, monkeypatch, extra) -> None:
+    """A decode step with one decode_layer call per layer gives the logits, to the bit, of the
+    same layers run operation by operation; rows at different positions, grouped kv heads and
+    biases included."""
+    torch.manual_seed(7)
+    model = build_model(ModelConfig(vocab_size=30, n_layer=2, n_head=4, n_embd=64, block_size=32, **extra))
+    model.eval()
+    calls = []
+    whole_layer = kernels.decode_layer
+
+    def counted(*args):
+        found = whole_layer(*args)
+        calls.append(found is not None)
+        return found
+
+    prompts = torch.randint(0, 30, (2, 6))
+
+    def decode() -> torch.Tensor:
+        cache = model.new_cache(2)
+        with torch.no_grad():
+            model(prompts, torch.arange(6).expand(2, 6), cache)
+            steps = [
+                model(torch.tensor([[t], [t + 1]]), torch.tensor([[6 + i], [3 + i]]), cache)
+                for i, t in enumerate(range(5, 15))
+            ]
+        return torch.cat(steps, 1)
+
+    monkeypatch.setattr(kernels, "decode_layer", counted)
+    fused = decode()
+    assert calls and all(calls)  # every layer of every step went through the whole-layer kernel
+    monkeypatch.setattr(kernels, "decode_layer", lambda *args: None)
+    torch.testing.assert_close(fused, decode(), rtol=0, atol=0)

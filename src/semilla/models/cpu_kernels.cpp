@@ -314,11 +314,37 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
+// One llama decoder layer for a decode step (1 to 4 rows, float32): x + o(attention(rms(x)))
+// then + down(silu(gate) * up) of its rms, from the kernels above and ATen's own operators in
+// the order the model's Python runs them, so the result is the same to the bit; one call per
+// layer instead of ~25 Python-level operations, which took more of a 10M model's decode step
+// than its matmuls. Weights packed by kernels.pack_rows; qkv is q, k, v stacked, gate_up gate
+// and up; x (B, 1, C); caches, slots, cos and sin as decode_attention takes them.
+torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor qkv, c10::optional<torch::Tensor> qkv_bias,
+                           torch::Tensor o, c10::optional<torch::Tensor> o_bias, torch::Tensor mlp_norm,
+                           torch::Tensor gate_up, c10::optional<torch::Tensor> gate_up_bias, torch::Tensor down,
+                           c10::optional<torch::Tensor> down_bias, torch::Tensor k_cache, torch::Tensor v_cache,
+                           torch::Tensor slots, c10::optional<torch::Tensor> cos, c10::optional<torch::Tensor> sin,
+                           double eps) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && k_cache.dim() == 4, "x must be (B, 1, C), caches (B, nkv, S, hs)");
+  const int64_t B = x.size(0), nkv = k_cache.size(1), hs = k_cache.size(3);
+  const int64_t nh = qkv.size(0) / hs - 2 * nkv, hidden = gate_up.size(0) / 2;
+  TORCH_CHECK(nh > 0 && qkv.size(0) == (nh + 2 * nkv) * hs, "qkv must stack q, k and v of the cache's heads");
+  auto heads = linear_rows(rms_norm(x, attn_norm, eps), qkv, qkv_bias).view({B, nh + 2 * nkv, hs});
+  auto attended = decode_attention(heads.narrow(1, 0, nh), heads.narrow(1, nh, nkv), heads.narrow(1, nh + nkv, nkv),
+                                   k_cache, v_cache, slots, cos, sin);
+  x = x + linear_rows(attended.view({B, 1, nh * hs}), o, o_bias);
+  auto gated = linear_rows(rms_norm(x, mlp_norm, eps), gate_up, gate_up_bias);
+  auto mixed = at::silu(gated.narrow(-1, 0, hidden)) * gated.narrow(-1, hidden, hidden);
+  return x + linear_rows(mixed, down, down_bias);
+}
+
 // The GIL is released while a kernel runs, as PyTorch's own operators do: a server's HTTP
 // threads go on while the engine thread decodes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("decode_attention", &decode_attention, "one decode step of attention over a KV cache", release());
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, float32", release());
+  m.def("decode_layer", &decode_layer, "one llama decoder layer for a decode step, float32", release());
   m.def("linear_rows", &linear_rows, "x W^T + b for 1 to 4 rows of x, the weight packed by pack_rows", release());
 }

@@ -221,6 +221,21 @@ def linear_rows(x: torch.Tensor, weights: list[torch.Tensor]):
     return kernel("linear_rows")
 
 
+def decode_layer(x: torch.Tensor, norms: list[torch.Tensor], weights: list[torch.Tensor]):
+    """The whole-layer decode kernel (a llama layer: RMSNorm, attention, SwiGLU) where it
+    applies to x, else None: float32, where the RMSNorm and few-rows kernels apply, every
+    weight's K a multiple of 16."""
+    if (
+        x.dtype != torch.float32
+        or x.dim() != 3
+        or any(w.size(-1) % 16 for w in weights)
+        or any(rms_norm(x, w) is None for w in norms)
+        or linear_rows(x, weights[:1]) is None
+    ):
+        return None
+    return kernel("decode_layer")
+
+
 PACK = 4  # weight rows per packed group: cpu_kernels.cpp's PACK
 
 

@@ -259,33 +259,16 @@ class FusedLinear:
 
     def _linear(self, x: torch.Tensor, activate: bool) -> torch.Tensor:
         act = self._activate if activate else _identity
-        modules = self.owner._modules  # a plain dict: no nn.Module.__getattr__ on this hot path
-        linears = [modules[name] for name in self.names]
-        for lin in linears:
-            if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
-                outputs = [act(lin(x)) for lin in linears]  # int8 layers, hooks: one call each
-                return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-        if (
-            torch.is_grad_enabled()
-            or self.owner.training  # weights change under fused optimizers without a version bump
-            or torch.is_autocast_enabled(x.device.type)  # autocast chooses the dtypes: plain F.linear
-            or torch.compiler.is_compiling()  # the compiler fuses by itself, and a cache would break graphs
-        ):
+        linears = self._linears()
+        if not self._plain(linears):
+            outputs = [act(lin(x)) for lin in linears]  # int8 layers, hooks: one call each
+            return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        if not self._cacheable(x):
             return act(F.linear(x, *self._stack(linears)))
-        key = [
-            (p.data_ptr(), p._version, p.dtype)
-            for lin in linears
-            for p in lin._parameters.values()
-            if p is not None
-        ]
-        if key != self.key:
-            self.key, self.prepared, self.rows = key, None, None
+        self._refresh(linears)
         kernel = kernels.linear_rows(x, [lin._parameters["weight"] for lin in linears])
         if kernel is not None:  # a single stream: weights read at the memory's speed
-            if self.rows is None:
-                weight, bias = self._stack(linears)
-                self.rows = kernels.pack_rows(weight), bias
-            return act(kernel(x, *self.rows))
+            return act(kernel(x, *self._rows(linears)))
         if self.prepared is None:
             self.prepared = self._prepare(linears)
         weight, bias, packed = self.prepared
@@ -294,6 +277,53 @@ class FusedLinear:
         if packed:
             return act(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
         return act(F.linear(x, weight, bias))
+
+    def rows_weight(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The stacked weight packed for the few-rows kernel and the stacked bias (cached), for
+        a kernel that runs these layers itself; None where they must run as modules or the
+        cache may not be used (see _cacheable)."""
+        linears = self._linears()
+        if not self._plain(linears) or not self._cacheable(x):
+            return None
+        self._refresh(linears)
+        return self._rows(linears)
+
+    def _linears(self) -> list[nn.Module]:
+        modules = self.owner._modules  # a plain dict: no nn.Module.__getattr__ on this hot path
+        return [modules[name] for name in self.names]
+
+    @staticmethod
+    def _plain(linears: list[nn.Module]) -> bool:
+        """Plain nn.Linear layers without hooks (int8 layers and hooked ones run as modules)."""
+        return all(
+            type(lin) is nn.Linear and not lin._forward_hooks and not lin._forward_pre_hooks
+            for lin in linears
+        )
+
+    def _cacheable(self, x: torch.Tensor) -> bool:
+        return not (
+            torch.is_grad_enabled()
+            or self.owner.training  # weights change under fused optimizers without a version bump
+            or torch.is_autocast_enabled(x.device.type)  # autocast chooses the dtypes: plain F.linear
+            or torch.compiler.is_compiling()  # the compiler fuses by itself, and a cache would break graphs
+        )
+
+    def _refresh(self, linears: list[nn.Linear]) -> None:
+        """Forget what was prepared when a weight was replaced or changed in place."""
+        key = [
+            (p.data_ptr(), p._version, p.dtype)
+            for lin in linears
+            for p in lin._parameters.values()
+            if p is not None
+        ]
+        if key != self.key:
+            self.key, self.prepared, self.rows = key, None, None
+
+    def _rows(self, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.rows is None:
+            weight, bias = self._stack(linears)
+            self.rows = kernels.pack_rows(weight), bias
+        return self.rows
 
     def parts(self, x: torch.Tensor, adapters: RowAdapters | None = None) -> tuple[torch.Tensor, ...]:
         """Each layer's output (views of one matmul's result)."""
@@ -397,11 +427,36 @@ class DecoderLayer(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, rope, cache, step, layer, adapters: RowAdapters | None = None) -> torch.Tensor:
+        if step is not None and step.kernel is not None and adapters is None:  # a decode step
+            y = self.decode_step(x, rope, cache, step, layer)
+            if y is not None:
+                return y
         attended = self.self_attn(self.input_layernorm(x), rope, cache, step, layer, adapters)
         dropout = self.dropout if self.training else 0.0  # (a call less per layer at inference)
         x = x + (F.dropout(attended, dropout) if dropout else attended)
         mixed = self.mlp(self.post_attention_layernorm(x), adapters)
         return x + (F.dropout(mixed, dropout) if dropout else mixed)
+
+    def decode_step(self, x, rope, cache: KVCache, step: CacheStep, layer: int) -> torch.Tensor | None:
+        """The whole layer in one kernel call where it applies (a llama layer, float32, plain
+        linears in eval mode), else None. Same operations, same results: kernels.decode_layer."""
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        if self.mlp.kind != "swiglu" or not all(type(n) is RMSNorm for n in norms):
+            return None
+        attn = self.self_attn
+        parts = [f.rows_weight(x) for f in (attn.qkv, attn.out, self.mlp.up, self.mlp.down)]
+        if any(p is None for p in parts) or norms[0].eps != norms[1].eps:
+            return None
+        weights = [p[0] for p in parts]
+        kernel = kernels.decode_layer(x, [n.weight for n in norms], weights)
+        if kernel is None:
+            return None
+        (qkv, qkv_bias), (o, o_bias), (gate_up, gate_up_bias), (down, down_bias) = parts
+        cos, sin = rope or (None, None)
+        return kernel(
+            x, norms[0].weight, qkv, qkv_bias, o, o_bias, norms[1].weight, gate_up, gate_up_bias,
+            down, down_bias, cache.k[layer], cache.v[layer], step.slot, cos, sin, norms[0].eps,
+        )  # fmt: skip
 
 
 class TransformerBody(nn.Module):
