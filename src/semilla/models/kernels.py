@@ -223,14 +223,17 @@ def linear_rows(x: torch.Tensor, weights: list[torch.Tensor]):
 
 def decode_layer(x: torch.Tensor, norms: list[torch.Tensor], weights: list[torch.Tensor]):
     """The whole-layer decode kernel (a llama layer: RMSNorm, attention, SwiGLU) where it
-    applies to x, else None: float32, where the RMSNorm and few-rows kernels apply, every
-    weight's K a multiple of 16."""
+    applies, else None: x (1 to 4 rows, 1, C) and every weight float32 and contiguous, each
+    weight's K a multiple of 16. Called by every layer of every decode step: one inference
+    check for the whole layer."""
     if (
         x.dtype != torch.float32
         or x.dim() != 3
-        or any(w.size(-1) % 16 for w in weights)
-        or any(rms_norm(x, w) is None for w in norms)
-        or linear_rows(x, weights[:1]) is None
+        or not 0 < x.size(0) <= 4
+        or not x.is_contiguous()
+        or not all(w.dtype == torch.float32 and w.is_contiguous() and plain(w) for w in norms)
+        or not all(w.dtype == torch.float32 and w.size(-1) % 16 == 0 for w in weights)
+        or not inference_on_cpu(x)
     ):
         return None
     return kernel("decode_layer")

@@ -447,8 +447,7 @@ class DecoderLayer(nn.Module):
         parts = [f.rows_weight(x) for f in (attn.qkv, attn.out, self.mlp.up, self.mlp.down)]
         if any(p is None for p in parts) or norms[0].eps != norms[1].eps:
             return None
-        weights = [p[0] for p in parts]
-        kernel = kernels.decode_layer(x, [n.weight for n in norms], weights)
+        kernel = kernels.decode_layer(x, [n.weight for n in norms], [p[0] for p in parts])
         if kernel is None:
             return None
         (qkv, qkv_bias), (o, o_bias), (gate_up, gate_up_bias), (down, down_bias) = parts
