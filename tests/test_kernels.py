@@ -402,3 +402,17 @@ def test_the_whole_layer_kernel_gives_the_layers_own_results(compiled, monkeypat
     assert calls and all(calls)  # every layer of every step went through the whole-layer kernel
     monkeypatch.setattr(kernels, "decode_layer", lambda *args: None)
     torch.testing.assert_close(fused, decode(), rtol=0, atol=0)
+
+
+def test_a_layer_the_kernel_cannot_read_runs_operation_by_operation(compiled) -> None:
+    """A feed-forward width that is not a multiple of 16: the layer runs as modules (the down
+    projection through PyTorch), and the decode step still equals the full forward."""
+    torch.manual_seed(8)
+    model = build_model(ModelConfig(vocab_size=30, n_layer=1, n_head=2, n_embd=32, block_size=16, intermediate_size=40))  # fmt: skip
+    model.eval()
+    idx = torch.randint(0, 30, (1, 7))
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        model(idx[:, :6], torch.arange(6)[None], cache)
+        step = model(idx[:, 6:], torch.tensor([[6]]), cache)
+        torch.testing.assert_close(step[:, 0], model(idx)[:, -1], rtol=1e-5, atol=1e-5)

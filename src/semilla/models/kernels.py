@@ -221,18 +221,17 @@ def linear_rows(x: torch.Tensor, weights: list[torch.Tensor]):
     return kernel("linear_rows")
 
 
-def decode_layer(x: torch.Tensor, norms: list[torch.Tensor], weights: list[torch.Tensor]):
+def decode_layer(x: torch.Tensor, norms: list[torch.Tensor]):
     """The whole-layer decode kernel (a llama layer: RMSNorm, attention, SwiGLU) where it
-    applies, else None: x (1 to 4 rows, 1, C) and every weight float32 and contiguous, each
-    weight's K a multiple of 16. Called by every layer of every decode step: one inference
-    check for the whole layer."""
+    applies to x and the norms' weights, else None: x (1 to 4 rows, 1, C) and the norms float32
+    and contiguous. Its matmuls take float32 weights packed by `pack_rows` (the caller's part).
+    Called by every layer of every decode step: one inference check for the whole layer."""
     if (
         x.dtype != torch.float32
         or x.dim() != 3
         or not 0 < x.size(0) <= 4
         or not x.is_contiguous()
         or not all(w.dtype == torch.float32 and w.is_contiguous() and plain(w) for w in norms)
-        or not all(w.dtype == torch.float32 and w.size(-1) % 16 == 0 for w in weights)
         or not inference_on_cpu(x)
     ):
         return None

@@ -283,8 +283,8 @@ class FusedLinear:
         a kernel that runs these layers itself; None where they must run as modules or the
         cache may not be used (see _cacheable)."""
         linears = self._linears()
-        if not self._plain(linears) or not self._cacheable(x):
-            return None
+        if not self._plain(linears) or linears[0].in_features % 16 or not self._cacheable(x):
+            return None  # (the kernel reads 16 columns at a time)
         self._refresh(linears)
         return self._rows(linears)
 
@@ -441,14 +441,18 @@ class DecoderLayer(nn.Module):
         """The whole layer in one kernel call where it applies (a llama layer, float32, plain
         linears in eval mode), else None. Same operations, same results: kernels.decode_layer."""
         norms = (self.input_layernorm, self.post_attention_layernorm)
-        if self.mlp.kind != "swiglu" or not all(type(n) is RMSNorm for n in norms):
+        if (
+            self.mlp.kind != "swiglu"
+            or not all(type(n) is RMSNorm for n in norms)
+            or norms[0].eps != norms[1].eps
+        ):
+            return None
+        kernel = kernels.decode_layer(x, [n.weight for n in norms])
+        if kernel is None:
             return None
         attn = self.self_attn
         parts = [f.rows_weight(x) for f in (attn.qkv, attn.out, self.mlp.up, self.mlp.down)]
-        if any(p is None for p in parts) or norms[0].eps != norms[1].eps:
-            return None
-        kernel = kernels.decode_layer(x, [n.weight for n in norms], [p[0] for p in parts])
-        if kernel is None:
+        if any(p is None or p[0].dtype != torch.float32 for p in parts):
             return None
         (qkv, qkv_bias), (o, o_bias), (gate_up, gate_up_bias), (down, down_bias) = parts
         cos, sin = rope or (None, None)
