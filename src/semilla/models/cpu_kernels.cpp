@@ -15,6 +15,8 @@
 // weights a quarter slower). Several layers of one input (q, k, v) are packed as one weight.
 //
 // rms_norm: y = w * x / rms(x) per row, in float32 (one call instead of five operators).
+//
+// decode_layer: a whole llama layer of a single stream's decode step, from the kernels above.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

@@ -1,5 +1,6 @@
 """semilla's compiled CPU kernels for inference (`cpu_kernels.cpp`): a decode step of attention
-over the KV cache, the matmuls of a single stream (a few rows), and RMSNorm.
+over the KV cache, the matmuls of a single stream (a few rows), RMSNorm, and a whole llama
+layer of a decode step.
 
 They are built from source with the machine's C++ compiler the first time a model runs
 inference (20-25 s, once per machine, PyTorch and Python; cached under
