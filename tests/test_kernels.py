@@ -119,22 +119,24 @@ def test_decode_attention_refuses_what_it_cannot_do(compiled) -> None:
 def test_linear_rows_matches_f_linear_side_by_side(compiled, two_threads, dtype, rows) -> None:
     torch.manual_seed(2)
     x = torch.randn(rows, 1, 1024, dtype=dtype)  # K = 1024: tasks of 64 rows, split over both threads
-    weights = [torch.randn(n, 1024, dtype=dtype) for n in (37, 164, 3)]  # row counts not multiples of 4
-    biases = [torch.randn(37, dtype=dtype), None, torch.randn(3, dtype=dtype)]
-    expected = torch.cat([F.linear(x.float(), w.float(), None if b is None else b.float()) for w, b in zip(weights, biases, strict=True)], -1)  # fmt: skip
-    got = compiled.linear_rows(x, weights, biases)
-    assert got.shape == (rows, 1, 204) and got.dtype == dtype
+    weight = torch.randn(203, 1024, dtype=dtype)  # not a multiple of 4 rows: 3 left unpacked
+    bias = torch.randn(203, dtype=dtype)
+    expected = F.linear(x.float(), weight.float(), bias.float())
+    got = compiled.linear_rows(x, kernels.pack_rows(weight), bias)
+    assert got.shape == (rows, 1, 203) and got.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.5)
     torch.testing.assert_close(got.float(), expected, **tol)
 
 
 def test_linear_rows_refuses_what_it_cannot_do(compiled) -> None:
     with pytest.raises(RuntimeError, match="1 to 4 rows"):
-        compiled.linear_rows(torch.randn(5, 16), [torch.randn(4, 16)], [None])
+        compiled.linear_rows(torch.randn(5, 16), torch.randn(4, 16), None)
     with pytest.raises(RuntimeError, match="multiple of 16"):
-        compiled.linear_rows(torch.randn(1, 12), [torch.randn(4, 12)], [None])
+        compiled.linear_rows(torch.randn(1, 12), torch.randn(4, 12), None)
     with pytest.raises(RuntimeError, match=r"\(N, K\)"):
-        compiled.linear_rows(torch.randn(1, 16), [torch.randn(16, 4).t()], [None])
+        compiled.linear_rows(torch.randn(1, 16), torch.randn(16, 4).t(), None)
+    with pytest.raises(RuntimeError, match=r"\(N,\)"):
+        compiled.linear_rows(torch.randn(1, 16), torch.randn(4, 16), torch.randn(5))
     assert kernels.linear_rows(torch.randn(5, 16), [torch.randn(4, 16)]) is None  # the model's guard
     assert kernels.linear_rows(torch.randn(1, 16, requires_grad=True), [torch.randn(4, 16)]) is None
 
@@ -145,7 +147,7 @@ def test_bfloat16_outputs_are_rounded_to_nearest(compiled) -> None:
     x = torch.randn(1, 512).bfloat16()
     w = torch.randn(300, 512).bfloat16()
     expected = (x.double() @ w.double().t()).to(torch.bfloat16)
-    got = compiled.linear_rows(x, [w], [None])
+    got = compiled.linear_rows(x, kernels.pack_rows(w), None)
     assert (got == expected).float().mean() > 0.97  # the rest: float32 sums a hair off a tie
 
 
@@ -210,7 +212,7 @@ def test_model_forward_uses_the_kernels_only_for_inference(compiled, monkeypatch
     assert calls == []
     with torch.no_grad():
         model(idx, torch.tensor([[0]]), cache)
-    assert set(calls) == {"decode_attention", "linear_rows", "rms_norm"}
+    assert set(calls) == {"decode_layer", "linear_rows", "rms_norm"}  # the layer's, the head's
 
 
 def test_a_broken_build_falls_back_with_one_warning(tmp_path, monkeypatch, caplog) -> None:
@@ -365,3 +367,52 @@ def test_loading_a_model_builds_the_kernels_so_generation_timings_exclude_the_bu
         assert kernels.compiled.cache_info().currsize == 1  # built (or found built) while loading
     finally:
         kernels.compiled.cache_clear()
+
+
+@pytest.mark.parametrize("extra", [{}, dict(n_kv_head=2, bias=True)])
+def test_the_whole_layer_kernel_gives_the_layers_own_results(compiled, monkeypatch, extra) -> None:
+    """A decode step with one decode_layer call per layer gives the logits, to the bit, of the
+    same layers run operation by operation; rows at different positions, grouped kv heads and
+    biases included."""
+    torch.manual_seed(7)
+    model = build_model(ModelConfig(vocab_size=30, n_layer=2, n_head=4, n_embd=64, block_size=32, **extra))
+    model.eval()
+    calls = []
+    whole_layer = kernels.decode_layer
+
+    def counted(*args):
+        found = whole_layer(*args)
+        calls.append(found is not None)
+        return found
+
+    prompts = torch.randint(0, 30, (2, 6))
+
+    def decode() -> torch.Tensor:
+        cache = model.new_cache(2)
+        with torch.no_grad():
+            model(prompts, torch.arange(6).expand(2, 6), cache)
+            steps = [
+                model(torch.tensor([[t], [t + 1]]), torch.tensor([[6 + i], [3 + i]]), cache)
+                for i, t in enumerate(range(5, 15))
+            ]
+        return torch.cat(steps, 1)
+
+    monkeypatch.setattr(kernels, "decode_layer", counted)
+    fused = decode()
+    assert calls and all(calls)  # every layer of every step went through the whole-layer kernel
+    monkeypatch.setattr(kernels, "decode_layer", lambda *args: None)
+    torch.testing.assert_close(fused, decode(), rtol=0, atol=0)
+
+
+def test_a_layer_the_kernel_cannot_read_runs_operation_by_operation(compiled) -> None:
+    """A feed-forward width that is not a multiple of 16: the layer runs as modules (the down
+    projection through PyTorch), and the decode step still equals the full forward."""
+    torch.manual_seed(8)
+    model = build_model(ModelConfig(vocab_size=30, n_layer=1, n_head=2, n_embd=32, block_size=16, intermediate_size=40))  # fmt: skip
+    model.eval()
+    idx = torch.randint(0, 30, (1, 7))
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        model(idx[:, :6], torch.arange(6)[None], cache)
+        step = model(idx[:, 6:], torch.tensor([[6]]), cache)
+        torch.testing.assert_close(step[:, 0], model(idx)[:, -1], rtol=1e-5, atol=1e-5)

@@ -180,6 +180,26 @@ def test_inference_reuses_stacked_weights_until_a_weight_changes(mlp: str) -> No
         torch.testing.assert_close(model(idx), fresh(idx), rtol=0, atol=1e-6)
 
 
+def test_single_row_inference_sees_weights_changed_in_place() -> None:
+    """One row runs through the few-rows kernel's packed copy of the weights: an optimizer
+    step or a load must repack it, as it does the stacked weights of more rows."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)).eval()
+    idx = torch.randint(0, 50, (1, 1))
+    with torch.no_grad():
+        before = model(idx)
+    model(torch.randint(0, 50, (2, 10))).logsumexp(-1).mean().backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        after_step = model(idx)
+    assert not torch.allclose(before, after_step)
+    torch.testing.assert_close(after_step, model(idx).detach(), rtol=0, atol=1e-6)  # autograd's path
+    with torch.no_grad():
+        fresh = build_model(model.config).eval()
+        model.load_state_dict(fresh.state_dict())
+        torch.testing.assert_close(model(idx), fresh(idx), rtol=0, atol=0)
+
+
 def test_fused_adamw_updates_are_seen_by_the_next_evaluation() -> None:
     """Fused AdamW changes weights without bumping their versions: a training loop's
     train() / eval() switch is what refreshes the stacked weights."""

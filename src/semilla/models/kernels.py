@@ -1,5 +1,6 @@
 """semilla's compiled CPU kernels for inference (`cpu_kernels.cpp`): a decode step of attention
-over the KV cache, the matmuls of a single stream (a few rows), and RMSNorm.
+over the KV cache, the matmuls of a single stream (a few rows), RMSNorm, and a whole llama
+layer of a decode step.
 
 They are built from source with the machine's C++ compiler the first time a model runs
 inference (20-25 s, once per machine, PyTorch and Python; cached under
@@ -207,7 +208,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor):
 def linear_rows(x: torch.Tensor, weights: list[torch.Tensor]):
     """The few-rows matmul kernel where it applies to x against these weights, else None: 1 to
     4 rows (a single stream's decode step), K a multiple of 16, contiguous plain tensors of one
-    dtype."""
+    dtype. It reads the weights stacked and packed by `pack_rows`."""
     K = x.size(-1)
     if (
         not 0 < x.numel() <= 4 * K
@@ -215,10 +216,40 @@ def linear_rows(x: torch.Tensor, weights: list[torch.Tensor]):
         or x.dtype not in DTYPES
         or not x.is_contiguous()
         or not inference_on_cpu(x)
-        or not all(w.dtype == x.dtype and w.is_contiguous() and plain(w) for w in weights)
+        or not all(w.dtype == x.dtype and w.size(-1) == K and plain(w) for w in weights)
     ):
         return None
     return kernel("linear_rows")
+
+
+def decode_layer(x: torch.Tensor, norms: list[torch.Tensor]):
+    """The whole-layer decode kernel (a llama layer: RMSNorm, attention, SwiGLU) where it
+    applies to x and the norms' weights, else None: x (1 to 4 rows, 1, C) and the norms float32
+    and contiguous. Its matmuls take float32 weights packed by `pack_rows` (the caller's part).
+    Called by every layer of every decode step: one inference check for the whole layer."""
+    if (
+        x.dtype != torch.float32
+        or x.dim() != 3
+        or not 0 < x.size(0) <= 4
+        or not x.is_contiguous()
+        or not all(w.dtype == torch.float32 and w.is_contiguous() and plain(w) for w in norms)
+        or not inference_on_cpu(x)
+    ):
+        return None
+    return kernel("decode_layer")
+
+
+PACK = 4  # weight rows per packed group: cpu_kernels.cpp's PACK
+
+
+def pack_rows(weight: torch.Tensor) -> torch.Tensor:
+    """A weight (N, K) in the few-rows kernel's reading order, as a new (N, K) tensor: each group
+    of PACK rows as (K / 16, PACK, 16) (the group's 16 values of each column block side by side),
+    then the N % PACK last rows as they are."""
+    N, K = weight.shape
+    full = N - N % PACK
+    groups = weight[:full].reshape(full // PACK, PACK, K // 16, 16).transpose(1, 2)
+    return torch.cat([groups.reshape(full, K), weight[full:]])
 
 
 def kernel(name: str):

@@ -216,11 +216,10 @@ class FusedLinear:
 
     The layers keep their own parameters (and so Hugging Face's names); they are looked up by
     name on every call, so layers swapped for int8 ones (models/int8.py), or with hooks, are
-    simply called one by one. At inference on a CPU, 1 to 4 rows (a single stream's decode
-    step) go through semilla's few-rows kernel, which reads the layers' own weights (see
-    models/kernels.py). Otherwise, in eval mode with no gradient recorded (generation,
-    evaluation) the stacked weight is cached, prepacked for oneDNN on a CPU (see prepacks).
-    It is rebuilt when a weight is replaced or changed in place by a versioned op (a load, a
+    simply called one by one. In eval mode with no gradient recorded (generation, evaluation)
+    the stacked weight is cached: for 1 to 4 rows on a CPU (a single stream's decode step)
+    packed for semilla's few-rows kernel (models/kernels.py), for more rows prepacked for
+    oneDNN on a CPU (see prepacks); each is built when first needed. It is rebuilt when a weight is replaced or changed in place by a versioned op (a load, a
     plain optimizer, a dtype change), and forgotten when the model switches between train()
     and eval(): PyTorch's fused AdamW updates weights without bumping their version counters,
     and a training loop always switches to eval() before it evaluates.
@@ -230,12 +229,13 @@ class FusedLinear:
         self.owner, self.names, self.activation = owner, names, activation
         self.key: list | None = None
         self.prepared: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None
+        self.rows: tuple[torch.Tensor, torch.Tensor | None] | None = None  # for the few-rows kernel
 
     def forget(self) -> None:
-        self.key = self.prepared = None
+        self.key = self.prepared = self.rows = None
 
     def __getstate__(self) -> dict:  # copy.deepcopy, pickle: packed oneDNN tensors have no storage
-        return {**vars(self), "key": None, "prepared": None}
+        return {**vars(self), "key": None, "prepared": None, "rows": None}
 
     def _stack(self, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if len(linears) == 1:
@@ -259,23 +259,57 @@ class FusedLinear:
 
     def _linear(self, x: torch.Tensor, activate: bool) -> torch.Tensor:
         act = self._activate if activate else _identity
+        linears = self._linears()
+        if not self._plain(linears):
+            outputs = [act(lin(x)) for lin in linears]  # int8 layers, hooks: one call each
+            return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        if not self._cacheable(x):
+            return act(F.linear(x, *self._stack(linears)))
+        self._refresh(linears)
+        kernel = kernels.linear_rows(x, [lin._parameters["weight"] for lin in linears])
+        if kernel is not None:  # a single stream: weights read at the memory's speed
+            return act(kernel(x, *self._rows(linears)))
+        if self.prepared is None:
+            self.prepared = self._prepare(linears)
+        weight, bias, packed = self.prepared
+        if packed and activate and self.activation in FUSED_ACTIVATIONS:  # activation inside the kernel
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *FUSED_ACTIVATIONS[self.activation])
+        if packed:
+            return act(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
+        return act(F.linear(x, weight, bias))
+
+    def rows_weight(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The stacked weight packed for the few-rows kernel and the stacked bias (cached), for
+        a kernel that runs these layers itself; None where they must run as modules or the
+        cache may not be used (see _cacheable)."""
+        linears = self._linears()
+        if not self._plain(linears) or linears[0].in_features % 16 or not self._cacheable(x):
+            return None  # (the kernel reads 16 columns at a time)
+        self._refresh(linears)
+        return self._rows(linears)
+
+    def _linears(self) -> list[nn.Module]:
         modules = self.owner._modules  # a plain dict: no nn.Module.__getattr__ on this hot path
-        linears = [modules[name] for name in self.names]
-        for lin in linears:
-            if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
-                outputs = [act(lin(x)) for lin in linears]  # int8 layers, hooks: one call each
-                return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-        weights = [lin._parameters["weight"] for lin in linears]
-        kernel = kernels.linear_rows(x, weights)
-        if kernel is not None:  # a single stream: weights read at the memory's speed, as they are
-            return act(kernel(x, weights, [lin._parameters["bias"] for lin in linears]))
-        if (
+        return [modules[name] for name in self.names]
+
+    @staticmethod
+    def _plain(linears: list[nn.Module]) -> bool:
+        """Plain nn.Linear layers without hooks (int8 layers and hooked ones run as modules)."""
+        return all(
+            type(lin) is nn.Linear and not lin._forward_hooks and not lin._forward_pre_hooks
+            for lin in linears
+        )
+
+    def _cacheable(self, x: torch.Tensor) -> bool:
+        return not (
             torch.is_grad_enabled()
             or self.owner.training  # weights change under fused optimizers without a version bump
             or torch.is_autocast_enabled(x.device.type)  # autocast chooses the dtypes: plain F.linear
             or torch.compiler.is_compiling()  # the compiler fuses by itself, and a cache would break graphs
-        ):
-            return act(F.linear(x, *self._stack(linears)))
+        )
+
+    def _refresh(self, linears: list[nn.Linear]) -> None:
+        """Forget what was prepared when a weight was replaced or changed in place."""
         key = [
             (p.data_ptr(), p._version, p.dtype)
             for lin in linears
@@ -283,13 +317,13 @@ class FusedLinear:
             if p is not None
         ]
         if key != self.key:
-            self.prepared, self.key = self._prepare(linears), key
-        weight, bias, packed = self.prepared
-        if packed and activate and self.activation in FUSED_ACTIVATIONS:  # activation inside the kernel
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *FUSED_ACTIVATIONS[self.activation])
-        if packed:
-            return act(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
-        return act(F.linear(x, weight, bias))
+            self.key, self.prepared, self.rows = key, None, None
+
+    def _rows(self, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.rows is None:
+            weight, bias = self._stack(linears)
+            self.rows = kernels.pack_rows(weight), bias
+        return self.rows
 
     def parts(self, x: torch.Tensor, adapters: RowAdapters | None = None) -> tuple[torch.Tensor, ...]:
         """Each layer's output (views of one matmul's result)."""
@@ -393,11 +427,39 @@ class DecoderLayer(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, rope, cache, step, layer, adapters: RowAdapters | None = None) -> torch.Tensor:
+        if step is not None and step.kernel is not None and adapters is None:  # a decode step
+            y = self.decode_step(x, rope, cache, step, layer)
+            if y is not None:
+                return y
         attended = self.self_attn(self.input_layernorm(x), rope, cache, step, layer, adapters)
         dropout = self.dropout if self.training else 0.0  # (a call less per layer at inference)
         x = x + (F.dropout(attended, dropout) if dropout else attended)
         mixed = self.mlp(self.post_attention_layernorm(x), adapters)
         return x + (F.dropout(mixed, dropout) if dropout else mixed)
+
+    def decode_step(self, x, rope, cache: KVCache, step: CacheStep, layer: int) -> torch.Tensor | None:
+        """The whole layer in one kernel call where it applies (a llama layer, float32, plain
+        linears in eval mode), else None. Same operations, same results: kernels.decode_layer."""
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        if (
+            self.mlp.kind != "swiglu"
+            or not all(type(n) is RMSNorm for n in norms)
+            or norms[0].eps != norms[1].eps
+        ):
+            return None
+        kernel = kernels.decode_layer(x, [n.weight for n in norms])
+        if kernel is None:
+            return None
+        attn = self.self_attn
+        parts = [f.rows_weight(x) for f in (attn.qkv, attn.out, self.mlp.up, self.mlp.down)]
+        if any(p is None or p[0].dtype != torch.float32 for p in parts):
+            return None
+        (qkv, qkv_bias), (o, o_bias), (gate_up, gate_up_bias), (down, down_bias) = parts
+        cos, sin = rope or (None, None)
+        return kernel(
+            x, norms[0].weight, qkv, qkv_bias, o, o_bias, norms[1].weight, gate_up, gate_up_bias,
+            down, down_bias, cache.k[layer], cache.v[layer], step.slot, cos, sin, norms[0].eps,
+        )  # fmt: skip
 
 
 class TransformerBody(nn.Module):
