@@ -46,7 +46,7 @@ DEMO_CHAT := runs/demo-chat.jsonl
 DEMO_MINUTES := 4
 DEMO_TRAIN := --data src/semilla/demo/quijote.txt,$(DEMO_CHAT) --tokenizer bpe --vocab-size 1024 \
 	--n-layer 4 --n-head 4 --n-embd 128 --block-size 512 --batch-size 8 --max-iters 500 \
-	--learning-rate 3e-3 --min-lr 3e-4 --warmup-iters 50 --eval-interval 100 --save-interval 100 \
+	--learning-rate 3e-3 --min-lr 3e-4 --warmup-iters 50 --weight-decay 0.01 --eval-interval 100 --save-interval 100 \
 	--sample-interval 250
 
 demo: setup $(DEMO_DONE)
@@ -89,7 +89,8 @@ screenshots: setup browser
 bench: setup peers
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/train_peers.py --litgpt-python $(PEERS)/bin/python
-	$(BIN)/python bench/train_shakespeare.py
+	$(BIN)/python bench/quality_race.py --litgpt-python $(PEERS)/bin/python
+	$(BIN)/python bench/cost_growth.py
 	$(BIN)/python bench/grow.py
 	$(BIN)/python bench/generate_speed.py
 	$(BIN)/python bench/engine_speed.py
