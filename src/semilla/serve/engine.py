@@ -22,9 +22,7 @@ row of the logits before sampling; the other rows never see them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -379,18 +377,6 @@ class ModelWorker:
             self.active.pop()
 
 
-ENGINE_NICENESS = 5  # below the HTTP thread's priority, so answers to /health never wait on a step
-
-
-def yield_to_requests() -> None:
-    """Lower this thread's scheduling priority (Linux: per thread). On a machine with few cores the
-    engine's steps share a core with the event loop; at equal priority the kernel can leave the
-    loop waiting behind a step for tens of milliseconds, while a lower-priority engine gives way
-    the moment a request arrives and costs nothing when the loop is idle."""
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: as it was
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENGINE_NICENESS)
-
-
 class Engine:
     """The scheduler thread and the workers of every served model."""
 
@@ -482,7 +468,6 @@ class Engine:
 
     @torch.inference_mode()
     def _run(self) -> None:
-        yield_to_requests()
         while not self.stopping.is_set():
             while self.retired:
                 worker = self.retired.popleft()
