@@ -96,9 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp))
-        proc, _ = start_server(
-            checkpoint, Path(tmp) / "data", args.port, auth=False, threads=None, dtype=None
-        )
+        defaults = argparse.Namespace(server_threads=None, server_dtype=None)  # serve's own defaults
+        proc = start_server(checkpoint, Path(tmp) / "data", args.port, None, defaults, shared={}).proc
         url = f"http://127.0.0.1:{args.port}"
         try:
             runs = []

@@ -3,17 +3,21 @@
     make peers                                       # .venv-peers: torch 2.13 + litgpt + semilla
     pip install -e '.[bench]'                        # transformers, for the hf trainer
     python bench/train_peers.py --rounds 3 --steps 200 --threads 2 --litgpt-python .venv-peers/bin/python
+    python bench/train_peers.py --trainers semilla,semilla-fp32,hf-bf16,litgpt,litgpt-bf16
 
-Three trainers on the same data, shape, batch and thread count, each in its own process, in
+Trainers on the same data, shape, batch and thread count, each in its own process, in
 interleaved rounds (semilla, hf, litgpt, semilla, hf, litgpt, ...):
 
 - semilla: `semilla.train.train`, its own loop (nanoGPT's CPU recipe shape: gpt2 family, tied
-  head, 4 layers x 4 heads x 128, block 64, batch 12, AdamW 1e-3, betas 0.9/0.99, wd 0.1).
+  head, 4 layers x 4 heads x 128, block 64, batch 12, AdamW 1e-3, betas 0.9/0.99, wd 0.1) at its
+  defaults (bfloat16 autocast where the device has native bf16); semilla-fp32: `dtype=float32`.
 - hf: what most users would write: a plain PyTorch loop over Hugging Face's `GPT2LMHeadModel` of
-  the same shape with `torch.optim.AdamW` and gradient clipping at 1.0.
+  the same shape with `torch.optim.AdamW` and gradient clipping at 1.0; hf-bf16: under bf16 autocast.
 - litgpt: `litgpt pretrain`, litgpt's own pretraining loop from scratch (it compiles the model
-  with torch.compile), same sizes; litgpt has no learned position embeddings, so its attention
-  uses RoPE on a quarter of each head (its default for GPT-NeoX-style models).
+  with torch.compile), same sizes, float32; litgpt-bf16: its `bf16-mixed` precision. litgpt has no
+  learned position embeddings, so its attention uses RoPE on a quarter of each head.
+
+`--shape gpt2 --device cuda` runs GPT-2 small's body on a GPU (bench/gpu.sh).
 
 Data: ../shared/data/tinyshakespeare.txt, char-level, prepared once by `semilla prepare`; every
 trainer draws random 65-token windows of the same token array. Each trainer reports the median of
