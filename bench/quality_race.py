@@ -58,7 +58,7 @@ VAL_LINE = re.compile(r"(?:step|iter) (\d+)(?: val)?: (?:val )?loss ([0-9.]+)")
 
 
 def split_tokens(data: Path, split: str) -> torch.Tensor:
-    from semilla.data import TokenDataset
+    from semilla.batches import TokenDataset
 
     shards = TokenDataset(data, split).shards
     return torch.from_numpy(np.concatenate([np.asarray(s) for s in shards]).astype(np.int64))

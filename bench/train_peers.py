@@ -140,7 +140,7 @@ def run_litgpt(data: Path, steps: int, work: Path, python: str, precision: str =
     out = work / "litgpt"
     command = [
         python, "-m", "litgpt", "pretrain", "semilla-bench", "--model_config", json.dumps(config),
-        "--data", "train_peers.SameWindows", "--data.path", str(data),
+        "--data", "quality_race.RaceWindows", "--data.path", str(data),
         "--out_dir", str(out), "--precision", precision, "--devices", "1", "--logger_name", "csv",
         "--tokenizer_dir", "null", "--optimizer", json.dumps(optimizer),
         "--train.micro_batch_size", str(BATCH), "--train.global_batch_size", str(BATCH),
@@ -165,46 +165,6 @@ def run_litgpt(data: Path, steps: int, work: Path, python: str, precision: str =
     times = [float(r[key]) for r in rows if r.get(key)]
     rates = [WINDOW * BATCH * BLOCK / (b - a) for a, b in zip(times, times[1:], strict=False)]
     return warm_median(rates)
-
-
-try:  # litgpt's data module protocol, only where litgpt is installed (the litgpt trainer's process)
-    from litgpt.data import DataModule
-
-    class SameWindows(DataModule):
-        """Random (block + 1)-token windows of the prepared dataset, as the other trainers draw."""
-
-        def __init__(self, path: str = ""):
-            super().__init__()
-            self.path = path
-            self.batch_size, self.seq = 1, BLOCK
-
-        def connect(self, tokenizer=None, batch_size: int = 1, max_seq_length: int | None = None) -> None:
-            self.batch_size, self.seq = batch_size, max_seq_length or BLOCK
-
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(
-                _Windows(Path(self.path), self.seq + 1), batch_size=self.batch_size
-            )
-
-        def val_dataloader(self):
-            return torch.utils.data.DataLoader(
-                _Windows(Path(self.path), self.seq + 1, 4), batch_size=self.batch_size
-            )
-
-    class _Windows(torch.utils.data.IterableDataset):
-        def __init__(self, data: Path, length: int, limit: int | None = None):
-            self.tokens = torch.from_numpy(train_tokens(data).astype(np.int64))
-            self.length, self.limit = length, limit
-
-        def __iter__(self):
-            generator = torch.Generator().manual_seed(0)
-            n = 0
-            while self.limit is None or n < self.limit:
-                o = int(torch.randint(len(self.tokens) - self.length, (1,), generator=generator))
-                yield self.tokens[o : o + self.length]
-                n += 1
-except ImportError:
-    pass
 
 
 # --- the rounds ----------------------------------------------------------------------------------
