@@ -106,7 +106,8 @@ def test_an_admin_starts_watches_and_stops_the_learning_loop(runs: Path, tmp_pat
             "questions_asked") == 3, timeout=120, interval=0.2)  # fmt: skip
         assert state() == "running"
         stopping = client.post("/admin/learn/stop", headers=admin)
-        assert stopping.status_code == 200 and stopping.json()["job"]["state"] == "stopping"
+        # the loop may already have ended the wait and stopped by the time the answer is written
+        assert stopping.status_code == 200 and stopping.json()["job"]["state"] in ("stopping", "stopped")
         assert wait_until(lambda: state() == "stopped", timeout=30, interval=0.2)
         assert counters(client)["semilla_learn_questions_total"] == after["semilla_learn_questions_total"] + 1
         audit = client.get("/admin/audit", headers=admin).json()["data"]
