@@ -32,11 +32,12 @@ from semilla.export.hf import export_hf
 from semilla.export.importer import import_hf
 from semilla.export.quantize import quantize_int8
 from semilla.models import build_model
+from semilla.optim import make_optimizer
 from semilla.tokenizer import Tokenizer
 from semilla.train import train
 from semilla.train_inputs import init_model_config
 from semilla.train_metrics import batch_metrics, loss_fn, metric_sums
-from semilla.train_setup import make_optimizer, resume_configs, setup
+from semilla.train_setup import resume_configs, setup
 
 QUESTIONS = ["hola", "quien eres", "que hora es", "donde vives", "como estas", "que lees", "adios"]
 ANSWER = "soy el escudero."
@@ -353,12 +354,18 @@ def test_optimizer_state_round_trips_by_name(tmp_path: Path, tiny_run: Path) -> 
     model, _, _ = load_checkpoint(tiny_run / "last")
     names = {name for name, _ in model.named_parameters()}
     assert set(saved.state) == names
+    # the default optimizer: Muon's momentum for the blocks' matrices, AdamW's moments for the rest
+    muon = {n for g in saved.param_groups if g["optimizer"] == "muon" for n in g["params"]}
+    assert "model.layers.0.self_attn.q_proj.weight" in muon and "model.embed_tokens.weight" not in muon
+    first_moment = {name: "momentum_buffer" if name in muon else "exp_avg" for name in names}
     for name, param in model.named_parameters():
-        assert set(saved.state[name]) == {"exp_avg", "exp_avg_sq", "step"}
-        assert saved.state[name]["exp_avg"].shape == param.shape
-        assert float(saved.state[name]["step"]) == TINY_TRAIN["max_iters"]
+        if name in muon:
+            assert set(saved.state[name]) == {"momentum_buffer"}
+        else:
+            assert set(saved.state[name]) == {"exp_avg", "exp_avg_sq", "step"}
+            assert float(saved.state[name]["step"]) == TINY_TRAIN["max_iters"]
+        assert saved.state[name][first_moment[name]].shape == param.shape
     assert sorted(n for g in saved.param_groups for n in g["params"]) == sorted(names)
-    assert "model.layers.0.self_attn.q_proj.weight" in saved.param_groups[0]["params"]
     # write -> read is the identity
     (tmp_path / "copy").mkdir()
     write_optimizer_tensors(tmp_path / "copy", saved)
@@ -377,7 +384,8 @@ def test_optimizer_state_round_trips_by_name(tmp_path: Path, tiny_run: Path) -> 
     load_optimizer_state(tiny_run / "last", optimizer, model)
     restored = optimizer_state_by_name(optimizer, model)
     for name in names:
-        assert torch.equal(restored.state[name]["exp_avg"], saved.state[name]["exp_avg"]), name
+        moment = first_moment[name]
+        assert torch.equal(restored.state[name][moment], saved.state[name][moment]), name
 
 
 def test_optimizer_state_of_another_shape_is_refused_by_name(tmp_path: Path, tiny_run: Path) -> None:

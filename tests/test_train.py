@@ -41,7 +41,8 @@ def assert_same_training(a: Path, b: Path, steps: int) -> None:
 
 RESUME_CASES = {
     # constant LR: the schedule does not depend on max_iters, so N then 2N == 2N straight
-    "llama": dict(lr_schedule="constant"),
+    "llama": dict(lr_schedule="constant"),  # Muon on the blocks' matrices, AdamW on the rest
+    "llama-adamw": dict(lr_schedule="constant", optimizer="adamw"),
     # dropout draws from the torch RNG: only an exact RNG restore keeps the losses equal;
     # the plateau schedule's running factor is part of the restored state
     "dropout-plateau": dict(dropout=0.2, lr_schedule="plateau", eval_interval=2, plateau_patience=0),

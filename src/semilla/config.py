@@ -23,6 +23,7 @@ POSITIONS = ("rope", "learned", "sinusoidal")
 MLPS = ("swiglu", "gelu", "gelu_exact", "relu", "relu2")  # gelu: GPT-2 tanh form; gelu_exact: erf
 ARCHS = ("transformer", "lstm")
 SCHEDULES = ("cosine", "plateau", "constant")
+OPTIMIZERS = ("auto", "muon", "adamw")
 LOSS_ON = ("assistant", "all")
 GROW_MODES = ("exact", "stack")
 SHAPE_FIELDS = (
@@ -148,7 +149,8 @@ class TrainConfig:
     plateau_factor: float = 0.5  # plateau schedule: LR multiplier when validation stalls
     plateau_patience: int = 2  # evaluations without improvement before the LR drops
     plateau_min_lr: float = 1e-6  # plateau schedule: the LR never goes below this
-    weight_decay: float = 0.1  # AdamW weight decay (matrices only)
+    optimizer: str = "auto"  # muon: Muon for the transformer blocks' matrices, AdamW for the rest | adamw | auto: muon (adamw with --fsdp or LoRA)
+    weight_decay: float = 0.1  # decoupled weight decay (matrices only)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2
     grad_clip: float = 1.0  # 0 disables clipping
@@ -233,6 +235,12 @@ class TrainConfig:
             p.append("steps_per_age and grow_warmup_iters must be >= 0")
         if not 0 < self.age_scale <= 1:
             p.append(f"age_scale must be in (0, 1], got {self.age_scale}")
+        if self.optimizer not in OPTIMIZERS:
+            p.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        elif self.fsdp and self.optimizer == "muon":
+            p.append("fsdp cannot use --optimizer muon: Muon orthogonalises whole matrices, FSDP shards them")
+        elif self.lora_r and self.optimizer == "muon":
+            p.append("LoRA adapters train with --optimizer adamw (or auto), not muon")
         if self.fsdp and (self.lora_r or self.ages or self.target_age is not None or self.age_schedule):
             p.append(
                 "fsdp cannot be combined with LoRA or ages: it shards a whole model that keeps its shape"
@@ -249,6 +257,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "pos": POSITIONS,
     "mlp": MLPS,
     "lr_schedule": SCHEDULES,
+    "optimizer": OPTIMIZERS,
     "tokenizer": TOKENIZERS,
     "dtype": DTYPES,
     "truncate": ("left", "error"),

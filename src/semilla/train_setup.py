@@ -49,6 +49,7 @@ from semilla.models.lora import (
     apply_lora,
     load_adapter,
 )
+from semilla.optim import make_optimizer, resolved_optimizer
 from semilla.tokenizer import Tokenizer
 from semilla.train_inputs import (
     changed_fields,
@@ -136,18 +137,6 @@ def pick_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
     if dtype == "bfloat16" or (dtype == "auto" and native_bf16(device)):
         return torch.bfloat16
     return None
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms or biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # the fused kernel is one pass over all parameters: ~20% of a small model's step on CPU
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 PREPARED_DATA = re.compile(r"data(_\d+)?")  # raw text prepared into a run: data/, data_N/
@@ -415,12 +404,18 @@ def resume_configs(run_dir: str, overrides: dict[str, Any]) -> tuple[ModelConfig
     changed = changed_fields(model_cfg, wanted, ("vocab_size",))
     if changed:
         raise CheckpointError(f"cannot resume {run_dir} with a changed model shape: {', '.join(changed)}")
-    train_cfg = TrainConfig(**saved["train"])
+    # runs saved before --optimizer existed were trained with AdamW
+    train_cfg = TrainConfig(**{"optimizer": "adamw", **saved["train"]})
     started = dataclasses.replace(train_cfg)
     problems += apply_overrides(
         train_cfg, {k: v for k, v in overrides.items() if k not in ("out_dir", "data")}, "flags"
     )
     problems += train_cfg.problems()
+    if resolved_optimizer(train_cfg) != resolved_optimizer(started):  # the moments would not fit
+        raise CheckpointError(
+            f"cannot resume {run_dir} with another optimizer: it was trained with "
+            f"{resolved_optimizer(started)}"
+        )
     if plan_stages(started):  # the schedule (and so the length) of a run through ages is fixed
         changed = [k for k in (*AGE_SETTINGS, "max_iters") if getattr(train_cfg, k) != getattr(started, k)]
         if changed:
