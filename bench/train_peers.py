@@ -10,7 +10,10 @@ interleaved rounds (semilla, hf, litgpt, semilla, hf, litgpt, ...):
 
 - semilla: `semilla.train.train`, its own loop (nanoGPT's CPU recipe shape: gpt2 family, tied
   head, 4 layers x 4 heads x 128, block 64, batch 12, AdamW 1e-3, betas 0.9/0.99, wd 0.1) at its
-  defaults (bfloat16 autocast where the device has native bf16); semilla-fp32: `dtype=float32`.
+  defaults (bfloat16 autocast where the device has native bf16) but with the peers' optimizer,
+  AdamW, so that every trainer does the same work per step; semilla-fp32: `dtype=float32`;
+  semilla-muon: its default optimizer (Muon on the blocks' matrices), whose step costs more
+  and whose steps are worth more (bench/quality_race.py measures that).
 - hf: what most users would write: a plain PyTorch loop over Hugging Face's `GPT2LMHeadModel` of
   the same shape with `torch.optim.AdamW` and gradient clipping at 1.0; hf-bf16: under bf16 autocast.
 - litgpt: `litgpt pretrain`, litgpt's own pretraining loop from scratch (it compiles the model
@@ -50,9 +53,10 @@ SHAPES = {  # layers, heads, width, block, batch
 N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH = SHAPES["nanogpt"]
 LR, BETAS, WEIGHT_DECAY = 1e-3, (0.9, 0.99), 0.1
 WINDOW = 10  # steps per throughput window
-# semilla at its defaults (bfloat16 autocast where the device has native bfloat16) and in float32;
+# semilla at its defaults (bfloat16 autocast where the device has native bfloat16) with AdamW, in
+# float32, and with its default optimizer (Muon);
 # each peer in float32 and in bfloat16 mixed precision (autocast; litgpt's "bf16-mixed")
-TRAINERS = ("semilla", "semilla-fp32", "hf", "hf-bf16", "litgpt", "litgpt-bf16")
+TRAINERS = ("semilla", "semilla-fp32", "semilla-muon", "hf", "hf-bf16", "litgpt", "litgpt-bf16")
 DEVICE = "cpu"
 
 
@@ -75,7 +79,7 @@ def warm_median(rates: list[float]) -> float:
 # --- the trainers, one per process ---------------------------------------------------------------
 
 
-def run_semilla(data: Path, steps: int, work: Path, dtype: str = "auto") -> float:
+def run_semilla(data: Path, steps: int, work: Path, dtype: str = "auto", optimizer: str = "adamw") -> float:
     from semilla.config import ModelConfig, TrainConfig
     from semilla.train import train
 
@@ -88,7 +92,7 @@ def run_semilla(data: Path, steps: int, work: Path, dtype: str = "auto") -> floa
         learning_rate=LR, min_lr=LR / 10, warmup_iters=10, beta1=BETAS[0], beta2=BETAS[1],
         weight_decay=WEIGHT_DECAY, grad_clip=1.0, eval_interval=steps, eval_iters=1,
         log_interval=WINDOW, save_interval=10**9, sample_interval=10**9, progress=False, device=DEVICE,
-        dtype=dtype,
+        dtype=dtype, optimizer=optimizer,
     )  # fmt: skip
     train(model, cfg)
     rows = [json.loads(line) for line in (work / "semilla" / "metrics.jsonl").open()]
@@ -181,7 +185,8 @@ def worker(name: str, data: Path, steps: int, threads: int, litgpt_python: str) 
         elif name.startswith("hf"):
             rate = run_hf(data, steps, work, bf16=name.endswith("bf16"))
         else:
-            rate = run_semilla(data, steps, work, "float32" if name.endswith("fp32") else "auto")
+            dtype = "float32" if name.endswith("fp32") else "auto"
+            rate = run_semilla(data, steps, work, dtype, "muon" if name.endswith("muon") else "adamw")
     print(json.dumps({"trainer": name, "tokens_per_s": rate}))
 
 

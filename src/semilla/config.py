@@ -139,8 +139,8 @@ class TrainConfig:
     lora_from: str = ""  # a PEFT adapter to train on from (same rank, alpha, modules); empty: a new one
     tokenizer: str = "char"  # tokenizer to train when --data is raw text
     vocab_size_bpe: int = 8192  # BPE vocabulary size when --data is raw text and --tokenizer bpe
-    max_iters: int = 800  # optimizer steps to train for
-    batch_size: int = 16  # sequences per micro-batch
+    max_iters: int = 1600  # optimizer steps to train for
+    batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     learning_rate: float = 3e-3  # peak learning rate, reached after the warmup
     min_lr: float = 3e-4  # learning rate at the end of the cosine decay
