@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import assert_one_line_error, run_cli
 
-from semilla.retrieval.embedders import MINILM, load_embedder
+from semilla.retrieval.embedders import E5, MINILM, load_embedder
 
 
 @pytest.mark.slow
@@ -62,3 +62,11 @@ def test_embed_prints_the_library_vectors(tmp_path: Path):
     expected = load_embedder(MINILM).embed(["hola", "adiós"])
     assert np.abs(np.array([r["embedding"] for r in rows]) - expected).max() < 1e-6
     assert_one_line_error(run_cli("embed", "palabra " * 400), "tokens", "at most 256")
+
+
+def test_embed_with_e5_prints_passage_or_query_vectors():
+    emb = load_embedder(E5)
+    for flags, expected in (([], emb.embed(["hola"])), (["--query"], emb.embed_query(["hola"]))):
+        proc = run_cli("embed", "hola", "--model", E5, *flags)
+        assert proc.returncode == 0, proc.stderr
+        assert np.abs(np.array(json.loads(proc.stdout)["embedding"]) - expected[0]).max() < 1e-6

@@ -104,6 +104,19 @@ def test_add_search_dedup_filter_and_delete(books: Collections):
         books.delete_document(c, "molinos")
 
 
+def test_a_multilingual_e5_collection_searches_with_query_vectors(books: Collections):
+    from semilla.retrieval.embedders import E5, load_embedder
+
+    c = books.create("multilingue", Viewer(), embedder=E5)
+    books.add(c, DOCS)
+    hit = books.search(c, "¿Quién luchó contra los molinos?", k=1, mode="dense")[0]
+    assert hit.document_id == "molinos"
+    emb = load_embedder(E5)
+    # the dense score is the query's "query: " vector against the chunk's "passage: " vector
+    expected = float(emb.embed_query(["¿Quién luchó contra los molinos?"])[0] @ emb.embed([DOCS[0].text])[0])
+    assert hit.score == pytest.approx(expected, abs=1e-5)
+
+
 def test_a_bad_document_adds_nothing(books: Collections):
     c = books.create("libros", Viewer())
     with pytest.raises(SemillaError, match="NUL"):

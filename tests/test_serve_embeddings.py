@@ -13,7 +13,7 @@ import pytest
 from accounts_helpers import build_app, make_settings
 from server_helpers import running_server
 
-from semilla.retrieval.embedders import MINILM, load_embedder
+from semilla.retrieval.embedders import E5, MINILM, load_embedder
 
 TEXTS = ["En un lugar de la Mancha", "Los molinos de viento eran gigantes."]
 
@@ -56,6 +56,15 @@ def test_token_ids_and_a_served_model(client: openai.OpenAI, tiny_run: Path):
     tiny = client.embeddings.create(model="tiny", input=short, encoding_format="float")
     expected = load_embedder(str(tiny_run)).embed(short)
     assert np.abs(np.array([d.embedding for d in tiny.data]) - expected).max() < 1e-5
+
+
+def test_multilingual_e5_gives_passage_vectors_and_refuses_token_ids(client: openai.OpenAI, server: str):
+    r = client.embeddings.create(model=E5, input=TEXTS, encoding_format="float")
+    got = np.array([d.embedding for d in r.data], dtype=np.float32)
+    assert r.model == E5 and np.abs(got - load_embedder(E5).embed(TEXTS)).max() < 1e-5
+    ids = httpx.post(server + "/v1/embeddings", json={"model": E5, "input": [5, 6]}, timeout=60)
+    assert ids.status_code == 400 and "not token ids" in ids.json()["error"]["message"]
+    assert httpx.get(server + "/health", timeout=10).status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,10 @@ from pathlib import Path
 from semilla.errors import SemillaError
 from semilla.retrieval.fusion import DENSE_WEIGHT, FUSIONS
 
-EMBED_HELP = "all-MiniLM-L6-v2 (default) or a semilla checkpoint directory"
+EMBED_HELP = (
+    "all-MiniLM-L6-v2 (default; English), multilingual-e5-small (about 100 languages; the multilingual"
+    " extra) or a semilla checkpoint directory"
+)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -37,7 +40,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
             raise SemillaError(
                 f"text {i + 1} has {n} tokens; {embedder.name} takes at most {embedder.max_tokens}"
             )
-    for text, vector in zip(texts, embedder.embed(texts), strict=True):
+    vectors = embedder.embed_query(texts) if args.query else embedder.embed(texts)
+    for text, vector in zip(texts, vectors, strict=True):
         print(
             json.dumps({"text": text, "embedding": [round(float(x), 7) for x in vector]}, ensure_ascii=False)
         )
@@ -173,6 +177,11 @@ def add_parsers(sub) -> None:
     p.add_argument("text", nargs="*", help="texts to embed")
     p.add_argument("--file", help="a text file: one text per line")
     p.add_argument("--model", default="all-MiniLM-L6-v2", help=EMBED_HELP)
+    p.add_argument(
+        "--query",
+        action="store_true",
+        help="embed the texts as search queries (multilingual-e5-small marks queries apart from documents)",
+    )
     p.set_defaults(func=cmd_embed)
 
     index = sub.add_parser(

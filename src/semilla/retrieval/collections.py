@@ -423,7 +423,7 @@ class Collections:
         depth = max(k, CANDIDATES)
         rankings: list[list[tuple[int, float]]] = []
         if mode in ("hybrid", "dense"):
-            vector = self.embedder(row.embedder).embed([query])[0]
+            vector = self.embedder(row.embedder).embed_query([query])[0]
             rankings.append(self.vector_index(row).search(vector, depth, allowed))
         if mode in ("hybrid", "bm25"):
             rankings.append(self.lexical_index(row).search(query, depth, allowed))

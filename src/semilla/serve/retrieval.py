@@ -1,8 +1,8 @@
 """The server's side of retrieval: which embedding models it offers, its collections, and how
 retrieval errors become HTTP errors.
 
-Embedding models: all-MiniLM-L6-v2 (loaded on first use) and every served transformer model,
-by its id. Collections live in the accounts database; their FAISS files under
+Embedding models: all-MiniLM-L6-v2 and multilingual-e5-small (loaded on first use) and every
+served transformer model, by its id. Collections live in the accounts database; their FAISS files under
 <data_dir>/collections.
 """
 
@@ -23,19 +23,20 @@ from semilla.serve.settings import ServerSettings
 
 T = TypeVar("T")
 MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+E5_NAMES = ("multilingual-e5-small", "intfloat/multilingual-e5-small")
 
 
 class ServerEmbedders:
-    """Embedding models by the name a request gives: MiniLM or a served model's id."""
+    """Embedding models by the name a request gives: MiniLM, e5 or a served model's id."""
 
     def __init__(self, app: FastAPI):
         self.app = app
 
     def names(self) -> list[str]:
-        return [MINILM_NAMES[0], *self.app.state.semilla.models]
+        return [MINILM_NAMES[0], E5_NAMES[0], *self.app.state.semilla.models]
 
     def known(self, name: str) -> bool:
-        return name in MINILM_NAMES or name in self.app.state.semilla.models
+        return name in MINILM_NAMES or name in E5_NAMES or name in self.app.state.semilla.models
 
     def __call__(self, name: str):
         """The embedder for `name`; a checkpoint path is accepted here only because collections
