@@ -209,3 +209,33 @@ def test_an_int8_copy_has_as_many_parameters_as_its_model(tiny_run, tmp_path):
 
         cards = {m["id"]: m["parameters"] for m in httpx.get(url + "/v1/models").json()["data"]}
     assert cards["int8"] == cards["fp32"] > 0
+
+
+SERVE_AND_REPORT = """
+import gc, json, sys, threading, uvicorn
+from semilla.serve.server import serve
+from semilla.serve.settings import ServerSettings
+
+def report(self, sockets=None):  # instead of serving: what the collector sees at that moment
+    module = sys.modules.get("sentence_transformers")
+    print(json.dumps({
+        "imported": module is not None,
+        "importing": any(t.name == "semilla-retrieval-imports" for t in threading.enumerate()),
+        "module_in_sight": any(o is module for o in gc.get_objects()),
+        "frozen": gc.get_freeze_count(),
+    }))
+
+uvicorn.Server.run = report
+serve([sys.argv[1]], ServerSettings(_env_file=None, data_dir=sys.argv[2], port=0))
+"""
+
+
+def test_the_server_serves_only_once_the_retrieval_libraries_are_imported_and_frozen(tiny_run, tmp_path):
+    # imported after the freeze (under load, the first minute), their ~300k objects were walked
+    # by every full collection: /health stalled 0.1-0.4 s while 64 clients streamed
+    done = subprocess.run([sys.executable, "-c", SERVE_AND_REPORT, str(tiny_run), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["imported"] and not seen["importing"]
+    assert not seen["module_in_sight"] and seen["frozen"] > 100_000

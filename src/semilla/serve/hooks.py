@@ -86,4 +86,6 @@ class ServerHooks:
         """Count generated tokens against the caller's tokens-per-minute budget."""
 
     def record_completion(self, principal: Principal, record: CompletionRecord) -> None:
-        """Store a finished completion (request log, conversation history, feedback target)."""
+        """Store a finished completion (request log, conversation history, feedback target).
+        Called on the event loop unless record.conversation_id is set (then in a worker thread,
+        and the turn is stored when this returns): without a conversation it must not block."""

@@ -19,7 +19,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from semilla.checkpoint import resolve_checkpoint
 from semilla.errors import SemillaError
-from semilla.serve import alerts
+from semilla.serve import alerts, retrieval
 from semilla.serve.accounts import StartupPolicyError, check_startup_policy
 from semilla.serve.adapters import check_adapter_specs
 from semilla.serve.app import create_app
@@ -145,15 +145,18 @@ def serve(
     except StartupPolicyError as e:
         raise SemillaError(str(e)) from None
     torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 2) - 1))
+    imports = retrieval.start_imports()  # while the models load
     specs += providers.checkpoints() if providers else []
     models = load_models(specs, device=settings.device, dtype=settings.dtype)
     try:
         app = create_app(settings, models, providers)
     except (ValueError, OSError) as e:  # e.g. a content filter file that is missing or invalid
         raise SemillaError(f"cannot start the server: {e}") from None
-    # What is loaded by now (torch, the models, the app: ~400k objects) lives as long as the
-    # server. Frozen out of the collector's sight, so its full passes under load scan only what
-    # requests create: a pass over all of it stalled every request, /health too, for 0.2-0.6 s.
+    imports.join()
+    # What is loaded by now (torch, the models, the app, the retrieval libraries: ~600k objects)
+    # lives as long as the server. Frozen out of the collector's sight, so its full passes under
+    # load scan only what requests create: a pass over all of it stalled every request, /health
+    # too, for 0.2-0.6 s.
     gc.collect()
     gc.freeze()
     uvicorn.Server(http_config(app, settings)).run(sockets=[sock])

@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
 
 
-def require_json(request: Request) -> None:
-    """A body that is not declared JSON is refused before it is parsed (form posts, text)."""
+async def require_json(request: Request) -> None:
+    """A body that is not declared JSON is refused before it is parsed (form posts, text).
+    Async: on the event loop, not a thread-pool hop per request."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
         raise APIError(
@@ -135,7 +136,7 @@ async def complete(
         if cached is not None:
             # a hit has its own id: recorded too, so feedback and conversations can refer to it
             hit = dataclasses.replace(record(cached), latency_ms=0.0)
-            await run_in_threadpool(hooks.record_completion, principal, hit)
+            await record_now(hooks, principal, hit)
             if stream:
                 return StreamingResponse(render_stream(cached), media_type=media_type)
             return render(cached)
@@ -145,7 +146,7 @@ async def complete(
         """Cache and record; a conversation turn is on disk before the client hears the end."""
         if material is not None and result.complete:  # never a failed, filtered or cut answer
             hooks.cache_put(principal, material, result, result.size())
-        await run_in_threadpool(hooks.record_completion, principal, record(result))
+        await record_now(hooks, principal, record(result))
 
     if stream:
 
@@ -165,6 +166,15 @@ async def complete(
     result = await run_to_end(request, gen)
     await finished(result)
     return JSONResponse(render(result), headers=gen.headers)
+
+
+async def record_now(hooks, principal: Principal, record: CompletionRecord) -> None:
+    """Record a completion: a conversation turn is written before this returns, in a worker
+    thread; anything else is only queued, on the event loop (no thread-pool hop per request)."""
+    if record.conversation_id:
+        await run_in_threadpool(hooks.record_completion, principal, record)
+    else:
+        hooks.record_completion(principal, record)
 
 
 async def replay(result: Result) -> AsyncIterator[ChoiceDelta]:
