@@ -5,7 +5,9 @@ Everything is written under pytest's tmp paths; nothing lands in the repository.
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
 import tempfile
 
 # One intra-op thread: on a 2-core machine shared with other work, OpenMP's second thread
@@ -63,6 +65,28 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Pa
     result = train(*tiny_configs(prepared_dir, run_dir))
     assert result["step"] == TINY_TRAIN["max_iters"]
     return run_dir
+
+
+@pytest.fixture
+def cli_in_process(capsys: pytest.CaptureFixture):
+    """Run `semilla ARGS` in this process, as helpers.run_cli does in a subprocess but without
+    importing torch again for each call: a CompletedProcess with the exit code and the output.
+
+    `main` installs its own log handler on the root logger; the fixture puts logging back."""
+    from semilla.cli import main
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+
+    def run(*args) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        code = main(argv)
+        out = capsys.readouterr()
+        root.handlers[:], root.level = handlers, level
+        return subprocess.CompletedProcess(["semilla", *argv], code, out.out, out.err)
+
+    yield run
+    root.handlers[:], root.level = handlers, level
 
 
 @pytest.fixture(autouse=True)

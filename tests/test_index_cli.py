@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from helpers import assert_one_line_error, run_cli
 
 from semilla.retrieval.embedders import MINILM, load_embedder
 
 
-@pytest.mark.slow
-def test_index_round_trip(tmp_path: Path):
+def test_index_round_trip(tmp_path: Path, cli_in_process):
+    """The first command runs as a user runs it, in its own process; the rest run in this one
+    (the same `main`, without importing torch and loading the embedder again for each)."""
     data = ["--data-dir", str(tmp_path / "data")]
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "molinos.txt").write_text(
@@ -24,21 +24,21 @@ def test_index_round_trip(tmp_path: Path):
     assert added.returncode == 0, added.stderr
     assert "added 2 documents (2 chunks), 0 already there" in added.stdout
     assert "created collection libros" in added.stderr and "embedding into libros" in added.stderr  # progress
-    again = run_cli("index", "add", "libros", str(tmp_path / "docs" / "insula.md"), "--quiet", *data)
+    again = cli_in_process("index", "add", "libros", str(tmp_path / "docs" / "insula.md"), "--quiet", *data)
     assert "added 0 documents (0 chunks), 1 already there" in again.stdout
-    listed = run_cli("index", "list", "--json", *data)
+    listed = cli_in_process("index", "list", "--json", *data)
     assert [(c["name"], c["documents"]) for c in json.loads(listed.stdout)] == [("libros", 2)]
-    found = run_cli(
+    found = cli_in_process(
         "index", "search", "libros", "ínsula Barataria", "-k", "1", "--fusion", "rrf", "--json", *data
     )
     hit = json.loads(found.stdout)
     assert hit["document_id"].endswith("insula.md") and hit["metadata"]["parte"] == 1
     doc_id = hit["document_id"]
-    assert run_cli("index", "rm", "libros", doc_id, *data).returncode == 0
-    assert_one_line_error(run_cli("index", "rm", "libros", *data), "--yes")
-    assert run_cli("index", "rm", "libros", "--yes", *data).returncode == 0
+    assert cli_in_process("index", "rm", "libros", doc_id, *data).returncode == 0
+    assert_one_line_error(cli_in_process("index", "rm", "libros", *data), "--yes")
+    assert cli_in_process("index", "rm", "libros", "--yes", *data).returncode == 0
     assert_one_line_error(
-        run_cli("index", "search", "libros", "x", *data), "collection 'libros' does not exist"
+        cli_in_process("index", "search", "libros", "x", *data), "collection 'libros' does not exist"
     )
 
 
