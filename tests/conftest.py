@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO_TEXT, TINY_TRAIN, tiny_configs
+from helpers import DEMO_TEXT, TINY_TRAIN, clean_env, tiny_configs
 from hypothesis import settings
 
 from semilla.data import prepare
@@ -68,19 +68,25 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Pa
 
 
 @pytest.fixture
-def cli_in_process(capsys: pytest.CaptureFixture):
+def cli_in_process(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
     """Run `semilla ARGS` in this process, as helpers.run_cli does in a subprocess but without
     importing torch again for each call: a CompletedProcess with the exit code and the output.
 
-    `main` installs its own log handler on the root logger; the fixture puts logging back."""
+    The environment is run_cli's (no SEMILLA_* or DataShark variables). `main` installs its own
+    log handler on the root logger; the fixture puts logging back."""
     from semilla.cli import main
 
+    for name in os.environ.keys() - clean_env().keys():
+        monkeypatch.delenv(name)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
 
     def run(*args) -> subprocess.CompletedProcess:
         argv = [str(a) for a in args]
-        code = main(argv)
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's own errors (exit code 2), as `python -m semilla` exits
+            code = e.code
         out = capsys.readouterr()
         root.handlers[:], root.level = handlers, level
         return subprocess.CompletedProcess(["semilla", *argv], code, out.out, out.err)

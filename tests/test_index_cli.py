@@ -42,23 +42,24 @@ def test_index_round_trip(tmp_path: Path, cli_in_process):
     )
 
 
-def test_index_bad_input_is_one_line(tmp_path: Path):
+def test_index_bad_input_is_one_line(tmp_path: Path, cli_in_process):
     data = ["--data-dir", str(tmp_path / "data")]
     (tmp_path / "x.bin").write_bytes(bytes(range(256)))
     assert_one_line_error(
         run_cli("index", "add", "libros", str(tmp_path / "x.bin"), *data), "x.bin", "binary"
     )
     assert_one_line_error(
-        run_cli("index", "add", "libros", "--text", "hola", "--metadata", "{parte", *data), "--metadata"
+        cli_in_process("index", "add", "libros", "--text", "hola", "--metadata", "{parte", *data),
+        "--metadata",
     )
-    assert_one_line_error(run_cli("index", "list", "--owner", "nadie", *data), "nadie")
+    assert_one_line_error(cli_in_process("index", "list", "--owner", "nadie", *data), "nadie")
 
 
-def test_embed_prints_the_library_vectors(tmp_path: Path):
+def test_embed_prints_the_library_vectors(tmp_path: Path, cli_in_process):
     proc = run_cli("embed", "hola", "adiós")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["text"] for r in rows] == ["hola", "adiós"]
     expected = load_embedder(MINILM).embed(["hola", "adiós"])
     assert np.abs(np.array([r["embedding"] for r in rows]) - expected).max() < 1e-6
-    assert_one_line_error(run_cli("embed", "palabra " * 400), "tokens", "at most 256")
+    assert_one_line_error(cli_in_process("embed", "palabra " * 400), "tokens", "at most 256")
