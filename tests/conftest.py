@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import warnings
 
 # One intra-op thread: on a 2-core machine shared with other work, OpenMP's second thread
 # waits whole scheduler slices for each tiny matmul (16 ms instead of 4 us). Set before torch
@@ -72,8 +73,9 @@ def cli_in_process(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatc
     """Run `semilla ARGS` in this process, as helpers.run_cli does in a subprocess but without
     importing torch again for each call: a CompletedProcess with the exit code and the output.
 
-    The environment is run_cli's (no SEMILLA_* or DataShark variables). `main` installs its own
-    log handler on the root logger; the fixture puts logging back."""
+    The environment is run_cli's (no SEMILLA_* or DataShark variables), and the Python warnings
+    the command raises are on its stderr, as a fresh interpreter prints them. `main` installs its
+    own log handler on the root logger; the fixture puts logging back."""
     from semilla.cli import main
 
     for name in os.environ.keys() - clean_env().keys():
@@ -83,13 +85,19 @@ def cli_in_process(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatc
 
     def run(*args) -> subprocess.CompletedProcess:
         argv = [str(a) for a in args]
-        try:
-            code = main(argv)
-        except SystemExit as e:  # argparse's own errors (exit code 2), as `python -m semilla` exits
-            code = e.code
+        with warnings.catch_warnings(record=True) as caught:
+            # what a fresh interpreter would print on stderr (its default filters), each time
+            warnings.simplefilter("always")
+            for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", quiet)
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse's own errors (exit code 2), as `python -m semilla` exits
+                code = e.code
         out = capsys.readouterr()
         root.handlers[:], root.level = handlers, level
-        return subprocess.CompletedProcess(["semilla", *argv], code, out.out, out.err)
+        printed = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+        return subprocess.CompletedProcess(["semilla", *argv], code, out.out, printed + out.err)
 
     yield run
     root.handlers[:], root.level = handlers, level
