@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := runs/demo
 
-.PHONY: setup demo test bench peers lint format clean llama-cpp browser services screenshots
+.PHONY: setup demo test test-fast bench peers lint format clean llama-cpp browser services screenshots
 
 # llama-cpp-python compiles llama.cpp (about 7 minutes on 2 cores): the wheel is built once into
 # a cache outside the clone, then every fresh venv installs it from there. Portable x86-64 build
@@ -69,6 +69,10 @@ $(DEMO_DONE):
 
 test: setup browser services
 	$(BIN)/pytest -q --durations=25
+
+# The quick loop: every test but those marked slow (30 s or more each; `make test` runs them).
+test-fast: setup browser services
+	$(BIN)/pytest -q -m 'not slow' --durations=10
 
 # The browser tests drive Debian's chromium (Playwright's own download needs the network).
 browser:

@@ -5,8 +5,11 @@ Everything is written under pytest's tmp paths; nothing lands in the repository.
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
 import tempfile
+import warnings
 
 # One intra-op thread: on a 2-core machine shared with other work, OpenMP's second thread
 # waits whole scheduler slices for each tiny matmul (16 ms instead of 4 us). Set before torch
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO_TEXT, TINY_TRAIN, tiny_configs
+from helpers import DEMO_TEXT, TINY_TRAIN, clean_env, tiny_configs
 from hypothesis import settings
 
 from semilla.data import prepare
@@ -63,6 +66,41 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Pa
     result = train(*tiny_configs(prepared_dir, run_dir))
     assert result["step"] == TINY_TRAIN["max_iters"]
     return run_dir
+
+
+@pytest.fixture
+def cli_in_process(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """Run `semilla ARGS` in this process, as helpers.run_cli does in a subprocess but without
+    importing torch again for each call: a CompletedProcess with the exit code and the output.
+
+    The environment is run_cli's (no SEMILLA_* or DataShark variables), and the Python warnings
+    the command raises are on its stderr, as a fresh interpreter prints them. `main` installs its
+    own log handler on the root logger; the fixture puts logging back."""
+    from semilla.cli import main
+
+    for name in os.environ.keys() - clean_env().keys():
+        monkeypatch.delenv(name)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+
+    def run(*args) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        with warnings.catch_warnings(record=True) as caught:
+            # what a fresh interpreter would print on stderr (its default filters), each time
+            warnings.simplefilter("always")
+            for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", quiet)
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse's own errors (exit code 2), as `python -m semilla` exits
+                code = e.code
+        out = capsys.readouterr()
+        root.handlers[:], root.level = handlers, level
+        printed = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+        return subprocess.CompletedProcess(["semilla", *argv], code, out.out, printed + out.err)
+
+    yield run
+    root.handlers[:], root.level = handlers, level
 
 
 @pytest.fixture(autouse=True)

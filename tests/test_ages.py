@@ -143,13 +143,19 @@ def test_ages_from_the_command_line_and_a_schedule_file(tmp_path: Path, prepared
         (["--ages", "0,1", "--grow-mode", "magic"], "grow_mode"),
     ],
 )
-def test_bad_age_flags_are_one_line(tmp_path: Path, prepared_dir: Path, flags: list, needle: str) -> None:
-    proc = run_cli("train", "--data", prepared_dir, "--out-dir", tmp_path / "x", *tiny_train_flags(), *flags)
+def test_bad_age_flags_are_one_line(
+    tmp_path: Path, prepared_dir: Path, flags: list, needle: str, cli_in_process
+) -> None:
+    proc = cli_in_process(
+        "train", "--data", prepared_dir, "--out-dir", tmp_path / "x", *tiny_train_flags(), *flags
+    )
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "x" / "last").exists()
 
 
-def test_a_schedule_that_shrinks_is_refused_before_training(tmp_path: Path, prepared_dir: Path) -> None:
+def test_a_schedule_that_shrinks_is_refused_before_training(
+    tmp_path: Path, prepared_dir: Path, cli_in_process
+) -> None:
     schedule = tmp_path / "shrink.yaml"
     schedule.write_text(
         yaml.safe_dump(
@@ -161,7 +167,7 @@ def test_a_schedule_that_shrinks_is_refused_before_training(tmp_path: Path, prep
             }
         )
     )
-    proc = run_cli(
+    proc = cli_in_process(
         "train",
         "--data",
         prepared_dir,
@@ -220,11 +226,13 @@ def test_a_run_through_ages_keeps_its_schedule_on_resume(tmp_path: Path, prepare
             resume_configs(str(run), overrides)
 
 
-def test_a_refused_new_run_leaves_the_old_one_alone(tmp_path: Path, prepared_dir: Path) -> None:
+def test_a_refused_new_run_leaves_the_old_one_alone(
+    tmp_path: Path, prepared_dir: Path, cli_in_process
+) -> None:
     run = tmp_path / "run"
     train(*tiny_configs(prepared_dir, run))
     (run / "database_backup").mkdir()
-    proc = run_cli(
+    proc = cli_in_process(
         "train", "--data", prepared_dir, "--out-dir", run, *tiny_train_flags(), "--ages", "0,5", "--overwrite"
     )
     assert_one_line_error(proc, "unknown age 5")

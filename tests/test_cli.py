@@ -1,5 +1,10 @@
 """The CLI as a user meets it: each bad input is one `semilla: error:` line and exit code 2,
-never a traceback, and nothing is left half-written."""
+never a traceback, and nothing is left half-written.
+
+The checks that only read an error run cli.main in the test process (cli_in_process: run_cli's
+environment, Python's warnings on stderr), sparing a torch import each; what needs a process of
+its own (a file-size limit, another working directory) and a sample of what prepare and info
+print run as a user runs them."""
 
 from __future__ import annotations
 
@@ -10,7 +15,6 @@ from pathlib import Path
 import pytest
 from helpers import (
     assert_one_line_error,
-    clean_env,
     limit_file_size,
     run_cli,
     tiny_configs,
@@ -52,7 +56,7 @@ def test_prepare_prints_statistics(tmp_path: Path, corpus_file: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["empty-file", "folder-of-empty-files"])
-def test_empty_corpus(tmp_path: Path, kind: str) -> None:
+def test_empty_corpus(tmp_path: Path, kind: str, cli_in_process) -> None:
     if kind == "empty-file":
         target = tmp_path / "empty.txt"
         target.write_text("")
@@ -61,21 +65,25 @@ def test_empty_corpus(tmp_path: Path, kind: str) -> None:
         target.mkdir()
         (target / "a.txt").write_text("")
         (target / "b.md").write_text("")
-    proc = run_cli("prepare", target, "-o", tmp_path / "out")
+    proc = cli_in_process("prepare", target, "-o", tmp_path / "out")
     assert_one_line_error(proc, "empty", str(target))
     assert not (tmp_path / "out").exists()
 
 
-def test_empty_corpus_through_train(tmp_path: Path) -> None:
+def test_empty_corpus_through_train(tmp_path: Path, cli_in_process) -> None:
     (tmp_path / "empty.txt").write_text("")
-    proc = run_cli("train", "--data", tmp_path / "empty.txt", "--out-dir", tmp_path / "run", "--no-progress")
+    proc = cli_in_process(
+        "train", "--data", tmp_path / "empty.txt", "--out-dir", tmp_path / "run", "--no-progress"
+    )
     error_is_last_line(proc, "empty")
     assert not (tmp_path / "run" / "data").exists()
 
 
-def test_path_that_does_not_exist(tmp_path: Path) -> None:
+def test_path_that_does_not_exist(tmp_path: Path, cli_in_process) -> None:
     missing = tmp_path / "nope.txt"
-    assert_one_line_error(run_cli("prepare", missing, "-o", tmp_path / "out"), "not found", str(missing))
+    assert_one_line_error(
+        cli_in_process("prepare", missing, "-o", tmp_path / "out"), "not found", str(missing)
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -95,8 +103,8 @@ def test_binary_file_in_text_folder_is_skipped_with_a_warning(tmp_path: Path, co
 # --- train: configuration and data ------------------------------------------------------
 
 
-def test_n_embd_not_divisible_by_n_head(tmp_path: Path, prepared_dir: Path) -> None:
-    proc = run_cli(
+def test_n_embd_not_divisible_by_n_head(tmp_path: Path, prepared_dir: Path, cli_in_process) -> None:
+    proc = cli_in_process(
         "train",
         "--data",
         prepared_dir,
@@ -110,67 +118,69 @@ def test_n_embd_not_divisible_by_n_head(tmp_path: Path, prepared_dir: Path) -> N
     assert not (tmp_path / "run").exists()
 
 
-def test_every_config_problem_in_one_line(tmp_path: Path, prepared_dir: Path) -> None:
+def test_every_config_problem_in_one_line(tmp_path: Path, prepared_dir: Path, cli_in_process) -> None:
     flags = ["--n-embd", "33", "--dropout", "2", "--lr-schedule", "linear"]
-    proc = run_cli("train", "--data", prepared_dir, "--out-dir", tmp_path / "run", *flags)
+    proc = cli_in_process("train", "--data", prepared_dir, "--out-dir", tmp_path / "run", *flags)
     assert_one_line_error(proc, "n_embd (33)", "dropout", "lr_schedule")
 
 
-def test_block_size_larger_than_the_data(tmp_path: Path, prepared_dir: Path) -> None:
+def test_block_size_larger_than_the_data(tmp_path: Path, prepared_dir: Path, cli_in_process) -> None:
     flags = tiny_train_flags(block_size=4096)
-    proc = run_cli("train", "--data", prepared_dir, "--out-dir", tmp_path / "run", *flags)
+    proc = cli_in_process("train", "--data", prepared_dir, "--out-dir", tmp_path / "run", *flags)
     assert_one_line_error(proc, "block_size 4096 is larger than the data", "--block-size")
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_preset(tmp_path: Path, prepared_dir: Path) -> None:
-    proc = run_cli("train", "--preset", "gpt-17", "--data", prepared_dir)
+def test_unknown_preset(
+    tmp_path: Path, prepared_dir: Path, cli_in_process, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc = cli_in_process("train", "--preset", "gpt-17", "--data", prepared_dir)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "invalid choice: 'gpt-17'" in proc.stderr  # argparse's usage error, also exit 2
-    assert_one_line_error(run_cli("info", "gpt-17"), "'gpt-17' is neither a preset", "datashark-10m")
-    env = clean_env(SEMILLA_PRESET="gpt-17")
-    proc = run_cli("train", "--data", prepared_dir, "--out-dir", tmp_path / "run", env=env)
+    assert_one_line_error(cli_in_process("info", "gpt-17"), "'gpt-17' is neither a preset", "datashark-10m")
+    monkeypatch.setenv("SEMILLA_PRESET", "gpt-17")
+    proc = cli_in_process("train", "--data", prepared_dir, "--out-dir", tmp_path / "run")
     assert_one_line_error(proc, "unknown preset 'gpt-17'")
 
 
-def test_out_dir_under_a_regular_file(tmp_path: Path, prepared_dir: Path) -> None:
+def test_out_dir_under_a_regular_file(tmp_path: Path, prepared_dir: Path, cli_in_process) -> None:
     (tmp_path / "afile").write_text("not a folder")
     out = tmp_path / "afile" / "run"
-    proc = run_cli("train", "--data", prepared_dir, "--out-dir", out, *tiny_train_flags())
+    proc = cli_in_process("train", "--data", prepared_dir, "--out-dir", out, *tiny_train_flags())
     assert_one_line_error(proc, str(out), "Not a directory")
 
 
 # --- broken checkpoints -------------------------------------------------------------------
 
 
-def test_info_on_a_checkpoint_missing_a_file(run_copy: Path) -> None:
+def test_info_on_a_checkpoint_missing_a_file(run_copy: Path, cli_in_process) -> None:
     (run_copy / "last" / "tokenizer.json").unlink()
-    assert_one_line_error(run_cli("info", run_copy / "last"), "missing tokenizer.json")
+    assert_one_line_error(cli_in_process("info", run_copy / "last"), "missing tokenizer.json")
 
 
-def test_resume_from_a_checkpoint_missing_a_file(run_copy: Path) -> None:
+def test_resume_from_a_checkpoint_missing_a_file(run_copy: Path, cli_in_process) -> None:
     (run_copy / "last" / "model.safetensors").unlink()
-    proc = run_cli("train", "--resume", run_copy, "--max-iters", "10")
+    proc = cli_in_process("train", "--resume", run_copy, "--max-iters", "10")
     assert_one_line_error(proc, "missing model.safetensors")
 
 
-def test_resume_from_a_truncated_model_safetensors(run_copy: Path) -> None:
+def test_resume_from_a_truncated_model_safetensors(run_copy: Path, cli_in_process) -> None:
     weights = run_copy / "last" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    proc = run_cli("train", "--resume", run_copy, "--max-iters", "10")
+    proc = cli_in_process("train", "--resume", run_copy, "--max-iters", "10")
     assert_one_line_error(proc, "model.safetensors", "truncated or corrupt")
     assert weights.stat().st_size == 1000  # nothing was overwritten
 
 
-def test_resume_with_a_changed_model_shape(run_copy: Path) -> None:
+def test_resume_with_a_changed_model_shape(run_copy: Path, cli_in_process) -> None:
     before = (run_copy / "last" / "model.safetensors").read_bytes()
-    proc = run_cli("train", "--resume", run_copy, "--n-layer", "3")
+    proc = cli_in_process("train", "--resume", run_copy, "--n-layer", "3")
     assert_one_line_error(proc, "changed model shape", "n_layer 2 -> 3")
     assert (run_copy / "last" / "model.safetensors").read_bytes() == before
 
 
-def test_resume_of_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
-    assert_one_line_error(run_cli("train", "--resume", tmp_path), "no resumable checkpoint")
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path: Path, cli_in_process) -> None:
+    assert_one_line_error(cli_in_process("train", "--resume", tmp_path), "no resumable checkpoint")
 
 
 def test_resume_works_from_another_working_directory(
@@ -220,7 +230,7 @@ def test_info_datashark_10m() -> None:
     assert "gpt2 family" in proc.stdout
 
 
-def test_info_on_a_run_directory(tiny_run: Path) -> None:
-    report = json.loads(run_cli("info", tiny_run, "--json").stdout)
+def test_info_on_a_run_directory(tiny_run: Path, cli_in_process) -> None:
+    report = json.loads(cli_in_process("info", tiny_run, "--json").stdout)
     assert report["checkpoint"] == str(tiny_run / "best")
     assert report["layers"] == 2 and report["context"] == 32

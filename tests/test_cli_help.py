@@ -1,5 +1,8 @@
 """`--help` tells the truth: the defaults it prints are the ones the command uses, every flag
-says what it does, fixed choices are listed, and a mistyped flag or value gets one clear line."""
+says what it does, fixed choices are listed, and a mistyped flag or value gets one clear line.
+
+The one-line errors run cli.main in the test process (cli_in_process): each subprocess would
+import torch again to print one line; the chat and eval checks run as a user runs them."""
 
 from __future__ import annotations
 
@@ -101,8 +104,12 @@ def test_flags_with_fixed_values_list_them(flag: str, choices: tuple[str, ...]) 
     assert f"{flag} {action.metavar}" in command("train").format_help()
 
 
-def test_a_value_outside_the_choices_is_refused_with_the_list(prepared_dir: Path, tmp_path: Path) -> None:
-    proc = run_cli("train", "--data", prepared_dir, "--out-dir", tmp_path / "run", "--norm", "batchnorm")
+def test_a_value_outside_the_choices_is_refused_with_the_list(
+    prepared_dir: Path, tmp_path: Path, cli_in_process
+) -> None:
+    proc = cli_in_process(
+        "train", "--data", prepared_dir, "--out-dir", tmp_path / "run", "--norm", "batchnorm"
+    )
     assert_one_line_error(proc, "norm must be one of", "rmsnorm", "layernorm", "batchnorm")
 
 
@@ -118,8 +125,10 @@ def test_vocab_size_means_the_bpe_size_in_train_as_in_prepare() -> None:
     assert not hasattr(args, "vocab_size")
 
 
-def test_a_bad_number_names_the_flag_once() -> None:
-    line = assert_one_line_error(run_cli("train", "--n-layer", "two"), "expected an integer, got 'two'")
+def test_a_bad_number_names_the_flag_once(cli_in_process) -> None:
+    line = assert_one_line_error(
+        cli_in_process("train", "--n-layer", "two"), "expected an integer, got 'two'"
+    )
     assert line.count("--n-layer") == 1, line
 
 
@@ -130,20 +139,24 @@ def test_a_bad_chat_setting_is_one_plain_sentence(tiny_run: Path) -> None:
     assert session.command("/set temperature abc") == "error: expected a number, got 'abc'"
 
 
-def test_an_unknown_flag_suggests_the_closest() -> None:
+def test_an_unknown_flag_suggests_the_closest(cli_in_process) -> None:
     assert_one_line_error(
-        run_cli("train", "--lerning-rate", "0.1"), "--lerning-rate", "did you mean --learning-rate?"
+        cli_in_process("train", "--lerning-rate", "0.1"), "--lerning-rate", "did you mean --learning-rate?"
     )
 
 
-def test_resume_of_a_checkpoint_inside_a_run_says_to_pass_the_run(tmp_path: Path, tiny_run: Path) -> None:
+def test_resume_of_a_checkpoint_inside_a_run_says_to_pass_the_run(
+    tmp_path: Path, tiny_run: Path, cli_in_process
+) -> None:
     run = Path(shutil.copytree(tiny_run, tmp_path / "mine"))
-    assert_one_line_error(run_cli("train", "--resume", run / "last"), "not a run", f"--resume {run}")
+    assert_one_line_error(cli_in_process("train", "--resume", run / "last"), "not a run", f"--resume {run}")
 
 
-def test_eval_of_a_folder_that_is_not_a_dataset_says_so(tmp_path: Path, tiny_run: Path) -> None:
+def test_eval_of_a_folder_that_is_not_a_dataset_says_so(
+    tmp_path: Path, tiny_run: Path, cli_in_process
+) -> None:
     (tmp_path / "texts").mkdir()
-    proc = run_cli("eval", tiny_run, "--data", tmp_path / "texts")
+    proc = cli_in_process("eval", tiny_run, "--data", tmp_path / "texts")
     assert_one_line_error(proc, "is a folder but not a prepared dataset")
 
 

@@ -66,12 +66,12 @@ def test_cli_gguf_adapter_and_ollama_adapter_line(tmp_path):
     assert (tmp_path / "semilla-medicina" / "adapter.gguf").is_file()
 
 
-def test_an_adapter_for_another_base_is_refused_and_nothing_is_written(tmp_path):
+def test_an_adapter_for_another_base_is_refused_and_nothing_is_written(tmp_path, cli_in_process):
     ckpt = save_tiny(tmp_path / "ckpt", "llama", "char")
     adapter = random_adapter(ckpt, tmp_path / "a", "q_proj,v_proj")
     wider = save_tiny(tmp_path / "wider", "llama", "char", n_embd=64)
     proc = run_cli("export", "gguf", wider, tmp_path / "a.gguf", "--adapter", adapter)
     assert_one_line_error(proc, "do not fit the layer", "another base")
     assert not (tmp_path / "a.gguf").exists() and not list(tmp_path.glob(".a.gguf.tmp-*"))
-    proc = run_cli("export", "onnx", ckpt, tmp_path / "o", "--adapter", adapter)
+    proc = cli_in_process("export", "onnx", ckpt, tmp_path / "o", "--adapter", adapter)
     assert_one_line_error(proc, "--adapter is for export hf, gguf and ollama, not onnx")

@@ -107,7 +107,7 @@ def test_refuses_models_without_a_hf_architecture(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_import_refuses_pickles_and_other_architectures(tmp_path):
+def test_import_refuses_pickles_and_other_architectures(tmp_path, cli_in_process):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"pickle")
@@ -116,7 +116,7 @@ def test_import_refuses_pickles_and_other_architectures(tmp_path):
     )
     (tmp_path / "mistral").mkdir()
     (tmp_path / "mistral" / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"]}))
-    proc = run_cli("import", "hf", tmp_path / "mistral", tmp_path / "o")
+    proc = cli_in_process("import", "hf", tmp_path / "mistral", tmp_path / "o")
     assert_one_line_error(proc, "cannot import MistralForCausalLM")
 
 

@@ -302,10 +302,11 @@ def other_tokenizer_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "data"
 
 
-@pytest.mark.slow
 def test_cli_refuses_bad_starts_with_one_line(
-    tmp_path: Path, tiny_run: Path, prepared_dir: Path, other_tokenizer_data: Path
+    tmp_path: Path, tiny_run: Path, prepared_dir: Path, other_tokenizer_data: Path, cli_in_process
 ) -> None:
+    """The first refusal as a user meets it, in its own process; the others in this one (the
+    same cli.main, without importing torch again for each)."""
     base = [
         "train",
         "--data",
@@ -320,14 +321,14 @@ def test_cli_refuses_bad_starts_with_one_line(
     assert_one_line_error(proc, "--resume and --init-from")
 
     int8 = quantize_int8(tiny_run, tmp_path / "int8")
-    assert_one_line_error(run_cli(*base, "--init-from", int8), "int8", str(int8))
+    assert_one_line_error(cli_in_process(*base, "--init-from", int8), "int8", str(int8))
 
-    proc = run_cli(*base[:2], other_tokenizer_data, *base[3:], "--init-from", tiny_run)
+    proc = cli_in_process(*base[:2], other_tokenizer_data, *base[3:], "--init-from", tiny_run)
     assert_one_line_error(proc, "another tokenizer", "--tokenizer-from")
 
-    proc = run_cli(*base, "--init-from", tiny_run, "--n-layer", "3", "--n-embd", "64")
+    proc = cli_in_process(*base, "--init-from", tiny_run, "--n-layer", "3", "--n-embd", "64")
     assert_one_line_error(proc, "n_layer 2 -> 3", "n_embd 32 -> 64")
-    assert_one_line_error(run_cli(*base, "--init-from", tiny_run, "--preset", "tiny"), "--preset")
+    assert_one_line_error(cli_in_process(*base, "--init-from", tiny_run, "--preset", "tiny"), "--preset")
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 
 import pytest
@@ -12,7 +11,6 @@ from helpers import assert_one_line_error, clean_env, run_cli
 
 import semilla
 from semilla.checkpoint import save_checkpoint
-from semilla.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -21,22 +19,6 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("generate_cli") / "ckpt"
     save_checkpoint(path, tiny_model(tok), tok)
     return path
-
-
-@pytest.fixture
-def cli_in_process(capsys):
-    """Run `semilla ARGS` in this process (no torch import to wait for): (code, stderr lines).
-
-    `main` installs its own log handler on the root logger; the fixture puts logging back."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-
-    def run(*args) -> tuple[int, list[str]]:
-        code = main([str(a) for a in args])
-        return code, capsys.readouterr().err.strip().splitlines()
-
-    yield run
-    root.handlers[:], root.level = handlers, level
 
 
 @pytest.mark.parametrize(
@@ -54,7 +36,8 @@ def cli_in_process(capsys):
     ],
 )
 def test_bad_settings_are_one_line_errors(checkpoint, cli_in_process, flags, needle):
-    code, err = cli_in_process("generate", checkpoint, "--prompt", "the", *flags)
+    proc = cli_in_process("generate", checkpoint, "--prompt", "the", *flags)
+    code, err = proc.returncode, proc.stderr.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("semilla: error:") and needle in err[0], err
 

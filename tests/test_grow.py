@@ -481,7 +481,7 @@ def test_cli_refuses_bad_shapes(tmp_path, capsys, flags, needles):
     assert [p.name for p in tmp_path.iterdir()] == ["source"]
 
 
-def test_cli_refuses_lstm_and_int8(tmp_path):
+def test_cli_refuses_lstm_and_int8(tmp_path, cli_in_process):
     from semilla.export.quantize import quantize_int8
 
     lstm = save_tiny(tmp_path / "lstm", "llama", "char", arch="lstm", lstm_hidden=16)
@@ -489,7 +489,9 @@ def test_cli_refuses_lstm_and_int8(tmp_path):
         run_cli("grow", lstm, "-o", tmp_path / "a", "--n-layer", "3"), "LSTM", "only transformers"
     )
     int8 = quantize_int8(save_tiny(tmp_path / "float", "llama", "char"), tmp_path / "int8")
-    assert_one_line_error(run_cli("grow", int8, "-o", tmp_path / "b", "--n-layer", "3"), "int8 checkpoint")
+    assert_one_line_error(
+        cli_in_process("grow", int8, "-o", tmp_path / "b", "--n-layer", "3"), "int8 checkpoint"
+    )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -152,8 +152,10 @@ def test_into_adapter_learns_in_an_adapter_and_a_rejected_round_leaves_it_unchan
     assert recalled > recall(semilla.load(str(run), device="cpu"), questions, 48) == 0.0
     assert recalled == learn_stats(run)["per_round"][0]["recall"]  # the gate judged base + adapter
     kept = digest(adapter / "adapter_model.safetensors")
+    # a round that trains the adapter and is rejected: 200 steps train it as surely as 600 (and
+    # the gate rejects it at either: no new thing is recalled)
     with teacher_server(Teacher("lies")) as url:
-        cfg = settings(tmp_path, list(NEW_THINGS), teacher_url=url, into_adapter=str(adapter), train_steps=600,
+        cfg = settings(tmp_path, list(NEW_THINGS), teacher_url=url, into_adapter=str(adapter), train_steps=200,
                        learning_rate=5e-3, max_ppl_rise=0.02)  # fmt: skip
         [lied] = learn(run, **cfg)["rounds"]
     assert lied["status"] == "rolled_back"

@@ -102,11 +102,11 @@ def test_provider_shorthand():
         provider_settings("llama3")
 
 
-def test_learn_without_a_teacher_or_rounds_is_one_clear_line(tmp_path):
+def test_learn_without_a_teacher_or_rounds_is_one_clear_line(tmp_path, cli_in_process):
     assert_one_line_error(run_cli("learn", tmp_path), "teacher_url is required", "teacher_model is required")
-    assert_one_line_error(run_cli("learn", "stats", tmp_path), "no self-learning rounds yet")
+    assert_one_line_error(cli_in_process("learn", "stats", tmp_path), "no self-learning rounds yet")
     assert_one_line_error(
-        run_cli("learn", tmp_path, "--teacher", "llama3"), "--teacher must be PROVIDER/MODEL"
+        cli_in_process("learn", tmp_path, "--teacher", "llama3"), "--teacher must be PROVIDER/MODEL"
     )
 
 

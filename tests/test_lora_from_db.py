@@ -109,7 +109,7 @@ def test_filters_pick_conversations_on_sqlite_and_postgresql(database, postgres,
         chosen(username="nadie")
 
 
-def test_finetune_from_db_trains_on_the_chosen_conversations(tmp_path):
+def test_finetune_from_db_trains_on_the_chosen_conversations(tmp_path, cli_in_process):
     base = tiny_base(tmp_path / "base", block_size=16)
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     store = Store(url)
@@ -129,18 +129,20 @@ def test_finetune_from_db_trains_on_the_chosen_conversations(tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
     assert (out / "data").is_dir()  # the chosen conversations were prepared into the run
 
-    r = run_cli("finetune", base, "--from-db", url, "--domain", "cocina", "-o", tmp_path / "x", *common)
+    r = cli_in_process(
+        "finetune", base, "--from-db", url, "--domain", "cocina", "-o", tmp_path / "x", *common
+    )
     assert_one_line_error(r, "--from-db", "no conversation", "--domain cocina")
-    r = run_cli(
+    r = cli_in_process(
         "finetune", base, "--from-db", f"sqlite:///{tmp_path / 'none.db'}", "-o", tmp_path / "x", *common
     )
     assert_one_line_error(r, "--from-db: no database at")
     assert not (tmp_path / "none.db").exists()  # reading never creates one
-    r = run_cli("finetune", base, "--from-db", "not a url", "-o", tmp_path / "x", *common)
+    r = cli_in_process("finetune", base, "--from-db", "not a url", "-o", tmp_path / "x", *common)
     assert_one_line_error(r, "'not a url' is not a database URL")
-    r = run_cli("finetune", base, "--data", "x.jsonl", "--user", "ana", "-o", tmp_path / "x", *common)
+    r = cli_in_process("finetune", base, "--data", "x.jsonl", "--user", "ana", "-o", tmp_path / "x", *common)
     assert_one_line_error(r, "--user", "--from-db")
-    r = run_cli("finetune", base, "--from-db", url, "--since", "March", "-o", tmp_path / "x", *common)
+    r = cli_in_process("finetune", base, "--from-db", url, "--since", "March", "-o", tmp_path / "x", *common)
     assert r.returncode == 2 and "YYYY-MM-DD" in r.stderr
 
 
@@ -199,7 +201,7 @@ def test_conversations_are_tagged_with_at_most_32_domains(tmp_path):
         client.post(f"/v1/lora/jobs/{r.json()['id']}/cancel", headers=ana)
 
 
-def test_finetune_domain_picks_the_tagged_rows_of_a_jsonl(tmp_path):
+def test_finetune_domain_picks_the_tagged_rows_of_a_jsonl(tmp_path, cli_in_process):
     base = tiny_base(tmp_path / "base", block_size=16)
     rows = [{"domain": "Legal", "messages": [{"role": "user", "content": "contract?"},
                                              {"role": "assistant", "content": "a signed agreement " * 6}]},
@@ -220,9 +222,9 @@ def test_finetune_domain_picks_the_tagged_rows_of_a_jsonl(tmp_path):
     assert (tmp_path / "legal" / "adapter_model.safetensors").is_file()
     everything = train_tokens("-o", tmp_path / "all")
     assert 0.2 < legal / everything < 0.5  # one row in three is tagged legal
-    r = run_cli("finetune", base, "--data", data, "--domain", "cocina", "-o", tmp_path / "x", *common)
+    r = cli_in_process("finetune", base, "--data", data, "--domain", "cocina", "-o", tmp_path / "x", *common)
     assert_one_line_error(r, "--domain cocina", "no row of", "tagged")
-    r = run_cli(
+    r = cli_in_process(
         "finetune", base, "--data", tmp_path / "base", "--domain", "legal", "-o", tmp_path / "x", *common
     )
     assert_one_line_error(r, "is not a .jsonl file")
