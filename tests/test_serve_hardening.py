@@ -239,3 +239,35 @@ def test_the_server_serves_only_once_the_retrieval_libraries_are_imported_and_fr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["imported"] and not seen["importing"]
     assert not seen["module_in_sight"] and seen["frozen"] > 100_000
+
+
+def test_served_connections_send_small_answers_at_once() -> None:
+    """The listening socket is made so that the event loop sets TCP_NODELAY on every connection
+    it accepts (as uvicorn serves it: loop.create_server on that socket); without it, each
+    answer on a kept-alive connection waited ~40 ms for the client's delayed acknowledgement."""
+    import asyncio
+    import socket
+
+    from semilla.serve.server import bind_socket
+
+    async def accepted_nodelay() -> int:
+        loop = asyncio.get_running_loop()
+        seen: asyncio.Future = loop.create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        listener = bind_socket("127.0.0.1", 0)
+        server = await loop.create_server(Probe, sock=listener)
+        port = listener.getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
