@@ -94,12 +94,24 @@ def cli_in_process(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatc
                 code = main(argv)
             except SystemExit as e:  # argparse's own errors (exit code 2), as `python -m semilla` exits
                 code = e.code
+            finally:
+                root.handlers[:], root.level = handlers, level
         out = capsys.readouterr()
-        root.handlers[:], root.level = handlers, level
         printed = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
         return subprocess.CompletedProcess(["semilla", *argv], code, out.out, printed + out.err)
 
     yield run
+    root.handlers[:], root.level = handlers, level
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_kept():
+    """cli.main installs its own handler on the root logger, writing to the sys.stderr of the
+    moment: under pytest a captured stream, closed after its test. Put the root logger back after
+    every test, so no later test logs into a closed file (and prints "--- Logging error ---")."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
     root.handlers[:], root.level = handlers, level
 
 
