@@ -99,11 +99,6 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)  # builds new group dicts and a new state
-        for group in self.param_groups:  # saved as JSON: the tuple came back as a list
-            if "ns_coefficients" in group:
-                group["ns_coefficients"] = tuple(group["ns_coefficients"])
-            if "betas" in group:
-                group["betas"] = tuple(group["betas"])
         self._share()
 
     @torch.no_grad()
