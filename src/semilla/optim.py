@@ -11,6 +11,7 @@ about half the steps AdamW needs (bench/README.md, "Tokens to quality").
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -104,6 +105,65 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        self.muon.step()
+        for group in self.muon.param_groups:
+            muon_step(group, self.state)
         self.adamw.step()
         return loss
+
+
+@torch.no_grad()
+def muon_step(group: dict[str, Any], state: dict) -> None:
+    """torch.optim.Muon's update of one parameter group, with the Newton-Schulz iterations of
+    all same-shape matrices run as one batch: the same arithmetic (and state) as torch's loop
+    over matrices, in a few batched matmuls instead of some 15 small ones per matrix (a
+    small model's 28 matrices made a quarter of its training step on one CPU thread)."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
+        return
+    grads = [p.grad for p in params]
+    for p in params:
+        if "momentum_buffer" not in state[p]:
+            state[p]["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+    buffers = [state[p]["momentum_buffer"] for p in params]
+    momentum, lr = group["momentum"], group["lr"]
+    torch._foreach_lerp_(buffers, grads, 1 - momentum)
+    updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+    torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+    by_shape: dict[torch.Size, list[int]] = {}
+    for i, p in enumerate(params):
+        by_shape.setdefault(p.shape, []).append(i)
+    for shape, index in by_shape.items():
+        ortho = orthogonalise(
+            torch.stack([updates[i] for i in index]),
+            group["ns_coefficients"],
+            group["ns_steps"],
+            group["eps"],
+        )
+        torch._foreach_add_(
+            [params[i] for i in index], list(ortho.float().unbind()), alpha=-lr * lr_ratio(group, shape)
+        )
+
+
+def orthogonalise(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float):
+    """Muon's quintic Newton-Schulz iteration on a batch of matrices (n, rows, cols), in
+    bfloat16, as torch.optim.Muon runs it on one: each scaled to spectral norm <= 1, worked on
+    in its wide orientation, and brought to roughly U V^T of its SVD."""
+    a, b, c = coefficients
+    x = updates.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+def lr_ratio(group: dict[str, Any], shape: torch.Size) -> float:
+    """Muon's learning-rate factor for a matrix of `shape` (torch.optim.Muon's adjust_lr_fn):
+    Moonshot's 0.2 * sqrt(max dimension) gives updates AdamW's RMS; the original sqrt(rows / cols)."""
+    rows, cols = shape[:2]
+    if group["adjust_lr_fn"] == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1, rows / cols))
