@@ -275,6 +275,27 @@ def test_inference_under_cpu_autocast_follows_the_float32_logits() -> None:
     assert (mixed.float() - exact).abs().max() < 0.05 * exact.abs().max()
 
 
+def test_training_attention_under_cpu_autocast_runs_in_float32() -> None:
+    """A llama layer under bfloat16 autocast (RoPE leaves q and k in float32, v in bfloat16):
+    attention runs in float32 (the CPU's bfloat16 SDPA backward is ~4x slower), so its output
+    and the gradients of q, k, v equal float32 SDPA's on the same inputs."""
+    from semilla.models import transformer
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 16, 8, requires_grad=True), torch.randn(2, 4, 16, 8, requires_grad=True)
+    v = torch.randn(2, 4, 16, 8).bfloat16().requires_grad_()
+    out_grad = torch.randn(2, 4, 16, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = transformer.causal_attention(q, k, v, 0.0, False)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v.float(), is_causal=True)
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed, exact.bfloat16(), rtol=0, atol=0)
+    grads = torch.autograd.grad(mixed.float(), (q, k, v), out_grad)
+    exact_grads = torch.autograd.grad(exact, (q, k, v), out_grad)
+    for ours, reference in zip(grads, exact_grads, strict=True):
+        torch.testing.assert_close(ours.float(), reference.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_a_model_used_for_inference_still_deep_copies_and_pickles(tmp_path) -> None:
     import copy
 

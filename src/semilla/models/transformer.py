@@ -342,12 +342,18 @@ def causal_attention(q, k, v, dropout: float, gqa: bool) -> torch.Tensor:
     """Causal SDPA over whole sequences. Under bfloat16 autocast on the CPU it runs in float32:
     there the fused kernel's bfloat16 backward is about 4x slower than its float32 one, and the
     attention matmuls are a small share of the step's work next to the projections."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and q.dtype == torch.bfloat16:
+    # the autocast dtype, not q's, decides: RoPE's float32 tables turn a bfloat16 q and k to
+    # float32 while v stays bfloat16, and SDPA under autocast would take them all to bfloat16
+    if (
+        q.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    ):
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), is_causal=True, dropout_p=dropout, enable_gqa=gqa
             )
-        return y.to(q.dtype)
+        return y.to(torch.bfloat16)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
 
 
