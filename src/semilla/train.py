@@ -428,7 +428,11 @@ def train(
                 f"{world.size} processes" if world.distributed else "one process",
                 t.run_dir,
             )
-        return fit(t)
+        result = fit(t)
+        # no rank tears the process group down while another still works in it (rank 0
+        # writing the last checkpoint): a rank leaving early was seen to abort in gloo's teardown
+        any_rank(world, False, t.device)
+        return result
     except RuntimeError as e:  # another rank died (killed, out of memory) or hung
         if not (world.distributed and lost_a_process(e)):
             raise
