@@ -78,10 +78,17 @@ class LexicalIndex:
         return [(int(self.ids[d]), float(s)) for d, s in zip(docs[0], scores[0], strict=True) if s > 0]
 
     def expanded_search(
-        self, query: str, feedback: list[int], k: int, allowed: np.ndarray | None = None
+        self,
+        query: str,
+        feedback: list[int],
+        k: int,
+        allowed: np.ndarray | None = None,
+        terms: int = FEEDBACK_TERMS,
+        original_weight: float = ORIGINAL_WEIGHT,
     ) -> list[tuple[int, float]]:
-        """The k best (chunk id, score) for `query` expanded with the terms of the `feedback`
-        chunk ids (a first search's best; see the module's docstring); only `allowed` ids when given."""
+        """The k best (chunk id, score) for `query` expanded with the `terms` best terms of the
+        `feedback` chunk ids (a first search's best; see the module's docstring); only `allowed`
+        ids when given."""
         if self.retriever is None or k <= 0:
             return []
         vocab, n_terms = self.retriever.vocab_dict, len(self.retriever.scores["indptr"]) - 1
@@ -90,9 +97,9 @@ class LexicalIndex:
         own = [vocab[t] for t in tokens if vocab.get(t, n_terms) < n_terms]
         weights: dict[int, float] = {}
         for term in own:  # a term said twice counts twice, as in search
-            weights[term] = weights.get(term, 0.0) + ORIGINAL_WEIGHT / len(own)
-        for term, weight in self.feedback_terms(feedback).items():
-            weights[term] = weights.get(term, 0.0) + (1 - ORIGINAL_WEIGHT) * weight
+            weights[term] = weights.get(term, 0.0) + original_weight / len(own)
+        for term, weight in self.feedback_terms(feedback, terms).items():
+            weights[term] = weights.get(term, 0.0) + (1 - original_weight) * weight
         if not weights:
             return []
         scores = self.score_terms(weights)
@@ -101,18 +108,18 @@ class LexicalIndex:
         best = np.argsort(-scores, kind="stable")[: min(k, len(scores))]
         return [(int(self.ids[d]), float(scores[d])) for d in best if scores[d] > 0]
 
-    def feedback_terms(self, feedback: list[int]) -> dict[int, float]:
-        """The FEEDBACK_TERMS heaviest term ids of the `feedback` chunks, weights summing to 1."""
+    def feedback_terms(self, feedback: list[int], terms: int = FEEDBACK_TERMS) -> dict[int, float]:
+        """The `terms` heaviest term ids of the `feedback` chunks, weights summing to 1."""
         positions = np.flatnonzero(np.isin(self.ids, feedback))
         if not len(positions):
             return {}
-        starts, terms, scores = self.chunk_terms()
+        starts, chunk_terms, scores = self.chunk_terms()
         total = np.zeros(len(self.retriever.scores["indptr"]) - 1)  # per term
         for p in positions:
             mine = scores[starts[p] : starts[p + 1]]
             if mine.sum() > 0:
-                total[terms[starts[p] : starts[p + 1]]] += mine / mine.sum()
-        best = np.argsort(-total, kind="stable")[:FEEDBACK_TERMS]
+                total[chunk_terms[starts[p] : starts[p + 1]]] += mine / mine.sum()
+        best = np.argsort(-total, kind="stable")[:terms]
         best = best[total[best] > 0]
         return {int(t): float(total[t] / total[best].sum()) for t in best}
 
