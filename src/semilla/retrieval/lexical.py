@@ -105,7 +105,9 @@ class LexicalIndex:
         scores = self.score_terms(weights)
         if allowed is not None:
             scores[~np.isin(self.ids, allowed)] = 0.0
-        best = np.argsort(-scores, kind="stable")[: min(k, len(scores))]
+        k = min(k, len(scores))
+        best = np.argpartition(-scores, k - 1)[:k]  # the k best unordered: O(N), not a full sort
+        best = best[np.argsort(-scores[best], kind="stable")]
         return [(int(self.ids[d]), float(scores[d])) for d in best if scores[d] > 0]
 
     def feedback_terms(self, feedback: list[int], terms: int = FEEDBACK_TERMS) -> dict[int, float]:
