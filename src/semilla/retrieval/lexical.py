@@ -5,11 +5,13 @@ Tokens: lower-cased words of two or more letters, Spanish and English stop words
 (PyStemmer) of the collection's language, Spanish or English, whichever of the two stop word
 lists its texts use more; no stemming when they use neither (another language).
 
-Query expansion (pseudo-relevance feedback, RM3 as Anserini runs it): the best terms of the
-chunks a first search ranked highest are added to the query. Each feedback chunk's terms weigh
-what they score in it (BM25: tf and idf), divided by its total, so that each chunk has one vote;
-the FEEDBACK_TERMS heaviest terms of their sum share 1 - ORIGINAL_WEIGHT, the query's own terms
-ORIGINAL_WEIGHT; a chunk's score is the weighted sum of its terms' BM25 scores.
+Query expansion (pseudo-relevance feedback in the manner of RM3, at Anserini's RM3 defaults):
+the best terms of the chunks a first search ranked highest are added to the query. Unlike RM3's
+term frequencies weighted by query likelihood, each feedback chunk's terms weigh what they
+score in it (BM25: tf and idf, so words common to the whole collection weigh little), divided
+by its total, so that each chunk has one vote; the FEEDBACK_TERMS heaviest terms of their sum
+share 1 - ORIGINAL_WEIGHT, the query's own terms ORIGINAL_WEIGHT; a chunk's score is the
+weighted sum of its terms' BM25 scores.
 """
 
 from __future__ import annotations
