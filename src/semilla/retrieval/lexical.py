@@ -66,7 +66,7 @@ class LexicalIndex:
     ids: np.ndarray  # (N,) chunk row ids, in the order bm25s numbers the texts
     version: int
     language: str | None = None  # the stemmer's, for queries as for texts
-    # each chunk's (term ids, BM25 scores), made on the first expanded search (see chunk_terms)
+    # each chunk's terms and their BM25 scores, made on the first expanded search (chunk_terms)
     _chunk_terms: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def search(self, query: str, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
@@ -107,9 +107,7 @@ class LexicalIndex:
         scores = self.score_terms(weights)
         if allowed is not None:
             scores[~np.isin(self.ids, allowed)] = 0.0
-        k = min(k, len(scores))
-        best = np.argpartition(-scores, k - 1)[:k]  # the k best unordered: O(N), not a full sort
-        best = best[np.argsort(-scores[best], kind="stable")]
+        best = top_positions(scores, k)
         return [(int(self.ids[d]), float(scores[d])) for d in best if scores[d] > 0]
 
     def feedback_terms(self, feedback: list[int], terms: int = FEEDBACK_TERMS) -> dict[int, float]:
@@ -123,9 +121,9 @@ class LexicalIndex:
             mine = scores[starts[p] : starts[p + 1]]
             if mine.sum() > 0:
                 total[chunk_terms[starts[p] : starts[p + 1]]] += mine / mine.sum()
-        best = np.argsort(-total, kind="stable")[:terms]
+        best = top_positions(total, terms)
         best = best[total[best] > 0]
-        return {int(t): float(total[t] / total[best].sum()) for t in best}
+        return dict(zip(best.tolist(), (total[best] / total[best].sum()).tolist(), strict=True))
 
     def chunk_terms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(starts (N + 1,), term ids, scores): chunk i's terms are terms[starts[i]:starts[i + 1]].
@@ -151,6 +149,15 @@ class LexicalIndex:
             span = slice(indptr[term], indptr[term + 1])
             scores[indices[span]] += weight * data[span]
         return scores
+
+
+def top_positions(values: np.ndarray, k: int) -> np.ndarray:
+    """The positions of the k largest values, largest first (a partition, then a sort of k)."""
+    k = min(k, len(values))
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    best = np.argpartition(-values, k - 1)[:k]
+    return best[np.argsort(-values[best], kind="stable")]
 
 
 def stemmer_for(language: str | None) -> Stemmer.Stemmer | None:
