@@ -133,7 +133,7 @@ class LexicalIndex:
         if self._chunk_terms is None:
             matrix = self.retriever.scores
             by_term = np.diff(matrix["indptr"])
-            entry_terms = np.repeat(np.arange(len(by_term)), by_term)
+            entry_terms = np.repeat(np.arange(len(by_term), dtype=np.int32), by_term)
             order = np.argsort(matrix["indices"], kind="stable")
             counts = np.bincount(matrix["indices"], minlength=len(self.ids))
             starts = np.concatenate([[0], np.cumsum(counts)])
