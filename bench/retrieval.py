@@ -1,6 +1,6 @@
 """Retrieval quality on Don Quijote, and FAISS speed/recall at 100k vectors.
 
-    .venv/bin/python bench/retrieval.py quality            # BM25, dense (MiniLM, e5, semilla), hybrid
+    .venv/bin/python bench/retrieval.py quality            # BM25, dense (MiniLM, e5, semilla), hybrid, expansion
     .venv/bin/python bench/retrieval.py quality --checkpoint runs/x/best
     .venv/bin/python bench/retrieval.py ann                # exact vs HNSW, 100k synthetic vectors
     .venv/bin/python bench/retrieval.py collection         # a 100k-chunk collection end to end
