@@ -1,6 +1,6 @@
 """Retrieval quality on Don Quijote, and FAISS speed/recall at 100k vectors.
 
-    .venv/bin/python bench/retrieval.py quality            # BM25, dense (MiniLM, e5, semilla), hybrid
+    .venv/bin/python bench/retrieval.py quality            # BM25, dense (MiniLM, e5, semilla), hybrid, expansion
     .venv/bin/python bench/retrieval.py quality --checkpoint runs/x/best
     .venv/bin/python bench/retrieval.py ann                # exact vs HNSW, 100k synthetic vectors
     .venv/bin/python bench/retrieval.py collection         # a 100k-chunk collection end to end
@@ -187,6 +187,41 @@ def cross_validated(method: str, grid: list, lexical_run: list, dense_run: list,
     return out, chosen
 
 
+# Query expansion's grid: feedback chunks x terms x the original query's weight (RM3's fbDocs,
+# fbTerms, originalQueryWeight); for hybrid also the dense weight of the second fusion.
+EXPANSION_GRID = [(m, t, w) for m in (5, 10, 20, 30) for t in (5, 10, 20) for w in (0.3, 0.5, 0.7)]
+SECOND_FUSION_WEIGHTS = (0.0, 0.1, 0.2, DENSE_WEIGHT)
+
+
+def expanded_runs(index, queries: list[str], seeds: list, param) -> list[list[tuple[int, float]]]:
+    """Each query's BM25 ranking with the query expanded by its seed ranking's best chunks."""
+    chunks, terms, weight = param
+    return [index.expanded_search(q, [i for i, _ in seed[:chunks]], DEPTH, terms=terms, original_weight=weight)
+            for q, seed in zip(queries, seeds, strict=True)]  # fmt: skip
+
+
+def cross_validated_expansion(index, queries, seeds, dense_run, relative):
+    """As cross_validated, over EXPANSION_GRID (x SECOND_FUSION_WEIGHTS when `dense_run` is
+    given: the expanded BM25 ranking fused again with it by relative score)."""
+    grid, fused = [], {}
+    for param in EXPANSION_GRID:
+        lexical_run = expanded_runs(index, queries, seeds, param)
+        for weight in SECOND_FUSION_WEIGHTS if dense_run else (None,):
+            grid.append((*param, weight))
+            fused[grid[-1]] = (
+                fuse("relative_score", weight, lexical_run, dense_run) if dense_run else ids_of(lexical_run)
+            )
+    folds = [list(range(0, len(relative), 2)), list(range(1, len(relative), 2))]
+    out: list[list[int]] = [[] for _ in relative]
+    chosen = []
+    for tune, test in (folds, folds[::-1]):
+        best = max(grid, key=lambda p: np.mean([ndcg_at(fused[p][q], relative[q], 10) for q in tune]))
+        chosen.append(best)
+        for q in test:
+            out[q] = fused[best][q]
+    return out, chosen
+
+
 def quality(args: argparse.Namespace) -> dict:
     queries, texts, relevant = corpus(ChunkConfig(args.chunk_size, args.chunk_overlap))
     print(f"{len(queries)} queries, {len(texts)} chunks of {args.chunk_size} chars", file=sys.stderr)
@@ -217,6 +252,28 @@ def quality(args: argparse.Namespace) -> dict:
             name = f"hybrid bm25 + {tag}, {method}, tuned on the other half"
             fused, chosen[name] = cross_validated(method, grid, b, d, relevant)
             rows[name] = score(fused, relevant)
+    # query expansion (semilla.retrieval.lexical), at Anserini's RM3 defaults and cross-validated:
+    # BM25 alone seeded by BM25; hybrid seeded by the first fusion, then fused again with dense,
+    # as Collections.search(expand=True)
+    defaults = (lexical.FEEDBACK_CHUNKS, lexical.FEEDBACK_TERMS, lexical.ORIGINAL_WEIGHT)
+    bm25_expanded = expanded_runs(stemmed, queries, runs["bm25"], defaults)
+    rows["bm25, expanded (RM3 at Anserini's defaults)"] = score(ids_of(bm25_expanded), relevant)
+    name = "bm25, expanded, tuned on the other half"
+    fused, chosen[name] = cross_validated_expansion(stemmed, queries, runs["bm25"], None, relevant)
+    rows[name] = score(fused, relevant)
+    for dense in ("dense MiniLM", "dense e5"):
+        tag, d = dense.split()[1], runs[dense]
+        first = [
+            relative_score([b, x], [1 - DENSE_WEIGHT, DENSE_WEIGHT])
+            for b, x in zip(runs["bm25"], d, strict=True)
+        ]
+        again = expanded_runs(stemmed, queries, first, defaults)
+        rows[f"hybrid bm25 + {tag}, expanded (defaults), fused again"] = score(
+            fuse("relative_score", DENSE_WEIGHT, again, d), relevant
+        )
+        name = f"hybrid bm25 + {tag}, expanded, tuned on the other half"
+        fused, chosen[name] = cross_validated_expansion(stemmed, queries, first, d, relevant)
+        rows[name] = score(fused, relevant)
     print("\n| run | recall@5 | nDCG@10 |\n|---|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['recall@5']:.3f} | {r['ndcg@10']:.3f} |")
@@ -227,6 +284,11 @@ def quality(args: argparse.Namespace) -> dict:
         default = rows[f"hybrid bm25 + {tag}, relative_score, dense weight {DENSE_WEIGHT}"]["ndcg@10"]
         print(
             f"hybrid bm25 + {tag} (defaults) - the better alone = {default - best_single:+.3f} nDCG@10 (target >= +0.02)"
+        )
+        expanded = rows[f"hybrid bm25 + {tag}, expanded, tuned on the other half"]["ndcg@10"]
+        print(
+            f"hybrid bm25 + {tag} expanded (cross-validated) - the better alone = {expanded - best_single:+.3f};"
+            f" - bm25 expanded (cross-validated) = {expanded - rows['bm25, expanded, tuned on the other half']['ndcg@10']:+.3f}"
         )
     return {"queries": len(queries), "chunks": len(texts), "chunk_size": args.chunk_size,
             "checkpoint": checkpoint, "runs": rows, "chosen": chosen}  # fmt: skip
@@ -345,13 +407,19 @@ def collection(args: argparse.Namespace) -> dict:
         build_s = time.perf_counter() - start
         out = {"size": args.size, "first search build_s": build_s}
         # the modes take turns on each query, so a change in the shared machine's load in the
-        # middle of the run weighs on all three alike
-        times: dict[str, list[float]] = {mode: [] for mode in ("hybrid", "dense", "bm25")}
+        # middle of the run weighs on all of them alike
+        modes = {"hybrid": ("hybrid", False), "dense": ("dense", False), "bm25": ("bm25", False),
+                 "hybrid, expanded": ("hybrid", True), "bm25, expanded": ("bm25", True)}  # fmt: skip
+        start = time.perf_counter()
+        books.search(row, queries[0], k=10, expand=True)  # makes the chunks' term lists, once
+        out["expansion's first search s"] = time.perf_counter() - start
+        times: dict[str, list[float]] = {name: [] for name in modes}
         for _ in range(3):
             for q in queries:
-                for mode, spent in times.items():
+                for name, spent in times.items():
+                    mode, expand = modes[name]
                     start = time.perf_counter()
-                    books.search(row, q, k=10, mode=mode)
+                    books.search(row, q, k=10, mode=mode, expand=expand)
                     spent.append((time.perf_counter() - start) * 1000)
         for mode, spent in times.items():
             out[mode] = {"p50_ms": float(np.percentile(spent, 50)), "p95_ms": float(np.percentile(spent, 95))}

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import assert_one_line_error, run_cli
 
 from semilla.retrieval.embedders import E5, MINILM, load_embedder
@@ -34,6 +35,16 @@ def test_index_round_trip(tmp_path: Path, cli_in_process):
     hit = json.loads(found.stdout)
     assert hit["document_id"].endswith("insula.md") and hit["metadata"]["parte"] == 1
     doc_id = hit["document_id"]
+    plain, expanded = (
+        json.loads(cli_in_process("index", "search", "libros", "ínsula Barataria", "--mode", "bm25", *flags, "--json",
+                                  *data).stdout)
+        for flags in ([], ["--expand"])
+    )  # fmt: skip
+    assert plain["document_id"] == expanded["document_id"] == doc_id
+    assert expanded["score"] != pytest.approx(plain["score"])  # the query's two terms weigh half, not 2
+    assert_one_line_error(
+        cli_in_process("index", "search", "libros", "x", "--mode", "dense", "--expand", *data), "expand"
+    )
     assert cli_in_process("index", "rm", "libros", doc_id, *data).returncode == 0
     assert_one_line_error(cli_in_process("index", "rm", "libros", *data), "--yes")
     assert cli_in_process("index", "rm", "libros", "--yes", *data).returncode == 0

@@ -81,6 +81,32 @@ def test_bm25_stems_in_the_language_of_the_collection():
     assert plain.search("molino", 3) == []
 
 
+def test_expansion_finds_chunks_that_share_the_best_hits_terms_not_the_querys():
+    texts = [
+        "Los molinos de viento giraban cerca de Rocinante y de Clavileño.",
+        "Rocinante y Clavileño descansaban en el establo de la venta.",
+        "Sancho comía pan y queso a la sombra de una encina.",
+        "Dulcinea esperaba carta de su caballero en el Toboso.",
+    ]
+    index = lexical.build(np.arange(10, 14, dtype=np.int64), texts, 0)  # ids are not positions
+    assert [i for i, _ in index.search("molinos", 4)] == [10]
+    # with no feedback the expanded search is BM25 itself, scaled by the query's weight
+    plain = index.search("molinos de viento", 4)
+    alone = index.expanded_search("molinos de viento", [], 4)
+    assert [i for i, _ in alone] == [i for i, _ in plain]
+    words = len(lexical.tokenize(["molinos de viento"], lexical.stemmer_for(index.language))[0])
+    assert [s for _, s in alone] == pytest.approx([lexical.ORIGINAL_WEIGHT / words * s for _, s in plain])
+    terms = index.feedback_terms([10])
+    assert sum(terms.values()) == pytest.approx(1.0) and len(terms) <= lexical.FEEDBACK_TERMS
+    vocab = {i: t for t, i in index.retriever.vocab_dict.items()}
+    names = lexical.tokenize(["Rocinante Clavileño"], lexical.stemmer_for(index.language))[0]
+    assert set(names) <= {vocab[t] for t in terms}  # the hit's own words, stemmed
+    expanded = index.expanded_search("molinos", [10], 4)
+    assert [i for i, _ in expanded] == [10, 11]  # 11 shares Rocinante and Clavileño, not "molinos"
+    assert [i for i, _ in index.expanded_search("molinos", [10], 4, allowed=np.array([10, 12]))] == [10]
+    assert index.feedback_terms([99]) == {}  # an id that is not in the index adds nothing
+
+
 def test_add_search_dedup_filter_and_delete(books: Collections):
     c = books.create("libros", Viewer())
     added = books.add(c, DOCS)
@@ -92,6 +118,10 @@ def test_add_search_dedup_filter_and_delete(books: Collections):
     assert books.search(c, "gigantes y molinos", k=1, fusion="rrf")[0].document_id == "molinos"
     with pytest.raises(SemillaError, match="fusion must be one of relative_score, rrf"):
         books.search(c, "molinos", fusion="max")
+    for mode in ("hybrid", "bm25"):
+        assert books.search(c, "gigantes y molinos", k=1, mode=mode, expand=True)[0].document_id == "molinos"
+    with pytest.raises(SemillaError, match="expand needs mode bm25 or hybrid"):
+        books.search(c, "molinos", mode="dense", expand=True)
     hits = books.search(c, "la dama del caballero", k=3, filter={"parte": 2})
     assert [h.document_id for h in hits] == ["insula"]
     assert books.search(c, "molinos", filter={"parte": 9}) == []

@@ -62,6 +62,13 @@ def test_create_add_search_delete(site):
     assert hits[0]["document_id"] == "molinos" and hits[0]["metadata"] == {"parte": 1}
     body = {"query": "molinos gigantes", "k": 2, "fusion": "rrf"}
     assert c.post("/v1/collections/libros/search", json=body).json()["data"][0]["document_id"] == "molinos"
+    # expanded, the query's two terms weigh half (not 2) and the hit's own terms the other half
+    body = {"query": "molinos gigantes", "mode": "bm25"}
+    plain = c.post("/v1/collections/libros/search", json=body).json()["data"]
+    body = {"query": "molinos gigantes", "mode": "bm25", "expand": True}
+    expanded = c.post("/v1/collections/libros/search", json=body).json()["data"]
+    assert [h["document_id"] for h in plain] == [h["document_id"] for h in expanded] == ["molinos"]
+    assert expanded[0]["score"] != pytest.approx(plain[0]["score"])
     hits = c.post("/v1/collections/libros/search", json={"query": "la dama", "filter": {"parte": 2}}).json()[
         "data"
     ]
@@ -118,6 +125,10 @@ def test_another_users_collection_is_not_found_until_an_admin_shares_it(site):
         ("empty query", dict(method="POST", url="/v1/collections/{c}/search", json={"query": " "}), 400),
         ("unknown fusion", dict(method="POST", url="/v1/collections/{c}/search",
                                 json={"query": "x", "fusion": "max"}), 400),
+        ("expand in dense mode", dict(method="POST", url="/v1/collections/{c}/search",
+                                      json={"query": "x", "mode": "dense", "expand": True}), 400),
+        ("non-boolean expand", dict(method="POST", url="/v1/collections/{c}/search",
+                                    json={"query": "x", "expand": "yes"}), 400),
         ("bad filter", dict(method="POST", url="/v1/collections/{c}/search",
                             json={"query": "x", "filter": {"parte": {"$gt": 1}}}), 400),
         ("unknown embedder", dict(method="POST", url="/v1/collections",

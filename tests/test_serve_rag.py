@@ -89,6 +89,22 @@ def test_a_stream_carries_the_sources_in_its_first_chunk(server):
     assert all("sources" not in json.loads(line) for line in lines[1:-1]) and lines[-1] == "[DONE]"
 
 
+def test_the_search_options_reach_the_search(server):
+    url, _ = server
+    body = {"model": "long", "messages": QUESTION, "max_tokens": 1}
+    rag = {"collection": "libros", "k": 1, "mode": "bm25"}
+    plain, expanded = (
+        httpx.post(url + "/v1/chat/completions", json=dict(body, rag=dict(rag, expand=e)), timeout=120).json()
+        for e in (False, True)
+    )
+    assert [s["document_id"] for s in plain["sources"]] == [s["document_id"] for s in expanded["sources"]]
+    assert expanded["sources"][0]["score"] != pytest.approx(plain["sources"][0]["score"])
+    r = httpx.post(
+        url + "/v1/chat/completions", json=dict(body, rag=dict(rag, mode="dense", expand=True)), timeout=60
+    )
+    assert r.status_code == 400 and "expand" in r.json()["error"]["message"]
+
+
 def test_an_unknown_collection_is_a_404(server):
     url, _ = server
     body = {"model": "long", "messages": QUESTION, "max_tokens": 2, "rag": {"collection": "nada"}}

@@ -128,7 +128,7 @@ def cmd_index_search(args: argparse.Namespace) -> int:
     books, viewer = _open(args)
     row = books.get(args.collection, viewer)
     wanted = _json_object(args.filter, "--filter")
-    hits = books.search(row, args.query, args.k, args.mode, wanted, args.fusion)
+    hits = books.search(row, args.query, args.k, args.mode, wanted, args.fusion, args.expand)
     for rank, hit in enumerate(hits, start=1):
         if args.json:
             print(json.dumps(vars(hit), ensure_ascii=False))
@@ -219,6 +219,13 @@ def add_parsers(sub) -> None:
         default=FUSIONS[0],
         help=f"how hybrid fuses BM25 and dense: reciprocal ranks, or min-max normalised scores "
         f"weighted {1 - DENSE_WEIGHT:g} BM25 / {DENSE_WEIGHT:g} dense (default {FUSIONS[0]})",
+    )
+    p.add_argument(
+        "--expand",
+        action="store_true",
+        help="bm25 and hybrid: search BM25 again with the query expanded by the best terms of the "
+        "first answer's best chunks, then fuse again (pseudo-relevance feedback, RM3; helps when "
+        "the answer spans many chunks, may hurt a question that one passage answers)",
     )
     p.add_argument("--filter", help="metadata that must match, a JSON object, e.g. '{\"parte\": 1}'")
     p.add_argument("--json", action="store_true", help="one JSON object per hit")

@@ -139,6 +139,17 @@ def matches(metadata: dict[str, Any], wanted: dict[str, Any]) -> bool:
     return True
 
 
+def fuse(
+    dense: list[tuple[int, float]] | None, bm25: list[tuple[int, float]] | None, fusion: str
+) -> list[tuple[int, float]]:
+    """The one ranking given, or both fused by `fusion` (see semilla.retrieval.fusion)."""
+    if dense is None or bm25 is None:
+        return dense if bm25 is None else bm25
+    if fusion == "rrf":
+        return rrf([[i for i, _ in dense], [i for i, _ in bm25]], k=RRF_K)
+    return relative_score([dense, bm25], [DENSE_WEIGHT, 1 - DENSE_WEIGHT])
+
+
 class Collections:
     """The collections of one database; `index_dir` holds the FAISS files (caches)."""
 
@@ -404,14 +415,18 @@ class Collections:
         mode: str = "hybrid",
         filter: dict[str, Any] | None = None,
         fusion: str = FUSIONS[0],
+        expand: bool = False,
     ) -> list[SearchHit]:
         """The k chunks that best answer `query`: BM25 and dense rankings fused (hybrid; see
         semilla.retrieval.fusion), or one of them; only chunks of documents whose metadata
-        matches `filter`."""
+        matches `filter`. `expand` (bm25 and hybrid): BM25 searches again with the query expanded
+        by the terms of the first answer's best chunks (semilla.retrieval.lexical), then fuses again."""
         if mode not in MODES:
             raise SemillaError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if fusion not in FUSIONS:
             raise SemillaError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+        if expand and mode == "dense":
+            raise SemillaError("expand needs mode bm25 or hybrid: it expands the BM25 query")
         if not isinstance(query, str) or not query.strip():
             raise SemillaError("query must be a non-empty string")
         check_unicode([query], "query")
@@ -421,19 +436,18 @@ class Collections:
         if allowed is not None and not len(allowed):
             return []
         depth = max(k, CANDIDATES)
-        rankings: list[list[tuple[int, float]]] = []
+        dense: list[tuple[int, float]] | None = None
         if mode in ("hybrid", "dense"):
             vector = self.embedder(row.embedder).embed_query([query])[0]
-            rankings.append(self.vector_index(row).search(vector, depth, allowed))
-        if mode in ("hybrid", "bm25"):
-            rankings.append(self.lexical_index(row).search(query, depth, allowed))
-        if mode == "hybrid" and fusion == "rrf":
-            best = rrf([[i for i, _ in r] for r in rankings], k=RRF_K)[:k]
-        elif mode == "hybrid":
-            best = relative_score(rankings, [DENSE_WEIGHT, 1 - DENSE_WEIGHT])[:k]
-        else:
-            best = rankings[0][:k]
-        return self._hits(best)
+            dense = self.vector_index(row).search(vector, depth, allowed)
+        words = self.lexical_index(row) if mode != "dense" else None
+        bm25 = words.search(query, depth, allowed) if words is not None else None
+        best = fuse(dense, bm25, fusion)
+        if expand:
+            feedback = [i for i, _ in best[: lexical.FEEDBACK_CHUNKS]]
+            bm25 = words.expanded_search(query, feedback, depth, allowed)
+            best = fuse(dense, bm25, fusion)
+        return self._hits(best[:k])
 
     def _allowed(self, row: CollectionRow, wanted: dict[str, Any]) -> np.ndarray:
         with self._read() as s:

@@ -155,6 +155,7 @@ class RagOptions(Request):
     k: Annotated[int, Field(ge=1, le=20)] = 4
     mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
     fusion: Literal["relative_score", "rrf"] = FUSIONS[0]  # how hybrid fuses BM25 and dense
+    expand: StrictBool = False  # BM25 again with the first answer's best terms (bm25, hybrid)
 
 
 class JsonSchemaSpec(Body):

@@ -150,7 +150,9 @@ async def ground(
     question = rag.last_user_text(messages)
     if not question:
         raise APIError(400, "rag needs a user message to search for", param="messages")
-    hits = await run(books.search, row, question, options.k, options.mode, fusion=options.fusion)
+    hits = await run(
+        books.search, row, question, options.k, options.mode, fusion=options.fusion, expand=options.expand
+    )
     while hits and not fits(rag.grounded_messages(messages, hits)):
         hits = hits[:-1]
     return rag.grounded_messages(messages, hits), rag.sources(hits)

@@ -8,7 +8,7 @@ DELETE /v1/collections/{name}
 POST   /v1/collections/{name}/documents         {"documents": [{"text", "id"?, "metadata"?}]}
 POST   /v1/collections/{name}/files             multipart: one or more `file`, optional `metadata` (JSON)
 DELETE /v1/collections/{name}/documents/{id}
-POST   /v1/collections/{name}/search            {"query", "k"?, "mode"?, "fusion"?, "filter"?}
+POST   /v1/collections/{name}/search            {"query", "k"?, "mode"?, "fusion"?, "expand"?, "filter"?}
 
 Another user's private collection answers 404, as one that does not exist.
 """
@@ -19,7 +19,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from pydantic import ConfigDict, Field, StrictStr
+from pydantic import ConfigDict, Field, StrictBool, StrictStr
 
 from semilla.retrieval.fusion import FUSIONS
 from semilla.serve import retrieval
@@ -57,6 +57,7 @@ class SearchRequest(Body):
     k: int = Field(4, ge=1, le=100)
     mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
     fusion: Literal["relative_score", "rrf"] = FUSIONS[0]  # how hybrid fuses BM25 and dense
+    expand: StrictBool = False  # BM25 again with the first answer's best terms (bm25, hybrid)
     filter: dict[str, str | int | float | bool | list[str | int | float | bool]] | None = None
 
 
@@ -176,7 +177,9 @@ async def delete_document(name: str, doc_id: str, request: Request) -> dict:
 async def search(name: str, body: SearchRequest, request: Request) -> dict:
     books, viewer, _ = await who(request)
     row = await retrieval.run(books.get, name, viewer)
-    hits = await retrieval.run(books.search, row, body.query, body.k, body.mode, body.filter, body.fusion)
+    hits = await retrieval.run(
+        books.search, row, body.query, body.k, body.mode, body.filter, body.fusion, body.expand
+    )
     return {"object": "list", "data": [hit_dict(h) for h in hits]}
 
 
