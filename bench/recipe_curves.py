@@ -46,9 +46,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--eval", type=int, default=50, help="steps between evaluations")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="the model's initialisation and the batches' order")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     with tempfile.TemporaryDirectory() as tmp:
         prepare([str(CORPUS)], tmp, tokenizer="char", split=(0.9, 0.1, 0.0), shuffle=False, progress=False)
         train, val = TokenDataset(tmp, "train"), TokenDataset(tmp, "val")
@@ -79,7 +80,7 @@ def run(a: argparse.Namespace, train: TokenDataset, val: TokenDataset, vocab: in
         model.train()
         return total / 20
 
-    g, seconds, curve = torch.Generator().manual_seed(1), 0.0, []
+    g, seconds, curve = torch.Generator().manual_seed(1 + a.seed), 0.0, []
     for step in range(a.steps):
         start = time.perf_counter()
         if step < a.warmup:
