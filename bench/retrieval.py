@@ -175,15 +175,20 @@ def cross_validated(method: str, grid: list, lexical_run: list, dense_run: list,
     """Two folds (even and odd chapters): the parameter with the best nDCG@10 on one fold ranks
     the other, so no query is scored by a parameter chosen on it. Returns (every query's
     ranking, the parameter each fold chose)."""
+    return two_fold({param: fuse(method, param, lexical_run, dense_run) for param in grid}, relevant)
+
+
+def two_fold(rankings: dict, relevant: list[set[int]]) -> tuple[list[list[int]], list]:
+    """Every query ranked by the parameter (a key of `rankings`: {param: each query's ranking})
+    that scores the best nDCG@10 on the other fold of chapters; and the two parameters chosen."""
     folds = [list(range(0, len(relevant), 2)), list(range(1, len(relevant), 2))]
-    fused = {param: fuse(method, param, lexical_run, dense_run) for param in grid}
     out: list[list[int]] = [[] for _ in relevant]
     chosen = []
     for tune, test in (folds, folds[::-1]):
-        best = max(grid, key=lambda p: np.mean([ndcg_at(fused[p][q], relevant[q], 10) for q in tune]))
+        best = max(rankings, key=lambda p: np.mean([ndcg_at(rankings[p][q], relevant[q], 10) for q in tune]))
         chosen.append(best)
         for q in test:
-            out[q] = fused[best][q]
+            out[q] = rankings[best][q]
     return out, chosen
 
 
@@ -203,23 +208,14 @@ def expanded_runs(index, queries: list[str], seeds: list, param) -> list[list[tu
 def cross_validated_expansion(index, queries, seeds, dense_run, relative):
     """As cross_validated, over EXPANSION_GRID (x SECOND_FUSION_WEIGHTS when `dense_run` is
     given: the expanded BM25 ranking fused again with it by relative score)."""
-    grid, fused = [], {}
+    fused = {}
     for param in EXPANSION_GRID:
         lexical_run = expanded_runs(index, queries, seeds, param)
         for weight in SECOND_FUSION_WEIGHTS if dense_run else (None,):
-            grid.append((*param, weight))
-            fused[grid[-1]] = (
+            fused[(*param, weight)] = (
                 fuse("relative_score", weight, lexical_run, dense_run) if dense_run else ids_of(lexical_run)
             )
-    folds = [list(range(0, len(relative), 2)), list(range(1, len(relative), 2))]
-    out: list[list[int]] = [[] for _ in relative]
-    chosen = []
-    for tune, test in (folds, folds[::-1]):
-        best = max(grid, key=lambda p: np.mean([ndcg_at(fused[p][q], relative[q], 10) for q in tune]))
-        chosen.append(best)
-        for q in test:
-            out[q] = fused[best][q]
-    return out, chosen
+    return two_fold(fused, relative)
 
 
 def quality(args: argparse.Namespace) -> dict:
