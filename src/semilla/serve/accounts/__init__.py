@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+if TYPE_CHECKING:  # the web framework and the database load when a server or command needs them,
+    # not for every `semilla` command line (they cost ~0.5 s of its start)
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
 
-from semilla.serve.accounts.db import Store, default_url
-from semilla.serve.errors import APIError
-from semilla.serve.settings import ServerSettings
+    from semilla.serve.accounts.db import Store
+    from semilla.serve.settings import ServerSettings
 
 log = logging.getLogger("semilla.accounts")
 RETENTION_EVERY_S = 24 * 3600
@@ -30,6 +31,7 @@ class StartupPolicyError(ValueError):
 
 def open_store(settings: ServerSettings) -> Store:
     """The store at settings.database_url (default: SQLite under data_dir), migrated to the newest schema."""
+    from semilla.serve.accounts.db import Store, default_url
     from semilla.serve.accounts.migrate import migrate
 
     store = Store(settings.database_url or default_url(settings.data_dir))
@@ -123,6 +125,7 @@ def check_redis(url: str) -> None:
 def install(app: FastAPI, settings: ServerSettings) -> None:
     """Plug the accounts layer into `app`: store, hooks, routes, CORS and the retention job."""
     from fastapi.middleware.cors import CORSMiddleware
+    from sqlalchemy.exc import InterfaceError, OperationalError
 
     from semilla.serve.accounts import security
     from semilla.serve.accounts.hooks import AccountHooks
@@ -151,6 +154,8 @@ def install(app: FastAPI, settings: ServerSettings) -> None:
 async def database_unavailable(request, exc) -> JSONResponse:
     """The database is down or restarting (PostgreSQL): 503 with Retry-After, never a 500; the
     engine's pre-ping reconnects on its own once it is back."""
+    from semilla.serve.errors import APIError
+
     log.error("database unavailable on %s %s: %s", request.method, request.url.path, str(exc).splitlines()[0])
     return APIError(
         503, "the database is unavailable; retry shortly", type="server_error", code="database_unavailable",

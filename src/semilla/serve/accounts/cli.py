@@ -14,7 +14,6 @@ import os
 import sys
 
 from semilla.errors import SemillaError
-from semilla.serve.errors import APIError
 
 
 def _settings(args: argparse.Namespace):
@@ -150,6 +149,8 @@ def _wrap(func):
     """APIError from the shared account functions becomes the CLI's one-line error."""
 
     def run(args: argparse.Namespace) -> int:
+        from semilla.serve.errors import APIError
+
         try:
             return func(args)
         except APIError as e:
