@@ -8,7 +8,6 @@ import logging
 from urllib.parse import urlencode
 
 from semilla.serve import models_cli
-from semilla.serve.usage import to_csv
 
 
 def call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict | None:
@@ -59,6 +58,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    from semilla.serve.usage import to_csv  # the database models: only for this command
+
     query = urlencode({"by": args.by, "period": args.period, "days": args.days})
     rows = call(args, "GET", f"/admin/usage?{query}")["data"]
     print(to_csv(rows, args.by), end="")
