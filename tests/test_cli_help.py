@@ -168,3 +168,20 @@ def test_every_command_has_a_description(name: str) -> None:
 def test_serve_writes_defaults_like_the_rest() -> None:
     text = command("serve").format_help()
     assert "(default 8000" not in text and "(default: 8000" in text
+
+
+def test_the_command_line_starts_without_the_server_stack() -> None:
+    """Building every command's parser imports neither the web framework nor the database
+    layer: `semilla train` or `semilla --help` must not wait for (or need) the server's
+    libraries; the server and the admin commands import them when they run."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from semilla.cli import build_parser; build_parser(); "
+        "print(' '.join(m for m in ('fastapi', 'starlette', 'sqlalchemy', 'uvicorn') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), check=True
+    )
+    assert proc.stdout.strip() == ""
