@@ -23,7 +23,15 @@ from semilla.errors import SemillaError
 
 MINILM = "all-MiniLM-L6-v2"
 E5 = "multilingual-e5-small"
+PACKAGED = (MINILM, E5)  # the models whose weights ship in a Python package
+HUB_IDS = {f"sentence-transformers/{MINILM}": MINILM, f"intfloat/{E5}": E5}  # accepted as their names
 BATCH_SIZE = 32
+
+
+def packaged_name(name: str) -> str | None:
+    """The packaged model `name` means (its own name or its Hub id), or None."""
+    name = HUB_IDS.get(name, name)
+    return name if name in PACKAGED else None
 
 
 class Embedder(Protocol):
@@ -234,7 +242,7 @@ _lock = threading.Lock()
 def load_embedder(name: str) -> Embedder:
     """all-MiniLM-L6-v2 or multilingual-e5-small by name (with or without its Hub owner), or a
     semilla checkpoint directory; loaded once per process."""
-    name = {f"sentence-transformers/{MINILM}": MINILM, f"intfloat/{E5}": E5}.get(name, name)
+    name = packaged_name(name) or name
     with _lock:
         if name not in _loaded:
             if name == MINILM:

@@ -17,13 +17,12 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from semilla.errors import SemillaError
+from semilla.retrieval.embedders import PACKAGED, load_embedder, packaged_name
 from semilla.serve.errors import APIError
 from semilla.serve.hooks import Principal
 from semilla.serve.settings import ServerSettings
 
 T = TypeVar("T")
-MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-E5_NAMES = ("multilingual-e5-small", "intfloat/multilingual-e5-small")
 
 
 class ServerEmbedders:
@@ -33,19 +32,17 @@ class ServerEmbedders:
         self.app = app
 
     def names(self) -> list[str]:
-        return [MINILM_NAMES[0], E5_NAMES[0], *self.app.state.semilla.models]
+        return [*PACKAGED, *self.app.state.semilla.models]
 
     def known(self, name: str) -> bool:
-        return name in MINILM_NAMES or name in E5_NAMES or name in self.app.state.semilla.models
+        return packaged_name(name) is not None or name in self.app.state.semilla.models
 
     def __call__(self, name: str):
         """The embedder for `name`; a checkpoint path is accepted here only because collections
         created with `semilla index` may name one (requests are checked with `known` first)."""
-        from semilla.retrieval.embedders import load_embedder
-
         backend = self.app.state.semilla.local.get(name)
         if backend is None:
-            return load_embedder(MINILM_NAMES[0] if name in MINILM_NAMES else name)
+            return load_embedder(name)
         return backend.embedder()
 
     def check(self, name: str, param: str = "model") -> None:

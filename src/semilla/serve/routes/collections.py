@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import ConfigDict, Field, StrictBool, StrictStr
 
+from semilla.retrieval.embedders import MINILM
 from semilla.retrieval.fusion import FUSIONS
 from semilla.serve import retrieval
 from semilla.serve.errors import APIError
@@ -35,7 +36,7 @@ MAX_DOCUMENTS = 256  # per request: each is chunked and embedded before the answ
 class CreateCollection(Body):
     model_config = ConfigDict(extra="forbid")
     name: str
-    embedding_model: str = retrieval.MINILM_NAMES[0]
+    embedding_model: str = MINILM
     chunk_size: int = Field(1000, ge=1, le=100_000)
     chunk_overlap: int = Field(100, ge=0)
 

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from pydantic import ConfigDict, Field, StrictInt, StrictStr
 
 from semilla.errors import SemillaError
-from semilla.retrieval.embedders import check_unicode
+from semilla.retrieval.embedders import MINILM, check_unicode
 from semilla.serve import retrieval
 from semilla.serve.errors import APIError
 from semilla.serve.protocol import Body
@@ -30,7 +30,7 @@ class EmbeddingRequest(Body):
     model_config = ConfigDict(extra="ignore")
 
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-    model: str = retrieval.MINILM_NAMES[0]
+    model: str = MINILM
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
@@ -116,7 +116,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict:
 
 class EncodeRequest(Body):
     texts: list[StrictStr]
-    model: str = retrieval.MINILM_NAMES[0]
+    model: str = MINILM
 
 
 @router.post("/embed/encode", dependencies=JSON_BODY)
