@@ -271,3 +271,33 @@ def test_served_connections_send_small_answers_at_once() -> None:
             server.close()
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_a_burst_of_requests_reads_the_auth_generation_once_or_twice(models, tmp_path):
+    """Each request first reads the store's auth generation (a revoked key is refused on the next
+    request). 64 requests arriving together each took a worker thread for it, and the threads'
+    queue for the GIL held the event loop, and so /health, 70-120 ms. Now the burst shares a read."""
+    import asyncio
+    import threading
+
+    import httpx
+
+    app = create_app(settings_for(tmp_path), models)
+    generation = app.state.hooks.generation
+    reads, read = [], generation.current
+
+    def counted() -> int:
+        reads.append(threading.get_ident())
+        time.sleep(0.01)  # a store under load: the burst piles up behind the first read
+        return read()
+
+    generation.current = counted
+
+    async def burst(url: str) -> list[int]:
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
+            answers = await asyncio.gather(*(client.get(url + "/v1/models") for _ in range(64)))
+        return [a.status_code for a in answers]
+
+    with running_server(app) as url:
+        assert asyncio.run(burst(url)) == [200] * 64
+    assert 1 <= len(reads) <= 8  # one per read in flight, not one per request

@@ -25,6 +25,7 @@ from semilla.serve.accounts.generation import AuthGeneration
 from semilla.serve.accounts.ratelimit import RateLimiter
 from semilla.serve.accounts.records import CompletionWriter
 from semilla.serve.accounts.shared import RedisLink, SharedRateLimiter, SharedResponseCache
+from semilla.serve.coalesce import CoalescedRead
 from semilla.serve.errors import APIError
 from semilla.serve.hooks import ANONYMOUS, CompletionRecord, Principal, ServerHooks
 from semilla.serve.settings import ServerSettings
@@ -115,14 +116,15 @@ class AccountHooks(ServerHooks):
         self._seen_generation: int | None = None
         self._accounts = False
         self.refresh()
+        self._refresh_shared = CoalescedRead(self.refresh)  # a burst of requests shares one read
 
     # --- policy ---------------------------------------------------------------------------
 
     def refresh(self) -> int:
         """Catch up with the store: when the auth generation moved (a user, key or revoked token
         changed, here or anywhere else), forget every cached identity and look again at whether
-        accounts exist. One indexed read per request; blocking, so run in a thread. Returns the
-        generation read."""
+        accounts exist. One indexed read, blocking: run in a thread, shared by the requests that
+        arrive together (CoalescedRead). Returns the generation read."""
         current = self.generation.current()
         if current == self._seen_generation:
             return current
@@ -179,7 +181,7 @@ class AccountHooks(ServerHooks):
 
     async def identify(self, request: Request) -> Principal:
         """The caller, ANONYMOUS when no credential is presented; 401 for a bad one."""
-        generation = await run_in_threadpool(self.refresh)  # first: what changed elsewhere applies now
+        generation = await self._refresh_shared()  # first: what changed elsewhere applies now
         credential = self.credential(request)
         if credential is None:
             return ANONYMOUS
