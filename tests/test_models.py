@@ -296,6 +296,41 @@ def test_training_attention_under_cpu_autocast_runs_in_float32() -> None:
         torch.testing.assert_close(ours.float(), reference.float(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_training_rope_has_the_plain_formula_s_values_and_gradients(dtype) -> None:
+    """RotaryFunction (training's RoPE, a roll with a signed sin) against rotate-half RoPE left
+    to autograd, on q and k heads of a strided qkv view, float64 and bfloat16 (float32 out)."""
+    from semilla.models.transformer import RotaryEmbedding, RotaryFunction, rotate_half
+
+    torch.manual_seed(0)
+    cos, sin = RotaryEmbedding(ModelConfig(n_head=4, n_embd=64, block_size=16))(torch.arange(16))
+    cos, sin = cos.to(torch.float64), sin.to(torch.float64)
+    if dtype == torch.bfloat16:
+        cos, sin = cos.float(), sin.float()
+    qkv = torch.randn(2, 16, 12, 16, dtype=dtype, requires_grad=True)
+    x = qkv[:, :, :8]  # q and k, as the attention layer rotates them
+    grad = torch.randn(2, 16, 8, 16, dtype=cos.dtype)
+    ours = RotaryFunction.apply(x, cos, sin)
+    plain = x * cos + rotate_half(x) * sin
+    torch.testing.assert_close(ours, plain)
+    (ours_grad,) = torch.autograd.grad(ours, qkv, grad)
+    (plain_grad,) = torch.autograd.grad(plain, qkv, grad)
+    assert ours_grad.dtype == dtype
+    if dtype == torch.bfloat16:  # one rounding of the summed gradient, not one per term: closer
+        wide = x.detach().double().requires_grad_()  # to float64's answer
+        exact = torch.autograd.grad(
+            wide * cos.double() + rotate_half(wide) * sin.double(), wide, grad.double()
+        )[0]
+        ours_error = (ours_grad[:, :, :8].double() - exact).abs().max()
+        assert ours_error <= (plain_grad[:, :, :8].double() - exact).abs().max()
+        assert ours_error <= 2**-8 * exact.abs().max()
+    else:
+        torch.testing.assert_close(ours_grad, plain_grad)
+        assert torch.autograd.gradcheck(
+            lambda t: RotaryFunction.apply(t, cos, sin), (x.detach().requires_grad_(),)
+        )
+
+
 def test_a_model_used_for_inference_still_deep_copies_and_pickles(tmp_path) -> None:
     import copy
 

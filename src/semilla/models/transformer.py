@@ -92,7 +92,30 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return RotaryFunction.apply(x, cos, sin)
     return x * cos + rotate_half(x) * sin
+
+
+class RotaryFunction(torch.autograd.Function):
+    """apply_rope for training, with a shorter graph. rotate_half(x) * sin is x rolled by half a
+    head times sin with its first half negated, and that roll is its own transpose, so the
+    backward is roll(g * signed sin) + g * cos: three kernels each way, where autograd's graph of
+    chunk, neg, cat, two products and a sum took about ten (RoPE was ~6% of a small model's step)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.size(-1) // 2
+        signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        ctx.save_for_backward(cos, signed)
+        ctx.x_dtype = x.dtype
+        return (x * cos).addcmul_(x.roll(half, -1), signed)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, signed = ctx.saved_tensors
+        grad_x = (grad * signed).roll(grad.size(-1) // 2, -1).addcmul_(grad, cos)
+        return grad_x.to(ctx.x_dtype), None, None
 
 
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
