@@ -11,7 +11,9 @@ interleaved rounds (semilla, hf, litgpt, semilla, hf, litgpt, ...):
 - semilla: `semilla.train.train`, its own loop (nanoGPT's CPU recipe shape: gpt2 family, tied
   head, 4 layers x 4 heads x 128, block 64, batch 12, AdamW 1e-3, betas 0.9/0.99, wd 0.1) at its
   defaults (bfloat16 autocast where the device has native bf16) but with the peers' optimizer,
-  AdamW, so that every trainer does the same work per step; semilla-fp32: `dtype=float32`;
+  AdamW, so that every trainer does the same work per step; semilla-compile: the same with
+  `compile=True` (torch.compile, as litgpt does; the warm-up steps hold the compilation);
+  semilla-fp32: `dtype=float32`;
   semilla-muon: its default optimizer (Muon on the blocks' matrices), whose step costs more
   and whose steps are worth more (bench/quality_race.py measures that).
 - hf: what most users would write: a plain PyTorch loop over Hugging Face's `GPT2LMHeadModel` of
@@ -56,7 +58,16 @@ WINDOW = 10  # steps per throughput window
 # semilla at its defaults (bfloat16 autocast where the device has native bfloat16) with AdamW, in
 # float32, and with its default optimizer (Muon);
 # each peer in float32 and in bfloat16 mixed precision (autocast; litgpt's "bf16-mixed")
-TRAINERS = ("semilla", "semilla-fp32", "semilla-muon", "hf", "hf-bf16", "litgpt", "litgpt-bf16")
+TRAINERS = (
+    "semilla",
+    "semilla-compile",
+    "semilla-fp32",
+    "semilla-muon",
+    "hf",
+    "hf-bf16",
+    "litgpt",
+    "litgpt-bf16",
+)
 DEVICE = "cpu"
 
 
@@ -79,7 +90,9 @@ def warm_median(rates: list[float]) -> float:
 # --- the trainers, one per process ---------------------------------------------------------------
 
 
-def run_semilla(data: Path, steps: int, work: Path, dtype: str = "auto", optimizer: str = "adamw") -> float:
+def run_semilla(
+    data: Path, steps: int, work: Path, dtype: str = "auto", optimizer: str = "adamw", compile: bool = False
+) -> float:
     from semilla.config import ModelConfig, TrainConfig
     from semilla.train import train
 
@@ -92,7 +105,7 @@ def run_semilla(data: Path, steps: int, work: Path, dtype: str = "auto", optimiz
         learning_rate=LR, min_lr=LR / 10, warmup_iters=10, beta1=BETAS[0], beta2=BETAS[1],
         weight_decay=WEIGHT_DECAY, grad_clip=1.0, eval_interval=steps, eval_iters=1,
         log_interval=WINDOW, save_interval=10**9, sample_interval=10**9, progress=False, device=DEVICE,
-        dtype=dtype, optimizer=optimizer,
+        dtype=dtype, optimizer=optimizer, compile=compile,
     )  # fmt: skip
     train(model, cfg)
     rows = [json.loads(line) for line in (work / "semilla" / "metrics.jsonl").open()]
@@ -186,7 +199,8 @@ def worker(name: str, data: Path, steps: int, threads: int, litgpt_python: str) 
             rate = run_hf(data, steps, work, bf16=name.endswith("bf16"))
         else:
             dtype = "float32" if name.endswith("fp32") else "auto"
-            rate = run_semilla(data, steps, work, dtype, "muon" if name.endswith("muon") else "adamw")
+            optimizer = "muon" if name.endswith("muon") else "adamw"
+            rate = run_semilla(data, steps, work, dtype, optimizer, compile=name.endswith("compile"))
     print(json.dumps({"trainer": name, "tokens_per_s": rate}))
 
 
@@ -235,16 +249,17 @@ def main() -> None:
                     raise SystemExit(f"the {name} trainer failed:\n{done.stderr[-3000:]}")
                 rate = json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]
                 rates[name].append(rate)
-                print(f"round {r + 1}: {name:8s} {rate:9.0f} tokens/s", flush=True)
+                print(f"round {r + 1}: {name:15s} {rate:9.0f} tokens/s", flush=True)
     medians = {t: statistics.median(v) for t, v in rates.items()}
     print(f"\n{'trainer':14s} {'median tok/s':>12s} {'min':>8s} {'max':>8s} {'semilla/it':>10s}")
     for t, v in rates.items():
         ratio = medians["semilla"] / medians[t] if "semilla" in medians else float("nan")
         print(f"{t:14s} {medians[t]:12.0f} {min(v):8.0f} {max(v):8.0f} {ratio:10.2f}")
     peers = [t for t in medians if not t.startswith("semilla")]
-    if "semilla" in medians and peers:
+    if peers:
         fastest = max(peers, key=medians.get)
-        print(f"semilla / the fastest peer ({fastest}) = {medians['semilla'] / medians[fastest]:.2f}x")
+        for ours in (t for t in medians if t.startswith("semilla")):
+            print(f"{ours} / the fastest peer ({fastest}) = {medians[ours] / medians[fastest]:.2f}x")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     report = {"rounds": args.rounds, "steps": args.steps, "threads": args.threads, "shape": args.shape,

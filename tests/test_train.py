@@ -241,3 +241,61 @@ def test_resume_after_a_crash_mid_swap(tmp_path: Path, tiny_run: Path) -> None:
     assert result["step"] == 10
     assert json.loads((run / "last" / "trainer_state.json").read_text())["step"] == 10
     assert not (run / ".last.old").exists()
+
+
+def test_compile_left_unset_is_on_only_where_it_pays_back(monkeypatch) -> None:
+    """Unset, --compile is on for a long run of one CPU process with a C++ compiler, and off
+    for short runs, LoRA, ages, deterministic runs, several processes, an LSTM; given, it rules."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from semilla.config import ModelConfig
+    from semilla.distributed import World
+    from semilla.train_setup import COMPILE_PAYS_BACK_STEPS, compiles
+
+    def trainer(arch: str = "transformer", stages=(), processes: int = 1, **config) -> SimpleNamespace:
+        return SimpleNamespace(config=TrainConfig(**config), model_config=ModelConfig(arch=arch),
+                               device=torch.device("cpu"), stages=list(stages), world=World(size=processes))  # fmt: skip
+
+    long = COMPILE_PAYS_BACK_STEPS
+    assert compiles(trainer(max_iters=long)) and not compiles(trainer())  # the default recipe's 1,600
+    assert not compiles(trainer(max_iters=long - 1))
+    assert not compiles(trainer(max_iters=long, lora_r=8))
+    assert not compiles(trainer(max_iters=long, deterministic=True))
+    assert not compiles(trainer(max_iters=long, stages=["age_0"]))
+    assert not compiles(trainer(max_iters=long, processes=2))
+    assert not compiles(trainer(arch="lstm", max_iters=long))
+    assert compiles(trainer(max_iters=8, compile=True))
+    assert not compiles(trainer(max_iters=10 * long, compile=False))
+    monkeypatch.setenv("CXX", "no-such-compiler-here")  # inductor could not build its kernels
+    assert not compiles(trainer(max_iters=long))
+
+
+def test_compile_flags_say_on_off_or_leave_it_to_semilla() -> None:
+    from semilla.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["train", "--compile"]).compile is True
+    assert parse(["train", "--no-compile"]).compile is False
+    assert parse(["train"]).compile is None
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_like_the_eager_one(tmp_path: Path, prepared_dir: Path, caplog) -> None:
+    """--compile: the same run (seed, batches) reaches the eager run's losses, the log says how
+    long the compilation took, and the checkpoint holds the model's own weight names."""
+    import logging
+
+    flags = dict(max_iters=6, dtype="float32", eval_interval=6, save_interval=6, sample_interval=6)
+    train(*tiny_configs(prepared_dir, tmp_path / "eager", compile=False, **flags))
+    with caplog.at_level(logging.INFO, logger="semilla"):
+        train(*tiny_configs(prepared_dir, tmp_path / "compiled", compile=True, **flags))
+    assert any(r.getMessage().startswith("compiled the model in ") for r in caplog.records)
+    eager, compiled = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
+    for step in (1, 6):
+        assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], abs=1e-3)
+    val = [metrics(tmp_path / run, "val")[6]["loss"] for run in ("eager", "compiled")]
+    assert val[1] == pytest.approx(val[0], abs=1e-3)
+    model = load_checkpoint(tmp_path / "compiled" / "last")[0]
+    assert not any("_orig_mod" in name for name in model.state_dict())

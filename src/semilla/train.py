@@ -258,6 +258,7 @@ def fit(t: Trainer) -> dict[str, Any]:
 
     t.model.train()
     last: dict[str, float] = {}
+    compiling = t.compiled
     window_start, window_tokens = time.perf_counter(), 0
     stopped = False  # a Ctrl-C or SIGTERM, seen by any rank
     with StopFlag() as stop:
@@ -306,6 +307,10 @@ def fit(t: Trainer) -> dict[str, Any]:
             st.step += 1
             st.tokens_seen += tokens_per_step
             st.elapsed_s += time.perf_counter() - step_start
+            if compiling:  # the first step of a compiled model waits for the compilation
+                compiling = False
+                say(f"compiled the model in {time.perf_counter() - step_start:.1f} s (torch.compile; "
+                    "its cache makes the next run's shorter; --no-compile trains without it)")  # fmt: skip
             window_tokens += tokens_per_step
             bar.update(1)
             # 4. log

@@ -99,6 +99,7 @@ class Trainer:
     state: TrainState
     data_rngs: list[torch.Generator]  # one stream per micro-batch of a step (grad_accum of them)
     forward: Any = None  # the (optionally compiled) model call
+    compiled: bool = False  # whether forward is torch.compile'd
     stages: list[Stage] = field(default_factory=list)  # ages: shapes the model grows through
     world: World = field(default_factory=World)  # this process's rank among the run's processes
     train_forward: Any = None  # forward, wrapped in DDP when the run has several processes
@@ -295,10 +296,36 @@ def setup(
     return t
 
 
+# torch.compile's start for semilla's default model on one CPU thread: ~27 s the first time
+# (model and evaluation graphs), ~6 s from PyTorch's cache, against ~12.5 ms off each 89 ms step:
+# earned back after ~2,150 steps on a machine that never compiled it, ~500 after (bench/README.md)
+COMPILE_PAYS_BACK_STEPS = 2500
+
+
+def compiles(t: Trainer) -> bool:
+    """Whether the model's calls are compiled: as --compile / --no-compile say, and unset where
+    it was measured to pay back (bench/README.md): a long run in one CPU process, with the C++
+    compiler inductor needs, and nothing that changes the model's graph as it goes (ages grow
+    it, LoRA wraps it) or asks for deterministic algorithms."""
+    cfg = t.config
+    if cfg.compile is not None:
+        return cfg.compile
+    return (
+        t.device.type == "cpu"
+        and t.model_config.arch == "transformer"
+        and cfg.max_iters >= COMPILE_PAYS_BACK_STEPS
+        and not (t.stages or cfg.lora_r or cfg.deterministic or t.world.distributed)
+        and shutil.which(os.environ.get("CXX", "g++")) is not None
+    )
+
+
 def wrap_model(t: Trainer) -> None:
-    """The model's calls: compiled if asked, and in DDP for the training steps of a
+    """The model's calls: compiled (see compiles()), and in DDP for the training steps of a
     distributed run (evaluation and samples call the model alone: no collectives in them)."""
-    t.forward = torch.compile(t.model) if t.config.compile else t.model
+    t.compiled = compiles(t)
+    if t.compiled and t.config.compile is None:
+        torch._dynamo.config.suppress_errors = True  # chosen for the user: a failure runs eager
+    t.forward = torch.compile(t.model) if t.compiled else t.model
     t.train_forward = t.forward if t.config.fsdp else data_parallel(t.forward, t.world, t.device)
 
 

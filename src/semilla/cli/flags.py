@@ -70,7 +70,7 @@ def add_dataclass_flags(
         note = comments.get(f.name, "")
         text = f"{note} (default: {default})" if note else f"(default: {default})"
         names = [flag_name(f.name), *([aliases[f.name]] if f.name in aliases else [])]
-        if typ is bool:
+        if typ is bool or typ == (bool | None):  # None: the setting's own automatic choice
             group.add_argument(
                 *names, action=argparse.BooleanOptionalAction, default=defaults.get(f.name), help=text
             )
