@@ -42,5 +42,6 @@ class CoalescedRead(Generic[T]):
     async def _read_after(self, previous: asyncio.Future | None) -> T:
         if previous is not None and not previous.done():
             await asyncio.wait([previous])
-        self._running, self._next = self._next, None  # from here on, newcomers wait for the next
+        if self._next is asyncio.current_task():  # (not if a new loop has started afresh since)
+            self._running, self._next = self._next, None  # from here on, newcomers wait for the next
         return await run_in_threadpool(self.fn)
