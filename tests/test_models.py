@@ -300,7 +300,8 @@ def test_training_attention_under_cpu_autocast_runs_in_float32() -> None:
 def test_training_rope_has_the_plain_formula_s_values_and_gradients(dtype) -> None:
     """RotaryFunction (training's RoPE, a roll with a signed sin) against rotate-half RoPE left
     to autograd, on q and k heads of a strided qkv view, float64 and bfloat16 (float32 out)."""
-    from semilla.models.transformer import RotaryEmbedding, RotaryFunction, rotate_half
+    from semilla.models.fused_ops import RotaryFunction, rotate_half
+    from semilla.models.transformer import RotaryEmbedding
 
     torch.manual_seed(0)
     cos, sin = RotaryEmbedding(ModelConfig(n_head=4, n_embd=64, block_size=16))(torch.arange(16))
