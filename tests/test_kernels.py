@@ -188,7 +188,9 @@ def test_generation_is_the_same_with_and_without_kernels(compiled, family, monke
 
 
 def test_model_forward_uses_the_kernels_only_for_inference(compiled, monkeypatch) -> None:
-    """Autograd (training) and autocast never reach a kernel; no_grad decode steps do."""
+    """Autograd (training) reaches only the elementwise kernels (models/fused_ops.py), forward
+    and backward, and so does autocast inference, forward only; no_grad decode steps outside
+    autocast reach the inference kernels."""
     calls = []
     module = kernels.compiled()
 
@@ -207,9 +209,13 @@ def test_model_forward_uses_the_kernels_only_for_inference(compiled, monkeypatch
     cache = model.new_cache(1)
     model.train()
     model(torch.randint(0, 20, (1, 4))).sum().backward()  # 4 rows: the few-rows matmul's size
+    elementwise = {f"{op}_{way}" for op in ("rms_norm", "swiglu", "rope") for way in ("forward", "backward")}
+    assert set(calls) == elementwise
+    calls.clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model.eval()(idx, torch.tensor([[0]]), model.new_cache(1))
-    assert calls == []
+    assert set(calls) == {"rms_norm_forward", "swiglu_forward"}  # RoPE of a cache step: PyTorch's
+    calls.clear()
     with torch.no_grad():
         model(idx, torch.tensor([[0]]), cache)
     assert set(calls) == {"decode_layer", "linear_rows", "rms_norm"}  # the layer's, the head's

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="semilla",
         description="Grow your own language model from seed.",
-        epilog="On a CPU, inference runs semilla's own kernels, compiled with the machine's C++ compiler "
+        epilog="On a CPU, training and inference run semilla's own kernels, compiled with the machine's C++ compiler "
         "the first time (20-25 s, cached under ~/.cache/semilla/kernels); SEMILLA_KERNELS=0 runs "
         "PyTorch's operators instead.",
     )

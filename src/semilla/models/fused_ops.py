@@ -1,19 +1,58 @@
-"""The elementwise parts of a llama layer for training (RMSNorm, RoPE) as autograd functions
-with hand-written backwards: autograd's graph of these small formulas is four to ten operators
-each way, each a pass over memory, and on a CPU, where a small model's matmuls are quick, that
-graph is a visible share of the step.
+"""The elementwise parts of a llama layer (RMSNorm, RoPE, SwiGLU), each an autograd function
+with a hand-written backward.
+
+Autograd's graph of these small formulas is four to ten operators each way, each a pass over
+memory; on a CPU, where a small model's matmuls are quick, they were about a fifth of the
+default model's training step and a third of its evaluation forward. Where semilla's compiled
+kernels apply (models/kernels.py: CPU, plain tensors, supported shapes) each is one pass forward
+and one back; elsewhere (no compiler, a GPU, torch.compile, which fuses by itself) the same
+formulas run as PyTorch operators. Both compute in float32 and give the same values up to float
+rounding. (Decode steps of inference have kernels of their own: models/kernels.py.)
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from semilla.models import kernels
+
+
+def autocast_bfloat16(t: torch.Tensor) -> bool:
+    return (
+        torch.is_autocast_enabled(t.device.type) and torch.get_autocast_dtype(t.device.type) == torch.bfloat16
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """w * x / rms(x) in float32, as Hugging Face's LlamaRMSNorm. Under bfloat16 autocast the
+    kernel gives bfloat16: every consumer of a norm is a matmul that autocast feeds bfloat16,
+    so rounding here gives it the same values one copy sooner."""
+    kernel = kernels.elementwise("rms_norm_forward", x, weight)
+    if kernel is not None and x.dtype == weight.dtype == torch.float32 and x.size(-1) % 8 == 0:
+        return RMSNormKernel.apply(x.contiguous(), weight, eps)
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+class RMSNormKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        y, rstd = kernels.kernel("rms_norm_forward")(x, weight, eps, autocast_bfloat16(x))
+        ctx.save_for_backward(x, rstd, weight)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        x, rstd, weight = ctx.saved_tensors
+        dx, dweight = kernels.kernel("rms_norm_backward")(dy.contiguous(), x, rstd, weight)
+        return dx, dweight, None
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with a hand-written backward: half the time of autograd's five small ops on CPU.
-
-    y = w * (x / rms(x)); computed in float32 like Hugging Face's LlamaRMSNorm.
-    """
+    """RMSNorm in PyTorch operators with a hand-written backward: half the time of autograd's
+    five small ops on CPU."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -34,16 +73,74 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.to(ctx.input_dtype), dw.to(weight.dtype), None
 
 
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, for gate and up side by side along the last dimension (one matmul's
+    output), in its dtype."""
+    hidden = gate_up.size(-1) // 2
+    kernel = kernels.elementwise("swiglu_forward", gate_up)
+    if kernel is not None and gate_up.dtype in kernels.DTYPES and hidden % 16 == 0:
+        return SwiGLUKernel.apply(gate_up.contiguous())
+    gate, up = gate_up.split(hidden, dim=-1)
+    return F.silu(gate) * up
+
+
+class SwiGLUKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        return kernels.kernel("swiglu_forward")(gate_up)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh: torch.Tensor):
+        (gate_up,) = ctx.saved_tensors
+        return kernels.kernel("swiglu_backward")(dh.contiguous(), gate_up)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half layout: x (B, T, heads, hs) with cos and sin broadcastable to it
+    (the kernel takes (T, 1, hs) float32 tables, and gives float32, as x * cos does)."""
+    T, hs = x.size(1), x.size(-1)
+    kernel = kernels.elementwise("rope_forward", x, cos, sin)
+    if (
+        kernel is not None
+        and x.dim() == 4
+        and x.stride(-1) == 1
+        and hs % 16 == 0
+        and x.dtype in kernels.DTYPES
+        and cos.shape == sin.shape == (T, 1, hs)
+        and cos.dtype == sin.dtype == torch.float32
+    ):
+        return RotaryKernel.apply(x, cos.contiguous(), sin.contiguous())
+    if torch.is_grad_enabled() and x.requires_grad:
+        return RotaryFunction.apply(x, cos, sin)
+    return x * cos + rotate_half(x) * sin
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
+class RotaryKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.bfloat16 = x.dtype == torch.bfloat16
+        return kernels.kernel("rope_forward")(x, cos, sin)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return kernels.kernel("rope_backward")(grad.float().contiguous(), cos, sin, ctx.bfloat16), None, None
+
+
 class RotaryFunction(torch.autograd.Function):
-    """apply_rope for training, with a shorter graph. rotate_half(x) * sin is x rolled by half a
-    head times sin with its first half negated, and that roll is its own transpose, so the
+    """RoPE in PyTorch operators, with a shorter graph. rotate_half(x) * sin is x rolled by half
+    a head times sin with its first half negated, and that roll is its own transpose, so the
     backward is roll(g * signed sin) + g * cos: three kernels each way, where autograd's graph of
-    chunk, neg, cat, two products and a sum took about ten (RoPE was ~6% of a small model's step)."""
+    chunk, neg, cat, two products and a sum took about ten."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

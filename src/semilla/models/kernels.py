@@ -1,9 +1,10 @@
-"""semilla's compiled CPU kernels for inference (`cpu_kernels.cpp`): a decode step of attention
+"""semilla's compiled CPU kernels (`cpu_kernels.cpp`). For inference: a decode step of attention
 over the KV cache, the matmuls of a single stream (a few rows), RMSNorm, and a whole llama
-layer of a decode step.
+layer of a decode step. For training and evaluation: RMSNorm, SwiGLU and RoPE forward and
+backward (models/fused_ops.py).
 
 They are built from source with the machine's C++ compiler the first time a model runs
-inference (20-25 s, once per machine, PyTorch and Python; cached under
+(20-25 s, once per machine, PyTorch and Python; cached under
 `~/.cache/semilla/kernels`, one directory per distinct source and PyTorch installation, which
 holds its own copy of the source: each virtual environment builds once, as the link step names its
 own PyTorch's libraries; two venvs sharing one build would rebuild over each other in turn). Processes take turns
@@ -171,6 +172,19 @@ def inference_on_cpu(t: torch.Tensor) -> bool:
         or t.device.type != "cpu"
         or not plain(t)
     )
+
+
+def elementwise(name: str, *tensors: torch.Tensor):
+    """The named kernel of models/fused_ops.py (RMSNorm, SwiGLU, RoPE; forward or backward)
+    where these tensors may use it, else None: plain CPU tensors, not under torch.compile or a
+    tracer (the compiler fuses these operators itself; exporters see only PyTorch's)."""
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or not all(t.device.type == "cpu" and plain(t) for t in tensors)
+    ):
+        return None
+    return kernel(name)
 
 
 def decode_attention(cache: torch.Tensor, head_dim: int, positions: torch.Tensor):

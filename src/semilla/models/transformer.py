@@ -29,12 +29,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and x.dtype == self.weight.dtype:  # inference
+        if (  # inference outside autocast: the decode kernels' RMSNorm, or PyTorch's
+            not torch.is_grad_enabled()
+            and x.dtype == self.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
             kernel = kernels.rms_norm(x, self.weight)
             if kernel is not None:
                 return kernel(x, self.weight, self.eps)
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
-        return fused_ops.RMSNormFunction.apply(x, self.weight, self.eps)
+        return fused_ops.rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -62,9 +66,7 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and x.requires_grad:
-        return fused_ops.RotaryFunction.apply(x, cos, sin)
-    return x * cos + fused_ops.rotate_half(x) * sin
+    return fused_ops.rotary(x, cos, sin)
 
 
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
@@ -297,11 +299,6 @@ class FusedLinear:
             self.rows = kernels.pack_rows(weight), bias
         return self.rows
 
-    def parts(self, x: torch.Tensor, adapters: RowAdapters | None = None) -> tuple[torch.Tensor, ...]:
-        """Each layer's output (views of one matmul's result)."""
-        sizes = [self.owner._modules[name].out_features for name in self.names]
-        return self(x, adapters).split(sizes, dim=-1)
-
     def _activate(self, y: torch.Tensor) -> torch.Tensor:
         return ACTIVATIONS[self.activation](y) if self.activation else y
 
@@ -387,11 +384,9 @@ class MLP(nn.Module):
         self.down = FusedLinear(self, "down_proj")
 
     def forward(self, x: torch.Tensor, adapters: RowAdapters | None = None) -> torch.Tensor:
-        if self.kind == "swiglu":
-            gate, up = self.up.parts(x, adapters)
-            h = F.silu(gate) * up
-        else:
-            h = self.up(x, adapters)  # the activation is applied by self.up
+        h = self.up(x, adapters)  # a gelu or relu MLP's activation is applied by self.up
+        if self.kind == "swiglu":  # gate and up: the halves of one matmul's output
+            h = fused_ops.swiglu(h)
         return self.down(h, adapters)
 
 
