@@ -138,3 +138,56 @@ def test_a_llama_training_step_is_the_same_with_the_kernels_as_without(autocast,
     torch.testing.assert_close(loss, loss_ops, **tolerance)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, grads_ops[name], **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_causal_attention_as_matmuls_is_sdpa_to_bfloat16_precision() -> None:
+    """Under bf16 autocast: values and gradients of q, k, v against float64 SDPA, within 4x the
+    error of float32 SDPA on the same bf16 v and within 2^-7 of the largest value (bf16 inputs
+    to three of the matmuls, as GPU kernels have); the probabilities past the diagonal are exact
+    zeros (a future key changes nothing)."""
+    torch.manual_seed(0)
+    B, H, T, hs = 2, 3, 48, 32
+    q, k, v = (torch.randn(B, H, T, hs, dtype=torch.float64) for _ in range(3))
+    grad = torch.randn(B, H, T, hs, dtype=torch.float64)
+
+    def run(attend, q_dtype, v_dtype):
+        inputs = [q.to(q_dtype), k.to(q_dtype), v.to(v_dtype)]
+        inputs = [t.detach().requires_grad_() for t in inputs]
+        out = attend(*inputs)
+        out.backward(grad.to(out.dtype))
+        return [out.double()] + [t.grad.double() for t in inputs]
+
+    def ours(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fused_ops.causal_attention(q, k, v)
+        assert out is not None and "MatmulAttentionBackward" in graph_names(out)
+        return out
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v.to(q.dtype), is_causal=True)
+
+    exact = run(sdpa, torch.float64, torch.float64)
+    float32 = run(sdpa, torch.float32, torch.bfloat16)
+    for name, mine, reference, f32 in zip(
+        ("out", "dq", "dk", "dv"), run(ours, torch.float32, torch.bfloat16), exact, float32, strict=True
+    ):
+        error, f32_error = (mine - reference).abs().max(), (f32 - reference).abs().max()
+        assert error <= 4 * f32_error and error <= 2**-7 * reference.abs().max(), name
+
+    future = v.float().clone()
+    future[:, :, -1] += 100.0  # the last key's value: seen by the last query only
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = fused_ops.causal_attention(q.float(), k.float(), v.float())
+        after = fused_ops.causal_attention(q.float(), k.float(), future)
+    assert torch.equal(before[:, :, :-1], after[:, :, :-1])
+
+
+def test_causal_attention_leaves_what_it_does_not_cover_to_sdpa() -> None:
+    q = torch.randn(1, 2, 24, 32)  # T not a multiple of 16
+    assert fused_ops.causal_attention(q, q, q) is None
+    k = torch.randn(1, 1, 32, 32)  # grouped kv heads
+    assert fused_ops.causal_attention(torch.randn(1, 2, 32, 32), k, k) is None
+    long = torch.randn(1, 1, fused_ops.ATTENTION_MAX_T + 16, 32)  # PyTorch's kernel is faster there
+    assert fused_ops.causal_attention(long, long, long) is None
+    many = torch.randn(fused_ops.ATTENTION_MAX_SCORES // 256**2 + 1, 1, 256, 32)  # too many scores to keep
+    assert fused_ops.causal_attention(many, many, many) is None

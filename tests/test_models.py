@@ -276,15 +276,16 @@ def test_inference_under_cpu_autocast_follows_the_float32_logits() -> None:
 
 
 def test_training_attention_under_cpu_autocast_runs_in_float32() -> None:
-    """A llama layer under bfloat16 autocast (RoPE leaves q and k in float32, v in bfloat16):
-    attention runs in float32 (the CPU's bfloat16 SDPA backward is ~4x slower), so its output
-    and the gradients of q, k, v equal float32 SDPA's on the same inputs."""
+    """A llama layer under bfloat16 autocast (RoPE leaves q and k in float32, v in bfloat16),
+    where the matmul attention does not apply (here 20 tokens, not a multiple of 16): attention
+    runs in float32 (the CPU's bfloat16 SDPA backward is ~4x slower), so its output and the
+    gradients of q, k, v equal float32 SDPA's on the same inputs."""
     from semilla.models import transformer
 
     torch.manual_seed(0)
-    q, k = torch.randn(2, 4, 16, 8, requires_grad=True), torch.randn(2, 4, 16, 8, requires_grad=True)
-    v = torch.randn(2, 4, 16, 8).bfloat16().requires_grad_()
-    out_grad = torch.randn(2, 4, 16, 8)
+    q, k = torch.randn(2, 4, 20, 8, requires_grad=True), torch.randn(2, 4, 20, 8, requires_grad=True)
+    v = torch.randn(2, 4, 20, 8).bfloat16().requires_grad_()
+    out_grad = torch.randn(2, 4, 20, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = transformer.causal_attention(q, k, v, 0.0, False)
     exact = torch.nn.functional.scaled_dot_product_attention(q, k, v.float(), is_causal=True)

@@ -20,7 +20,8 @@
 //
 // For training, the elementwise parts of a llama layer, forward and backward, each one pass over
 // its rows where PyTorch runs four to ten operators (each a pass over memory, each recorded by
-// autograd): rms_norm_forward/backward, swiglu_forward/backward, rope_forward/backward. They
+// autograd): rms_norm_forward/backward, swiglu_forward/backward, rope_forward/backward; and the
+// softmax of causal attention computed as matmuls (causal_softmax_forward/backward). They
 // compute in float32 and round once to the output's dtype; a weight's gradient is summed over
 // fixed blocks of rows in a fixed order, so results do not depend on the number of threads.
 #include <torch/extension.h>
@@ -589,6 +590,72 @@ torch::Tensor rope_backward(torch::Tensor dy, torch::Tensor cos, torch::Tensor s
   return rope_apply<float, float>(dy, cos, sin, false, torch::kFloat32);
 }
 
+// Causal attention's softmax, for attention as matmuls (fused_ops.attention): scores (BH, T, T)
+// float32, q k^T -> probabilities (BH, T, T) bfloat16, softmax(scale * scores) over keys 0..i of
+// row i, zeros past it. Backward: probabilities p and their gradient dp (float32, dO V^T) ->
+// d scores = scale * p * (dp - sum_j p_j dp_j), bfloat16, zeros past the diagonal.
+torch::Tensor causal_softmax_forward(torch::Tensor scores, double scale) {
+  TORCH_CHECK(scores.dim() == 3 && scores.size(1) == scores.size(2) && scores.is_contiguous() &&
+                  scores.scalar_type() == torch::kFloat32 && scores.size(2) % 16 == 0,
+              "scores (BH, T, T) float32 contiguous, T a multiple of 16");
+  const int64_t T = scores.size(2), rows = scores.size(0) * T;
+  auto probs = torch::empty_like(scores, torch::kBFloat16);
+  const float* sp = scores.data_ptr<float>();
+  at::BFloat16* pp = probs.data_ptr<at::BFloat16>();
+  const float s = static_cast<float>(scale);
+  f32x16 lane;
+  for (int j = 0; j < 16; ++j) lane[j] = static_cast<float>(j);
+  at::parallel_for(0, rows, grain(T), [&](int64_t begin, int64_t end) {
+    std::vector<float> e(T);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = r % T, blocks = i / 16 + 1;  // keys 0..i, in whole blocks of 16
+      const float* row = sp + r * T;
+      const f32x16 last = f32x16{} + static_cast<float>(i);
+      f32x16 top = f32x16{} + row[0];
+      for (int64_t b = 0; b < blocks; ++b) {
+        const f32x16 x = load16(row + 16 * b);
+        top = (x > top) & (lane + 16.f * b <= last) ? x : top;  // keys past i do not count
+      }
+      float m = top[0];
+      for (int j = 1; j < 16; ++j) m = std::max(m, top[j]);
+      f32x16 acc = {};
+      for (int64_t b = 0; b < blocks; ++b) {
+        f32x16 x = exp16((load16(row + 16 * b) - m) * s);
+        x = lane + 16.f * b <= last ? x : f32x16{};
+        acc += x;
+        std::memcpy(e.data() + 16 * b, &x, sizeof x);
+      }
+      const float inv = 1.f / sum16(acc);
+      for (int64_t b = 0; b < blocks; ++b) store16(pp + r * T + 16 * b, load16(e.data() + 16 * b) * inv);
+      for (int64_t j = 16 * blocks; j < T; j += 16) store16(pp + r * T + j, f32x16{});
+    }
+  });
+  return probs;
+}
+
+torch::Tensor causal_softmax_backward(torch::Tensor probs, torch::Tensor dprobs, double scale) {
+  TORCH_CHECK(probs.sizes() == dprobs.sizes() && probs.is_contiguous() && dprobs.is_contiguous() &&
+                  probs.scalar_type() == torch::kBFloat16 && dprobs.scalar_type() == torch::kFloat32,
+              "probs bfloat16 and dprobs float32, (BH, T, T), contiguous");
+  const int64_t T = probs.size(2), rows = probs.size(0) * T;
+  auto dscores = torch::empty_like(probs);
+  const at::BFloat16* pp = probs.data_ptr<at::BFloat16>();
+  const float* dp = dprobs.data_ptr<float>();
+  at::BFloat16* out = dscores.data_ptr<at::BFloat16>();
+  const float s = static_cast<float>(scale);
+  at::parallel_for(0, rows, grain(T), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {  // p is zero past the diagonal, and so is d scores
+      const at::BFloat16* p = pp + r * T;
+      const float* d = dp + r * T;
+      f32x16 acc = {};
+      for (int64_t j = 0; j < T; j += 16) acc += load16(p + j) * load16(d + j);
+      const float dot = sum16(acc);
+      for (int64_t j = 0; j < T; j += 16) store16(out + r * T + j, load16(p + j) * (load16(d + j) - dot) * s);
+    }
+  });
+  return dscores;
+}
+
 // The GIL is released while a kernel runs, as PyTorch's own operators do: a server's HTTP
 // threads go on while the engine thread decodes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -603,4 +670,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_backward", &swiglu_backward, "SwiGLU's backward: d gate and d up side by side", release());
   m.def("rope_forward", &rope_forward, "training RoPE of (B, T, heads, hs), to float32", release());
   m.def("rope_backward", &rope_backward, "training RoPE's backward", release());
+  m.def("causal_softmax_forward", &causal_softmax_forward, "causal softmax of attention scores", release());
+  m.def("causal_softmax_backward", &causal_softmax_backward, "the causal softmax's backward", release());
 }

@@ -308,9 +308,9 @@ def _identity(y: torch.Tensor) -> torch.Tensor:
 
 
 def causal_attention(q, k, v, dropout: float, gqa: bool) -> torch.Tensor:
-    """Causal SDPA over whole sequences. Under bfloat16 autocast on the CPU it runs in float32:
-    there the fused kernel's bfloat16 backward is about 4x slower than its float32 one, and the
-    attention matmuls are a small share of the step's work next to the projections."""
+    """Causal SDPA over whole sequences. Under bfloat16 autocast on the CPU, as matmuls around
+    semilla's softmax kernel where it applies (fused_ops.causal_attention), else PyTorch's fused
+    kernel in float32: its bfloat16 backward is about 4x slower than its float32 one."""
     # the autocast dtype, not q's, decides: RoPE's float32 tables turn a bfloat16 q and k to
     # float32 while v stays bfloat16, and SDPA under autocast would take them all to bfloat16
     if (
@@ -318,6 +318,9 @@ def causal_attention(q, k, v, dropout: float, gqa: bool) -> torch.Tensor:
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
     ):
+        y = fused_ops.causal_attention(q, k, v) if not (dropout or gqa) else None
+        if y is not None:  # as matmuls, half in bfloat16: about half the time of float32's kernel
+            return y
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), is_causal=True, dropout_p=dropout, enable_gqa=gqa
