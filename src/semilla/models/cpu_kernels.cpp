@@ -21,7 +21,7 @@
 // For training, the elementwise parts of a llama layer, forward and backward, each one pass over
 // its rows where PyTorch runs four to ten operators (each a pass over memory, each recorded by
 // autograd): rms_norm_forward/backward, swiglu_forward/backward, rope_forward/backward; and the
-// softmax of causal attention computed as matmuls (causal_softmax_forward/backward). They
+// scores and softmax of causal attention computed as matmuls (causal_attention_probs/dscores). They
 // compute in float32 and round once to the output's dtype; a weight's gradient is summed over
 // fixed blocks of rows in a fixed order, so results do not depend on the number of threads.
 #include <torch/extension.h>
@@ -590,67 +590,122 @@ torch::Tensor rope_backward(torch::Tensor dy, torch::Tensor cos, torch::Tensor s
   return rope_apply<float, float>(dy, cos, sin, false, torch::kFloat32);
 }
 
-// Causal attention's softmax, for attention as matmuls (fused_ops.attention): scores (BH, T, T)
-// float32, q k^T -> probabilities (BH, T, T) bfloat16, softmax(scale * scores) over keys 0..i of
-// row i, zeros past it. Backward: probabilities p and their gradient dp (float32, dO V^T) ->
-// d scores = scale * p * (dp - sum_j p_j dp_j), bfloat16, zeros past the diagonal.
-torch::Tensor causal_softmax_forward(torch::Tensor scores, double scale) {
-  TORCH_CHECK(scores.dim() == 3 && scores.size(1) == scores.size(2) && scores.is_contiguous() &&
-                  scores.scalar_type() == torch::kFloat32 && scores.size(2) % 16 == 0,
-              "scores (BH, T, T) float32 contiguous, T a multiple of 16");
-  const int64_t T = scores.size(2), rows = scores.size(0) * T;
-  auto probs = torch::empty_like(scores, torch::kBFloat16);
-  const float* sp = scores.data_ptr<float>();
+// Causal attention's scores and softmax, for attention as matmuls (fused_ops.causal_attention).
+// Row i of q against keys 0..i only (the causal half of q k^T; a batched matmul computes all of
+// it), each block of 16 scores as hs multiply-adds of q's value against a row of k transposed
+// (hs, T): kept in L1 for the head, float32 throughout.
+template <typename T>
+static void transpose_head(const T* x, int64_t T_, int64_t hs, float* xT) {  // (T, hs) -> (hs, T) float32
+  for (int64_t t = 0; t < T_; ++t)
+    for (int64_t d = 0; d < hs; ++d) xT[d * T_ + t] = static_cast<float>(x[t * hs + d]);
+}
+
+// out[0 .. 16 * blocks) = a_row . bT[:, j] for keys j of the first `blocks` blocks of 16
+static void causal_row_dots(const float* a, const float* bT, int64_t T_, int64_t hs, int64_t blocks, float* out) {
+  int64_t b = 0;
+  for (; b + 4 <= blocks; b += 4) {  // four blocks at a time: four independent sums in registers
+    f32x16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    for (int64_t d = 0; d < hs; ++d) {
+      const float* row = bT + d * T_ + 16 * b;
+      s0 += a[d] * load16(row), s1 += a[d] * load16(row + 16), s2 += a[d] * load16(row + 32);
+      s3 += a[d] * load16(row + 48);
+    }
+    std::memcpy(out + 16 * b, &s0, sizeof s0), std::memcpy(out + 16 * b + 16, &s1, sizeof s1);
+    std::memcpy(out + 16 * b + 32, &s2, sizeof s2), std::memcpy(out + 16 * b + 48, &s3, sizeof s3);
+  }
+  for (; b < blocks; ++b) {  // the rest one block at a time, its sum split in two chains
+    f32x16 even = {}, odd = {};
+    int64_t d = 0;
+    for (; d + 2 <= hs; d += 2) {
+      even += a[d] * load16(bT + d * T_ + 16 * b);
+      odd += a[d + 1] * load16(bT + (d + 1) * T_ + 16 * b);
+    }
+    if (d < hs) even += a[d] * load16(bT + d * T_ + 16 * b);
+    const f32x16 sum = even + odd;
+    std::memcpy(out + 16 * b, &sum, sizeof sum);
+  }
+}
+
+static void check_heads(const torch::Tensor& a, const torch::Tensor& b, const char* what) {
+  TORCH_CHECK(a.dim() == 3 && a.sizes() == b.sizes() && a.is_contiguous() && b.is_contiguous() &&
+                  a.scalar_type() == torch::kFloat32 && a.size(1) % 16 == 0,
+              what, ": (BH, T, hs) float32 and contiguous, T a multiple of 16");
+}
+
+// q, k (BH, T, hs) float32 -> probabilities (BH, T, T) bfloat16: softmax(scale * q k^T) over keys
+// 0..i of row i, zeros past it.
+torch::Tensor causal_attention_probs(torch::Tensor q, torch::Tensor k, double scale) {
+  check_heads(q, k, "q and k");
+  const int64_t BH = q.size(0), T = q.size(1), hs = q.size(2);
+  auto probs = torch::empty({BH, T, T}, q.options().dtype(torch::kBFloat16));
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>();
   at::BFloat16* pp = probs.data_ptr<at::BFloat16>();
   const float s = static_cast<float>(scale);
   f32x16 lane;
   for (int j = 0; j < 16; ++j) lane[j] = static_cast<float>(j);
-  at::parallel_for(0, rows, grain(T), [&](int64_t begin, int64_t end) {
-    std::vector<float> e(T);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t i = r % T, blocks = i / 16 + 1;  // keys 0..i, in whole blocks of 16
-      const float* row = sp + r * T;
-      const f32x16 last = f32x16{} + static_cast<float>(i);
-      f32x16 top = f32x16{} + row[0];
-      for (int64_t b = 0; b < blocks; ++b) {
-        const f32x16 x = load16(row + 16 * b);
-        top = (x > top) & (lane + 16.f * b <= last) ? x : top;  // keys past i do not count
+  at::parallel_for(0, BH, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> kT(hs * T), e(T);
+    for (int64_t h = first; h < last; ++h) {
+      transpose_head(kp + h * T * hs, T, hs, kT.data());
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t blocks = i / 16 + 1;  // keys 0..i, in whole blocks of 16
+        causal_row_dots(qp + (h * T + i) * hs, kT.data(), T, hs, blocks, e.data());
+        const f32x16 last_key = f32x16{} + static_cast<float>(i);
+        f32x16 top = f32x16{} + e[0];
+        for (int64_t b = 0; b < blocks; ++b) {
+          const f32x16 x = load16(e.data() + 16 * b);
+          top = (x > top) & (lane + 16.f * b <= last_key) ? x : top;  // keys past i do not count
+        }
+        float m = top[0];
+        for (int j = 1; j < 16; ++j) m = std::max(m, top[j]);
+        f32x16 acc = {};
+        for (int64_t b = 0; b < blocks; ++b) {
+          f32x16 x = exp16((load16(e.data() + 16 * b) - m) * s);
+          x = lane + 16.f * b <= last_key ? x : f32x16{};
+          acc += x;
+          std::memcpy(e.data() + 16 * b, &x, sizeof x);
+        }
+        const float inv = 1.f / sum16(acc);
+        at::BFloat16* out = pp + (h * T + i) * T;
+        for (int64_t b = 0; b < blocks; ++b) store16(out + 16 * b, load16(e.data() + 16 * b) * inv);
+        for (int64_t j = 16 * blocks; j < T; j += 16) store16(out + j, f32x16{});
       }
-      float m = top[0];
-      for (int j = 1; j < 16; ++j) m = std::max(m, top[j]);
-      f32x16 acc = {};
-      for (int64_t b = 0; b < blocks; ++b) {
-        f32x16 x = exp16((load16(row + 16 * b) - m) * s);
-        x = lane + 16.f * b <= last ? x : f32x16{};
-        acc += x;
-        std::memcpy(e.data() + 16 * b, &x, sizeof x);
-      }
-      const float inv = 1.f / sum16(acc);
-      for (int64_t b = 0; b < blocks; ++b) store16(pp + r * T + 16 * b, load16(e.data() + 16 * b) * inv);
-      for (int64_t j = 16 * blocks; j < T; j += 16) store16(pp + r * T + j, f32x16{});
     }
   });
   return probs;
 }
 
-torch::Tensor causal_softmax_backward(torch::Tensor probs, torch::Tensor dprobs, double scale) {
-  TORCH_CHECK(probs.sizes() == dprobs.sizes() && probs.is_contiguous() && dprobs.is_contiguous() &&
-                  probs.scalar_type() == torch::kBFloat16 && dprobs.scalar_type() == torch::kFloat32,
-              "probs bfloat16 and dprobs float32, (BH, T, T), contiguous");
-  const int64_t T = probs.size(2), rows = probs.size(0) * T;
+// The backward: the output's gradient dout (BH, T, hs) float32, v (BH, T, hs) bfloat16 and the
+// probabilities p -> d scores (BH, T, T) bfloat16 = scale * p * (dp - sum_j p_j dp_j), with
+// dp = dout v^T over keys 0..i; zeros past the diagonal.
+torch::Tensor causal_attention_dscores(torch::Tensor dout, torch::Tensor v, torch::Tensor probs, double scale) {
+  TORCH_CHECK(v.scalar_type() == torch::kBFloat16 && v.sizes() == dout.sizes() && v.is_contiguous(),
+              "v (BH, T, hs) bfloat16, contiguous");
+  check_heads(dout, dout, "dout");
+  const int64_t BH = dout.size(0), T = dout.size(1), hs = dout.size(2);
+  TORCH_CHECK(probs.scalar_type() == torch::kBFloat16 && probs.is_contiguous() && probs.numel() == BH * T * T,
+              "probabilities (BH, T, T) bfloat16, contiguous");
   auto dscores = torch::empty_like(probs);
-  const at::BFloat16* pp = probs.data_ptr<at::BFloat16>();
-  const float* dp = dprobs.data_ptr<float>();
+  const float* gp = dout.data_ptr<float>();
+  const at::BFloat16 *vp = v.data_ptr<at::BFloat16>(), *pp = probs.data_ptr<at::BFloat16>();
   at::BFloat16* out = dscores.data_ptr<at::BFloat16>();
   const float s = static_cast<float>(scale);
-  at::parallel_for(0, rows, grain(T), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {  // p is zero past the diagonal, and so is d scores
-      const at::BFloat16* p = pp + r * T;
-      const float* d = dp + r * T;
-      f32x16 acc = {};
-      for (int64_t j = 0; j < T; j += 16) acc += load16(p + j) * load16(d + j);
-      const float dot = sum16(acc);
-      for (int64_t j = 0; j < T; j += 16) store16(out + r * T + j, load16(p + j) * (load16(d + j) - dot) * s);
+  at::parallel_for(0, BH, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> vT(hs * T), dp(T);
+    for (int64_t h = first; h < last; ++h) {
+      transpose_head(vp + h * T * hs, T, hs, vT.data());
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t blocks = i / 16 + 1;  // p is zero past i: so is d scores
+        causal_row_dots(gp + (h * T + i) * hs, vT.data(), T, hs, blocks, dp.data());
+        const at::BFloat16* p = pp + (h * T + i) * T;
+        f32x16 acc = {};
+        for (int64_t b = 0; b < blocks; ++b) acc += load16(p + 16 * b) * load16(dp.data() + 16 * b);
+        const float dot = sum16(acc);
+        at::BFloat16* row = out + (h * T + i) * T;
+        for (int64_t b = 0; b < blocks; ++b)
+          store16(row + 16 * b, load16(p + 16 * b) * (load16(dp.data() + 16 * b) - dot) * s);
+        for (int64_t j = 16 * blocks; j < T; j += 16) store16(row + j, f32x16{});
+      }
     }
   });
   return dscores;
@@ -670,6 +725,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_backward", &swiglu_backward, "SwiGLU's backward: d gate and d up side by side", release());
   m.def("rope_forward", &rope_forward, "training RoPE of (B, T, heads, hs), to float32", release());
   m.def("rope_backward", &rope_backward, "training RoPE's backward", release());
-  m.def("causal_softmax_forward", &causal_softmax_forward, "causal softmax of attention scores", release());
-  m.def("causal_softmax_backward", &causal_softmax_backward, "the causal softmax's backward", release());
+  m.def("causal_attention_probs", &causal_attention_probs, "causal attention's probabilities", release());
+  m.def("causal_attention_dscores", &causal_attention_dscores, "the gradient of causal attention's scores", release());
 }

@@ -162,14 +162,16 @@ ATTENTION_MAX_SCORES = 1 << 24  # B * heads * T * T: the probabilities kept for 
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """Causal attention of q, k, v (B, heads, T, hs) under bfloat16 autocast on a CPU, as three
-    matmuls around semilla's softmax kernel; None where it does not apply: no kernels, grouped
-    kv heads, T not a multiple of 16, or past ATTENTION_MAX_T or ATTENTION_MAX_SCORES, where
-    PyTorch's fused kernel (whose memory grows with T, not T squared) is the better choice.
+    """Causal attention of q, k, v (B, heads, T, hs) under bfloat16 autocast on a CPU: the
+    probabilities from semilla's kernel, then bfloat16 matmuls; None where it does not apply: no
+    kernels, grouped kv heads, T not a multiple of 16, or past ATTENTION_MAX_T or
+    ATTENTION_MAX_SCORES, where PyTorch's fused kernel (whose memory grows with T, not T
+    squared) is the better choice.
 
-    PyTorch's CPU kernel for this runs in float32 (its bfloat16 backward is ~4x slower); here
-    the scores q k^T and the probabilities' gradient dO V^T are float32 matmuls and the
-    products with the probabilities bfloat16 ones, as GPU kernels do: about half the time."""
+    PyTorch's CPU kernel for this runs in float32 (its bfloat16 backward is ~4x slower). Here
+    the scores q k^T and their gradient's part dO V^T are computed in float32 by the kernels for
+    the causal half only, each with its softmax (forward, backward) in the same pass, and the
+    products with the probabilities are bfloat16 matmuls, as GPU kernels do."""
     B, H, T, hs = q.shape
     if (
         k.shape != q.shape
@@ -177,7 +179,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         or T % 16
         or T > ATTENTION_MAX_T
         or B * H * T * T > ATTENTION_MAX_SCORES
-        or kernels.elementwise("causal_softmax_forward", q, k, v) is None
+        or kernels.elementwise("causal_attention_probs", q, k, v) is None
     ):
         return None
     return MatmulAttention.apply(q, k, v)
@@ -187,11 +189,11 @@ class MatmulAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, H, T, hs = q.shape
-        q3, k3 = q.reshape(B * H, T, hs).float(), k.reshape(B * H, T, hs).float()
-        v3 = v.reshape(B * H, T, hs).to(torch.bfloat16)
+        q3, k3 = (t.reshape(B * H, T, hs).float().contiguous() for t in (q, k))
+        v3 = v.reshape(B * H, T, hs).to(torch.bfloat16).contiguous()
         scale = hs**-0.5
         with torch.autocast("cpu", enabled=False):  # the dtypes are chosen here
-            probs = kernels.kernel("causal_softmax_forward")(torch.bmm(q3, k3.mT), scale)  # (BH, T, T)
+            probs = kernels.kernel("causal_attention_probs")(q3, k3, scale)  # (BH, T, T)
             out = torch.bmm(probs, v3)
         ctx.save_for_backward(q3.to(torch.bfloat16), k3.to(torch.bfloat16), v3, probs)
         ctx.scale, ctx.dtypes = scale, (q.dtype, k.dtype, v.dtype)
@@ -205,7 +207,6 @@ class MatmulAttention(torch.autograd.Function):
         g = grad.reshape(B * H, T, hs)
         with torch.autocast("cpu", enabled=False):
             dv = torch.bmm(probs.mT, g.to(torch.bfloat16))
-            dprobs = torch.bmm(g.float(), v3.float().mT)
-            dscores = kernels.kernel("causal_softmax_backward")(probs, dprobs, ctx.scale)
+            dscores = kernels.kernel("causal_attention_dscores")(g.float().contiguous(), v3, probs, ctx.scale)
             dq, dk = torch.bmm(dscores, k3), torch.bmm(dscores.mT, q3)
         return tuple(d.view(B, H, T, hs).to(dtype) for d, dtype in zip((dq, dk, dv), ctx.dtypes, strict=True))
