@@ -244,14 +244,16 @@ def test_resume_after_a_crash_mid_swap(tmp_path: Path, tiny_run: Path) -> None:
 
 
 def test_compile_left_unset_is_on_only_where_it_pays_back(monkeypatch) -> None:
-    """Unset, --compile is on for a long run of one CPU process with a C++ compiler, and off
-    for short runs, LoRA, ages, deterministic runs, several processes, an LSTM; given, it rules."""
+    """Unset, --compile is off where semilla's CPU kernels run (eager is faster with them); without
+    them it is on for a long run of one CPU process with a C++ compiler, and off for short runs,
+    LoRA, ages, deterministic runs, several processes, an LSTM; given, it rules."""
     from types import SimpleNamespace
 
     import torch
 
     from semilla.config import ModelConfig
     from semilla.distributed import World
+    from semilla.models import kernels
     from semilla.train_setup import COMPILE_PAYS_BACK_STEPS, compiles
 
     def trainer(arch: str = "transformer", stages=(), processes: int = 1, **config) -> SimpleNamespace:
@@ -259,6 +261,8 @@ def test_compile_left_unset_is_on_only_where_it_pays_back(monkeypatch) -> None:
                                device=torch.device("cpu"), stages=list(stages), world=World(size=processes))  # fmt: skip
 
     long = COMPILE_PAYS_BACK_STEPS
+    assert kernels.compiled() is not None and not compiles(trainer(max_iters=10 * long))
+    monkeypatch.setattr(kernels, "compiled", lambda: None)  # SEMILLA_KERNELS=0, or no build
     assert compiles(trainer(max_iters=long)) and not compiles(trainer())  # the default recipe's 1,600
     assert not compiles(trainer(max_iters=long - 1))
     assert not compiles(trainer(max_iters=long, lora_r=8))

@@ -172,7 +172,7 @@ class TrainConfig:
     grow_warmup_iters: int = 20  # learning-rate re-warmup after each growth
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto: bf16 autocast where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), fp32 elsewhere
-    compile: bool | None = None  # torch.compile the model; unset: on for CPU runs of >= 2,500 steps
+    compile: bool | None = None  # torch.compile the model; unset: CPU runs of >= 2,500 steps, kernels off
     fsdp: bool = False  # shard weights, gradients, AdamW state over the processes (FSDP2); with --nproc
     seed: int = 1337  # seed of the weights, the batches and the samples
     deterministic: bool = False  # deterministic algorithms only (slower)

@@ -40,7 +40,7 @@ from semilla.distributed import (
     world_from_env,
 )
 from semilla.errors import CheckpointError, ConfigError, DataError
-from semilla.models import build_model
+from semilla.models import build_model, kernels
 from semilla.models.grow import grow_model, plan_growth
 from semilla.models.lora import (
     ADAPTER_CONFIG,
@@ -297,16 +297,19 @@ def setup(
 
 
 # torch.compile's start for semilla's default model on one CPU thread: ~27 s the first time
-# (model and evaluation graphs), ~6 s from PyTorch's cache, against ~12.5 ms off each 89 ms step:
-# earned back after ~2,150 steps on a machine that never compiled it, ~500 after (bench/README.md)
+# (model and evaluation graphs), ~6 s from PyTorch's cache, against ~12.5 ms off each 89 ms step
+# run with PyTorch's operators: earned back after ~2,150 steps on a machine that never compiled
+# it, ~500 after. With semilla's CPU kernels the eager step is the faster one (80 ms against 83
+# compiled), so unset compiles only where they are off (bench/README.md)
 COMPILE_PAYS_BACK_STEPS = 2500
 
 
 def compiles(t: Trainer) -> bool:
     """Whether the model's calls are compiled: as --compile / --no-compile say, and unset where
     it was measured to pay back (bench/README.md): a long run in one CPU process, with the C++
-    compiler inductor needs, and nothing that changes the model's graph as it goes (ages grow
-    it, LoRA wraps it) or asks for deterministic algorithms."""
+    compiler inductor needs, without semilla's CPU kernels (SEMILLA_KERNELS=0: with them eager
+    is faster), and nothing that changes the model's graph as it goes (ages grow it, LoRA wraps
+    it) or asks for deterministic algorithms."""
     cfg = t.config
     if cfg.compile is not None:
         return cfg.compile
@@ -316,6 +319,7 @@ def compiles(t: Trainer) -> bool:
         and cfg.max_iters >= COMPILE_PAYS_BACK_STEPS
         and not (t.stages or cfg.lora_r or cfg.deterministic or t.world.distributed)
         and shutil.which(os.environ.get("CXX", "g++")) is not None
+        and kernels.compiled() is None
     )
 
 
