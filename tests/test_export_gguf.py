@@ -81,9 +81,13 @@ def test_q8_0_agrees_on_the_first_16_tokens(tmp_path, family, kind):
     assert llama_cpp_greedy(llm, prompt, 16) == greedy(model, prompt, 16)
 
 
-def test_q8_0_of_a_trained_gpt2_bpe_model_agrees_on_the_first_16_tokens(tmp_path):
-    """The random gpt2-bpe model above is too chaotic for 8-bit weights (its greedy path flips
-    within a few tokens); a model briefly trained on real text has the peaked logits of real use."""
+def test_q8_0_of_a_trained_gpt2_bpe_model_agrees_with_semillas_logits(tmp_path):
+    """A gpt2-bpe model briefly trained on real text, exported as q8_0 (every weight in 8 bits):
+    on the path semilla's greedy decoding takes (the prompt, then 16 tokens), llama.cpp's logits
+    stay within 0.1 of semilla's (~0.03 measured; the logits reach ~8), and llama.cpp picks
+    semilla's token wherever semilla's choice is clear (its top two over 0.2 apart). Greedy runs
+    compared token by token would hang on near ties: such a small model has some (gaps under
+    0.01), where 8-bit weights may go either way."""
     from helpers import tiny_configs
 
     from semilla.data import prepare
@@ -100,7 +104,17 @@ def test_q8_0_of_a_trained_gpt2_bpe_model_agrees_on_the_first_16_tokens(tmp_path
     model, tok, _ = load_checkpoint(tmp_path / "run")
     llm = load_gguf(export_gguf(tmp_path / "run", tmp_path / "model-q8_0.gguf", "q8_0"))
     prompt = tok.encode("ROMEO:\nWhat say you")
-    assert llama_cpp_greedy(llm, prompt, 16) == greedy(model, prompt, 16)
+    path = prompt + greedy(model, prompt, 16)
+    with torch.no_grad():
+        ours = model(torch.tensor([path]))[0].numpy()
+    llm.reset()
+    llm.eval(path)
+    theirs = np.array(llm.scores[: len(path)])
+    assert np.abs(ours - theirs).max() < 0.1
+    top_two = np.sort(ours, axis=-1)[:, -2:]
+    clear = top_two[:, 1] - top_two[:, 0] > 0.2
+    assert clear.sum() >= len(path) // 2  # most choices are clear ones
+    assert (ours.argmax(-1) == theirs.argmax(-1))[clear].all()
 
 
 @pytest.mark.parametrize("type_name", ["q4_0", "q4_k_m"])
