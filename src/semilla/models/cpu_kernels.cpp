@@ -68,12 +68,19 @@ static inline f32x16 load16(const at::BFloat16* p) {
 
 static inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
 
-static inline void store8(at::BFloat16* p, f32x8 v) {  // round to nearest, ties to even
-  u32x8 u = (u32x8)v;
+template <typename U32, typename U16, typename F>
+static inline void store_bf16(at::BFloat16* p, F v) {  // round to nearest, ties to even
+  U32 u = (U32)v;
   u += 0x7fff + ((u >> 16) & 1);
-  u16x8 h = __builtin_convertvector(u >> 16, u16x8);
+  U16 h = __builtin_convertvector(u >> 16, U16);
   std::memcpy(p, &h, sizeof h);
 }
+
+static inline void store8(at::BFloat16* p, f32x8 v) { store_bf16<u32x8, u16x8>(p, v); }
+
+static inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+
+static inline void store16(at::BFloat16* p, f32x16 v) { store_bf16<u32x16, u16x16>(p, v); }
 
 static inline float sum8(f32x8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
@@ -434,15 +441,6 @@ std::vector<torch::Tensor> rms_norm_backward(torch::Tensor dy, torch::Tensor x, 
 }
 
 typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-static inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
-
-static inline void store16(at::BFloat16* p, f32x16 v) {  // round to nearest, ties to even
-  u32x16 u = (u32x16)v;
-  u += 0x7fff + ((u >> 16) & 1);
-  u16x16 h = __builtin_convertvector(u >> 16, u16x16);
-  std::memcpy(p, &h, sizeof h);
-}
 
 // exp of 16 floats (Cephes' expf: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2], a few ulp):
 // the C library's expf is one value at a time, and sigmoid over a SwiGLU's rows is all exps.
