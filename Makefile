@@ -97,6 +97,7 @@ bench: setup peers
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/train_peers.py --litgpt-python $(PEERS)/bin/python
 	$(BIN)/python bench/quality_race.py --litgpt-python $(PEERS)/bin/python
+	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/cost_growth.py
 	$(BIN)/python bench/grow.py
 	$(BIN)/python bench/generate_speed.py

@@ -299,8 +299,8 @@ def setup(
 # torch.compile's start for semilla's default model on one CPU thread: ~27 s the first time
 # (model and evaluation graphs), ~6 s from PyTorch's cache, against ~12.5 ms off each 89 ms step
 # run with PyTorch's operators: earned back after ~2,150 steps on a machine that never compiled
-# it, ~500 after. With semilla's CPU kernels the eager step is the faster one (80 ms against 83
-# compiled), so unset compiles only where they are off (bench/README.md)
+# it, ~500 after. With semilla's CPU kernels the eager step is about as fast as the compiled one
+# (80 ms; 77 and 83 compiled), so unset compiles only where they are off (bench/README.md)
 COMPILE_PAYS_BACK_STEPS = 2500
 
 
