@@ -1,5 +1,5 @@
-"""The elementwise parts of a llama layer (RMSNorm, RoPE, SwiGLU), each an autograd function
-with a hand-written backward.
+"""The elementwise parts of a llama layer (RMSNorm, RoPE, SwiGLU) and causal attention under
+CPU autocast, each an autograd function with a hand-written backward.
 
 Autograd's graph of these small formulas is four to ten operators each way, each a pass over
 memory; on a CPU, where a small model's matmuls are quick, they were about a fifth of the
@@ -7,7 +7,8 @@ default model's training step and a third of its evaluation forward. Where semil
 kernels apply (models/kernels.py: CPU, plain tensors, supported shapes) each is one pass forward
 and one back; elsewhere (no compiler, a GPU, torch.compile, which fuses by itself) the same
 formulas run as PyTorch operators. Both compute in float32 and give the same values up to float
-rounding. (Decode steps of inference have kernels of their own: models/kernels.py.)
+rounding. Attention is the one place bfloat16 arithmetic is chosen here (see causal_attention).
+(Decode steps of inference have kernels of their own: models/kernels.py.)
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """w * x / rms(x) in float32, as Hugging Face's LlamaRMSNorm. Under bfloat16 autocast the
     kernel gives bfloat16: every consumer of a norm is a matmul that autocast feeds bfloat16,
     so rounding here gives it the same values one copy sooner."""
-    kernel = kernels.elementwise("rms_norm_forward", x, weight)
-    if kernel is not None and x.dtype == weight.dtype == torch.float32 and x.size(-1) % 8 == 0:
+    applies = x.dtype == weight.dtype == torch.float32 and x.size(-1) % 8 == 0
+    if applies and kernels.elementwise("rms_norm_forward", x, weight) is not None:
         return RMSNormKernel.apply(x.contiguous(), weight, eps)
     return RMSNormFunction.apply(x, weight, eps)
 
@@ -77,8 +78,8 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, for gate and up side by side along the last dimension (one matmul's
     output), in its dtype."""
     hidden = gate_up.size(-1) // 2
-    kernel = kernels.elementwise("swiglu_forward", gate_up)
-    if kernel is not None and gate_up.dtype in kernels.DTYPES and hidden % 16 == 0:
+    applies = gate_up.dtype in kernels.DTYPES and hidden % 16 == 0
+    if applies and kernels.elementwise("swiglu_forward", gate_up) is not None:
         return SwiGLUKernel.apply(gate_up.contiguous())
     gate, up = gate_up.split(hidden, dim=-1)
     return F.silu(gate) * up
@@ -101,15 +102,14 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """RoPE in the rotate-half layout: x (B, T, heads, hs) with cos and sin broadcastable to it
     (the kernel takes (T, 1, hs) float32 tables, and gives float32, as x * cos does)."""
     T, hs = x.size(1), x.size(-1)
-    kernel = kernels.elementwise("rope_forward", x, cos, sin)
     if (
-        kernel is not None
-        and x.dim() == 4
+        x.dim() == 4
         and x.stride(-1) == 1
         and hs % 16 == 0
         and x.dtype in kernels.DTYPES
         and cos.shape == sin.shape == (T, 1, hs)
         and cos.dtype == sin.dtype == torch.float32
+        and kernels.elementwise("rope_forward", x, cos, sin) is not None
     ):
         return RotaryKernel.apply(x, cos.contiguous(), sin.contiguous())
     if torch.is_grad_enabled() and x.requires_grad:

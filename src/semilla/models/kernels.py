@@ -1,7 +1,7 @@
 """semilla's compiled CPU kernels (`cpu_kernels.cpp`). For inference: a decode step of attention
 over the KV cache, the matmuls of a single stream (a few rows), RMSNorm, and a whole llama
-layer of a decode step. For training and evaluation: RMSNorm, SwiGLU and RoPE forward and
-backward (models/fused_ops.py).
+layer of a decode step. For training and evaluation: RMSNorm, SwiGLU and RoPE, and causal
+attention's scores and softmax, forward and backward (models/fused_ops.py).
 
 They are built from source with the machine's C++ compiler the first time a model runs
 (20-25 s, once per machine, PyTorch and Python; cached under
@@ -175,8 +175,8 @@ def inference_on_cpu(t: torch.Tensor) -> bool:
 
 
 def elementwise(name: str, *tensors: torch.Tensor):
-    """The named kernel of models/fused_ops.py (RMSNorm, SwiGLU, RoPE; forward or backward)
-    where these tensors may use it, else None: plain CPU tensors, not under torch.compile or a
+    """The named kernel of models/fused_ops.py (RMSNorm, SwiGLU, RoPE, attention; forward or
+    backward) where these tensors may use it, else None: plain CPU tensors, not under torch.compile or a
     tracer (the compiler fuses these operators itself; exporters see only PyTorch's)."""
     if (
         torch.compiler.is_compiling()

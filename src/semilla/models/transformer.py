@@ -308,9 +308,9 @@ def _identity(y: torch.Tensor) -> torch.Tensor:
 
 
 def causal_attention(q, k, v, dropout: float, gqa: bool) -> torch.Tensor:
-    """Causal SDPA over whole sequences. Under bfloat16 autocast on the CPU, as matmuls around
-    semilla's softmax kernel where it applies (fused_ops.causal_attention), else PyTorch's fused
-    kernel in float32: its bfloat16 backward is about 4x slower than its float32 one."""
+    """Causal SDPA over whole sequences. Under bfloat16 autocast on the CPU, semilla's kernel
+    where it applies (fused_ops.causal_attention), else PyTorch's fused kernel in float32: its
+    bfloat16 backward is about 4x slower than its float32 one."""
     # the autocast dtype, not q's, decides: RoPE's float32 tables turn a bfloat16 q and k to
     # float32 while v stays bfloat16, and SDPA under autocast would take them all to bfloat16
     if (
@@ -319,7 +319,7 @@ def causal_attention(q, k, v, dropout: float, gqa: bool) -> torch.Tensor:
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
     ):
         y = fused_ops.causal_attention(q, k, v) if not (dropout or gqa) else None
-        if y is not None:  # as matmuls, half in bfloat16: about half the time of float32's kernel
+        if y is not None:  # scores in float32, products with the probabilities in bfloat16
             return y
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(
