@@ -244,7 +244,7 @@ def test_resume_after_a_crash_mid_swap(tmp_path: Path, tiny_run: Path) -> None:
 
 
 def test_compile_left_unset_is_on_only_where_it_pays_back(monkeypatch) -> None:
-    """Unset, --compile is off where semilla's CPU kernels run (eager is faster with them); without
+    """Unset, --compile is off where semilla's CPU kernels run (eager is as fast with them); without
     them it is on for a long run of one CPU process with a C++ compiler, and off for short runs,
     LoRA, ages, deterministic runs, several processes, an LSTM; given, it rules."""
     from types import SimpleNamespace

@@ -313,11 +313,7 @@ def causal_attention(q, k, v, dropout: float, gqa: bool) -> torch.Tensor:
     bfloat16 backward is about 4x slower than its float32 one."""
     # the autocast dtype, not q's, decides: RoPE's float32 tables turn a bfloat16 q and k to
     # float32 while v stays bfloat16, and SDPA under autocast would take them all to bfloat16
-    if (
-        q.device.type == "cpu"
-        and torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    ):
+    if q.device.type == "cpu" and fused_ops.autocast_bfloat16(q):
         y = fused_ops.causal_attention(q, k, v) if not (dropout or gqa) else None
         if y is not None:  # scores in float32, products with the probabilities in bfloat16
             return y
